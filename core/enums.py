@@ -1,0 +1,34 @@
+"""States shared by storage, runner, serving and bot."""
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    evaluating = "evaluating"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class JobKind(StrEnum):
+    train = "train"
+    evaluate = "evaluate"
+    export = "export"
+
+
+class CheckpointStatus(StrEnum):
+    candidate = "candidate"
+    promoted = "promoted"
+    retired = "retired"
+    rejected = "rejected"
+
+
+class Split(StrEnum):
+    train = "train"
+    eval = "eval"

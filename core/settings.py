@@ -1,0 +1,68 @@
+"""Configuration: environment variables (or a ``.env`` file), each with a default that runs on one
+machine with no services. Built in ``main()`` / ``create_app()``, never at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"changethis", "changeme", "xoxb-your-token", "xapp-your-token", "secret"}
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./var/finetune.db",
+        description="Any SQLAlchemy URL; postgresql+psycopg://user@host/db for PostgreSQL.",
+    )
+    artifact_dir: Path = Field(
+        Path("./var/artifacts"), description="Datasets, checkpoints, eval reports and plots."
+    )
+    base_model: str | None = Field(
+        None,
+        description="A local model directory or a ModelScope id; unset means the tiny local "
+        "model built under ARTIFACT_DIR/models/tiny.",
+    )
+    slack_bot_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    serving_url: str = "http://127.0.0.1:8000"
+    approvers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Slack user ids and/or user-group ids, comma-separated."
+    )
+
+    max_upload_bytes: int = Field(50 * MiB, gt=0, description="Largest uploaded file accepted.")
+    max_archive_bytes: int = Field(
+        200 * MiB, gt=0, description="Largest total uncompressed size of a zip upload."
+    )
+    max_archive_files: int = Field(64, gt=0, description="Most members a zip upload may hold.")
+    cutoff_len: int = Field(
+        2048, gt=0, description="Token length the validation report compares samples with."
+    )
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _split_approvers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("slack_bot_token", "slack_signing_secret", "slack_app_token")
+    @classmethod
+    def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("is a placeholder: set the real value or leave it unset")
+        return value
+
+    @property
+    def slack_configured(self) -> bool:
+        return self.slack_bot_token is not None and (
+            self.slack_signing_secret is not None or self.slack_app_token is not None
+        )

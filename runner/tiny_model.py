@@ -1,0 +1,135 @@
+"""A tiny Qwen2 model for tests and the demo: random weights, small dimensions, a byte-level BPE
+tokenizer trained on the fly on real headlines (so Chinese text tokenizes sensibly) and a chat
+template in the DeepSeek-R1-Distill style. Loadable by AutoModelForCausalLM/AutoTokenizer and vLLM.
+
+    python -m runner.tiny_model OUT_DIR [--corpus FILE] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CORPUS = Path(__file__).with_name("assets") / "tokenizer_corpus.txt"
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+# As in DeepSeek-R1-Distill: <think> and </think> are added tokens but not special, so decoding
+# with skip_special_tokens keeps them.
+THINK_TOKENS = ("<think>", "</think>")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}" + ASSISTANT + "{{ message['content'] }}"
+    "{{ eos_token }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}" + ASSISTANT + "{% endif %}"
+)
+
+DIMENSIONS = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,  # head_dim 64: a size vLLM's CPU attention supports
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 2048,
+}
+VOCAB_SIZE = 4096
+
+
+def train_tokenizer(corpus: Path, vocab_size: int = VOCAB_SIZE):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    backend.train_from_iterator(lines, trainer=trainer)
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=DIMENSIONS["max_position_embeddings"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(out_dir: Path, *, corpus: Path = CORPUS, seed: int = 0) -> Path:
+    """Write the model and tokenizer to ``out_dir`` (built in a temporary folder, then renamed)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a model")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(corpus)
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    config = Qwen2Config(
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        torch_dtype="float32",
+        **DIMENSIONS,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.do_sample = False
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "finetune_bot.json").write_text(
+            json.dumps({"kind": "tiny-random", "seed": seed, "corpus": corpus.name}) + "\n"
+        )
+        if out_dir.exists():
+            out_dir.rmdir()  # only an empty leftover folder; a model raises above
+        tmp.chmod(0o755)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("tiny model written to %s (vocab %d)", out_dir, vocab)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner.tiny_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_tiny_model(args.out_dir, corpus=args.corpus, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Tables. The database is the single source of truth: jobs are the queue, job events are the
+outbox to Slack, promotions and the audit log are the trail of every decision."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from core.enums import CheckpointStatus, JobKind, JobStatus
+from storage.types import JSONType, UtcDateTime, utcnow
+
+
+def _json(**kw: Any) -> Any:
+    return Field(sa_column=Column(JSONType, nullable=kw.pop("nullable", False)), **kw)
+
+
+def _when(nullable: bool = False, **kw: Any) -> Any:
+    if nullable:
+        return Field(default=None, sa_column=Column(UtcDateTime(), nullable=True), **kw)
+    return Field(default_factory=utcnow, sa_column=Column(UtcDateTime(), nullable=False), **kw)
+
+
+class Dataset(SQLModel, table=True):
+    """An ingested upload: normalised train/eval splits stored as artifacts, and the report."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_datasets_name_version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100, index=True)
+    version: int = 1
+    source_name: str = Field(max_length=255, description="the uploaded file or folder name")
+    format: str = Field(max_length=40)
+    train_sha256: str = Field(max_length=64)
+    eval_sha256: str | None = Field(default=None, max_length=64)
+    train_samples: int
+    eval_samples: int = 0
+    labels: list[str] | None = _json(default=None, nullable=True)
+    prompt_frame: dict[str, Any] = _json(default_factory=dict)
+    report: dict[str, Any] = _json(default_factory=dict)
+    channel_id: str | None = Field(default=None, max_length=32, index=True)
+    uploaded_by: str | None = Field(default=None, max_length=32)
+    created_at: datetime = _when()
+
+
+class Job(SQLModel, table=True):
+    """A unit of work for a runner. Its row is its place in the queue."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(default=JobKind.train.value, max_length=16)
+    status: str = Field(default=JobStatus.queued.value, max_length=16)
+    dataset_id: int | None = Field(default=None, foreign_key="datasets.id")
+    base_model: str = Field(max_length=255)
+    config: dict[str, Any] = _json(default_factory=dict)
+    requested_by: str | None = Field(default=None, max_length=32)
+    channel_id: str | None = Field(default=None, max_length=32)
+    thread_ts: str | None = Field(default=None, max_length=32)
+    lease_owner: str | None = Field(default=None, max_length=100)
+    lease_expires_at: datetime | None = _when(nullable=True)
+    attempts: int = 0
+    cancel_requested: bool = False
+    progress: dict[str, Any] = _json(default_factory=dict)
+    error: str | None = None
+    created_at: datetime = _when()
+    started_at: datetime | None = _when(nullable=True)
+    finished_at: datetime | None = _when(nullable=True)
+
+
+class JobEvent(SQLModel, table=True):
+    """The outbox: what happened to a job, relayed to Slack by the notifier exactly once."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_undelivered", "delivered_at", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", index=True)
+    kind: str = Field(max_length=32)
+    payload: dict[str, Any] = _json(default_factory=dict)
+    created_at: datetime = _when()
+    delivered_at: datetime | None = _when(nullable=True)
+
+
+class Checkpoint(SQLModel, table=True):
+    """A saved adapter (or model) directory under ARTIFACT_DIR with its meta.json."""
+
+    __tablename__ = "checkpoints"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="jobs.id", index=True)
+    step: int
+    final: bool = False
+    path: str = Field(max_length=500, description="relative to ARTIFACT_DIR")
+    base_model: str = Field(max_length=255)
+    status: str = Field(default=CheckpointStatus.candidate.value, max_length=16)
+    meta: dict[str, Any] = _json(default_factory=dict)
+    decided_by: str | None = Field(default=None, max_length=32)
+    decided_at: datetime | None = _when(nullable=True)
+    created_at: datetime = _when()
+
+
+class Evaluation(SQLModel, table=True):
+    """Scores of one model (a checkpoint, or the base model when checkpoint_id is null) on one
+    dataset's eval split."""
+
+    __tablename__ = "evaluations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    checkpoint_id: int | None = Field(default=None, foreign_key="checkpoints.id", index=True)
+    dataset_id: int = Field(foreign_key="datasets.id", index=True)
+    base_model: str = Field(max_length=255)
+    metrics: dict[str, Any] = _json(default_factory=dict)
+    report_path: str | None = Field(default=None, max_length=500)
+    created_at: datetime = _when()
+
+
+class Promotion(SQLModel, table=True):
+    """Which checkpoint serves, since when, decided by whom. The newest row is the current one;
+    checkpoint_id null means the base model serves."""
+
+    __tablename__ = "promotions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    checkpoint_id: int | None = Field(default=None, foreign_key="checkpoints.id")
+    previous_checkpoint_id: int | None = Field(default=None, foreign_key="checkpoints.id")
+    action: str = Field(max_length=16, description="promote or rollback")
+    decided_by: str = Field(max_length=32)
+    created_at: datetime = _when()
+
+
+class AuditLog(SQLModel, table=True):
+    """Every decision and privileged action, append-only."""
+
+    __tablename__ = "audit_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(max_length=32)
+    action: str = Field(max_length=32)
+    target: str | None = Field(default=None, max_length=100)
+    detail: dict[str, Any] = _json(default_factory=dict)
+    created_at: datetime = _when()
