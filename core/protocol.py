@@ -124,8 +124,7 @@ class PromptFrame:
     def infer(cls, conversations: Sequence[Conversation]) -> PromptFrame:
         """The longest constant prefix/suffix of the last user turn, cut back to a delimiter so a
         shared first character of the variable part does not become part of the frame."""
-        users = [_last_user(c) for c in conversations]
-        users = [u for u in users if u is not None]
+        users = [u for u in (_last_user(c) for c in conversations) if u is not None]
         if len(users) < 2:
             return cls(system=_constant_system(conversations))
         prefix = _cut_prefix(os.path.commonprefix(users))

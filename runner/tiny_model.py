@@ -91,9 +91,9 @@ def build_tiny_model(out_dir: Path, *, corpus: Path = CORPUS, seed: int = 0) -> 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        rope_theta=10000.0,
-        torch_dtype="float32",
-        **DIMENSIONS,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        dtype="float32",
+        **DIMENSIONS,  # type: ignore[arg-type]
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)

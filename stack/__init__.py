@@ -1,1 +1,1 @@
-"""stack"""
+"""The launcher: brings up the product on one machine with its embedded defaults."""

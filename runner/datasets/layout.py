@@ -95,6 +95,8 @@ def _parse_plain(
     records, problems = load_json_records(name, data)
     if problems:
         return "json", Parsed(problems=problems)
+    if not records:
+        return "json", Parsed(problems=[Problem("no records: the dataset is empty", file=name)])
     fmt = _detect(records)
     if fmt is None:
         keys = sorted(records[0]) if records and isinstance(records[0], dict) else []

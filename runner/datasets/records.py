@@ -67,9 +67,8 @@ def load_json_records(name: str, data: bytes) -> tuple[list[Any], list[Problem]]
 
 
 def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    names: dict[type, str] = {dict: "an object", list: "an array", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def _text(value: object) -> str | None:
 def parse_chat(name: str, records: Sequence[Any], spec: ChatSpec) -> Parsed:
     out = Parsed()
     for index, record in enumerate(records):
-        loc = {"file": name, "index": index}
+        loc: dict[str, Any] = {"file": name, "index": index}
         if not isinstance(record, dict):
             out.problems.append(Problem(f"expected an object, found {_kind(record)}", **loc))
             continue
@@ -148,7 +147,7 @@ def parse_chat(name: str, records: Sequence[Any], spec: ChatSpec) -> Parsed:
                 out.problems.append(Problem(what, field=f"{path}.{spec.content_tag}", **loc))
                 bad = True
                 break
-            conversation.append(Message(role, content))
+            conversation.append(Message(role, str(content)))
         if bad:
             continue
         problem = check_turn_order(conversation)
@@ -197,7 +196,7 @@ def check_turn_order(conversation: Sequence[Message]) -> str | None:
 def parse_alpaca(name: str, records: Sequence[Any], spec: AlpacaSpec = ALPACA) -> Parsed:
     out = Parsed()
     for index, record in enumerate(records):
-        loc = {"file": name, "index": index}
+        loc: dict[str, Any] = {"file": name, "index": index}
         if not isinstance(record, dict):
             out.problems.append(Problem(f"expected an object, found {_kind(record)}", **loc))
             continue
@@ -309,7 +308,7 @@ def parse_table(
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        loc = {"file": name, "index": index, "line": line}
+        loc: dict[str, Any] = {"file": name, "index": index, "line": line}
         if len(row) != len(header):
             out.problems.append(
                 Problem(f"{len(row)} fields where the header has {len(header)}", **loc)

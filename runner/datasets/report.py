@@ -28,8 +28,7 @@ SHOWN = 10  # indices listed per finding
 
 def label_set(conversations: Sequence[Sequence[Message]]) -> list[str] | None:
     """Labels by frequency (then name), or None when the answers are free-form text."""
-    counts = Counter(parse_answer(answer_of(c)).label for c in conversations)
-    counts.pop(None, None)
+    counts = label_set_counts(conversations)
     distinct = len(counts)
     if (
         distinct == 0
@@ -38,6 +37,13 @@ def label_set(conversations: Sequence[Sequence[Message]]) -> list[str] | None:
     ):
         return None
     return [label for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def label_set_counts(conversations: Sequence[Sequence[Message]]) -> Counter[str]:
+    """How often each parsed label occurs (answers without a label are not counted)."""
+    return Counter(
+        label for c in conversations if (label := parse_answer(answer_of(c)).label) is not None
+    )
 
 
 def build_report(
@@ -64,10 +70,10 @@ def build_report(
             )
         )
     duplicates = {s.value: _duplicate_groups(c) for s, c in loaded.splits.items()}
-    for split, groups in duplicates.items():
+    for split_name, groups in duplicates.items():
         for group in groups[:SHOWN]:
             warnings.append(
-                Problem(f"exact duplicate of record {group[0]}", split=split, index=group[1])
+                Problem(f"exact duplicate of record {group[0]}", split=split_name, index=group[1])
             )
     leaks = _leakage(train, evals)
     for train_index, eval_index in leaks[:SHOWN]:
@@ -80,8 +86,8 @@ def build_report(
         )
     missing: list[str] = []
     if labels is not None and evals:
-        train_labels = {parse_answer(answer_of(c)).label for c in train}
-        missing = sorted({parse_answer(answer_of(c)).label for c in evals} - train_labels - {None})
+        train_labels = set(label_set_counts(train))
+        missing = sorted(set(label_set_counts(evals)) - train_labels)
         if missing:
             warnings.append(
                 Problem(f"eval labels never seen in train: {', '.join(missing)}", split="eval")

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from storage.artifacts import ArtifactStore
+
+
+def test_blobs_are_content_addressed_and_deduplicated(store: ArtifactStore) -> None:
+    data = "训练数据\n".encode()
+    first = store.put_bytes(data)
+    assert first.sha256 == hashlib.sha256(data).hexdigest()
+    assert first.created and first.path.read_bytes() == data
+    assert first.path == store.root / "blobs" / "sha256" / first.sha256[:2] / first.sha256
+    again = store.put_stream(io.BytesIO(data))
+    assert again.sha256 == first.sha256 and not again.created
+    assert store.files() == [first.path]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _BrokenStream(io.RawIOBase):
+    """Yields one chunk, then fails as a dropped connection would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.calls += 1
+        if self.calls > 1:
+            raise _Crash("connection lost")
+        return b"x" * 1000
+
+
+def test_a_crash_mid_write_leaves_no_file(store: ArtifactStore) -> None:
+    with pytest.raises(_Crash):
+        store.put_stream(_BrokenStream())  # type: ignore[arg-type]
+    assert store.files() == []
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_staged_dir_appears_only_when_complete(store: ArtifactStore) -> None:
+    with pytest.raises(_Crash), store.staged_dir("checkpoints/1") as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(b"half")
+        raise _Crash
+    assert not store.path("checkpoints/1").exists()
+    assert list(store.tmp.iterdir()) == []
+    with store.staged_dir("checkpoints/1") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    assert (store.path("checkpoints/1") / "meta.json").read_text() == "{}"
+    with pytest.raises(FileExistsError), store.staged_dir("checkpoints/1"):
+        pass
+
+
+def test_paths_cannot_escape_the_root(store: ArtifactStore) -> None:
+    with pytest.raises(ValueError, match="escapes"):
+        store.path("../outside")
+    with pytest.raises(ValueError, match="sha256"):
+        store.blob_path("../../etc/passwd")
+
+
+def test_sweep_removes_leftovers_of_crashed_writers(store: ArtifactStore) -> None:
+    store.tmp.mkdir(parents=True)
+    (store.tmp / "blob-dead").write_bytes(b"partial")
+    (store.tmp / "dir-dead").mkdir()
+    assert store.sweep_tmp() == 2
+    assert list(store.tmp.iterdir()) == []
