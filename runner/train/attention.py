@@ -1,0 +1,100 @@
+"""Attention over packed sequences, registered with transformers as ``packed_varlen``.
+
+Qwen2 passes ``cu_seq_lens_q`` / ``max_length_q`` through to the attention function and builds no
+dense mask for an implementation transformers does not know, so a packed step costs no T×T mask.
+On CUDA the FlashAttention kernel inside torch (``torch.nn.attention.varlen``) runs it; elsewhere
+each sample is attended on its own with causal SDPA (the same result, slower, fine for CPU tests).
+Without ``cu_seq_lens_q`` (generation, plain batches) it defers to transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "packed_varlen"
+
+try:  # torch ≥ 2.10; the signature changed between releases, so it is checked, not assumed
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+    if not {"window_size", "scale"} <= _VARLEN_PARAMS:
+        _varlen_attn = None  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn = None  # type: ignore[assignment]
+    _VARLEN_PARAMS = set()
+
+
+def varlen_kernel_available() -> bool:
+    return _varlen_attn is not None and torch.cuda.is_available()
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one packed sequence per forward")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, head_dim)
+    if q.is_cuda and _varlen_attn is not None:
+        extra: dict[str, Any] = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}
+        max_len = int(kwargs["max_length_q"])
+        out = _varlen_attn(
+            q,
+            k,
+            v,
+            cu_seqlens,
+            cu_seqlens,
+            max_len,
+            max_len,
+            scale=scaling,
+            window_size=(-1, 0),
+            **extra,
+        )
+    else:
+        out = _per_sample_sdpa(q, k, v, cu_seqlens, scaling)
+    assert isinstance(out, torch.Tensor)
+    return out.unsqueeze(0), None  # (1, T, heads, head_dim), as transformers expects
+
+
+def _per_sample_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in itertools.pairwise(bounds):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=ks.shape[1] != qs.shape[1]
+        )
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces, dim=0)
+
+
+def register() -> str:
+    """Register the implementation with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_attention)
+    return NAME

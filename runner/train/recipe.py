@@ -1,0 +1,440 @@
+"""The training recipe: small ``setup_*`` builders, then one explicit loop.
+
+What a step does: the samples of one optimizer step (batch_size × grad_accum of them) are packed into
+variable-length sequences (``packing.pack_step``); the LM head runs only on answer positions; the
+loss is summed over answer tokens and divided by the answer tokens of the whole step, so packing and
+micro-batching give exactly the gradient of the unpacked per-token mean. bf16 on GPU with fp32
+master copies of the trainable weights (a 5e-6 update vanishes in bf16 rounding), fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.errors import FinetuneError
+from core.protocol import TrainingExample
+from runner.config import TrainConfig
+from runner.train import attention
+from runner.train.packing import PackedBatch, Schedule, pack_step, truncate
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class TrainingFailed(FinetuneError):
+    code = "training_failed"
+
+
+@dataclass
+class TrainHooks:
+    """How the recipe talks to the outside world; every hook is optional."""
+
+    # Called every logging step and at the end; returns False to stop (cancel).
+    on_progress: Callable[[dict[str, Any]], bool] = lambda progress: True
+    # Polled after every step; True stops the run after saving a checkpoint.
+    should_stop: Callable[[], bool] = lambda: False
+    # Yields an empty directory to write checkpoint ``step`` into; what it does on exit (rename,
+    # register) is the caller's business. None: checkpoints are not written.
+    checkpoint_dir: Callable[[int, bool], AbstractContextManager[Path]] | None = None
+    # Called after a checkpoint directory was completed.
+    on_checkpoint: Callable[[int, bool, Path], None] = lambda step, final, path: None
+
+
+@dataclass
+class TrainSpec:
+    config: TrainConfig
+    examples: Sequence[TrainingExample]
+    base: Path | Any  # a model directory, or a transformers config for random weights (benchmarks)
+    meta: dict[str, Any] = field(default_factory=dict)  # written into each checkpoint's meta.json
+    resume_from: Path | None = None
+    device: str | None = None  # default: cuda when available
+    token_budget: int = 16384  # most tokens in one packed micro-batch
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | stopped
+    step: int
+    total_steps: int
+    losses: list[float]
+    tokens: int
+    seconds: float
+    checkpoint: Path | None
+    peak_memory_bytes: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def setup_device(spec: TrainSpec) -> tuple[torch.device, torch.dtype]:
+    name = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if spec.config.method == "qlora" and device.type != "cuda":
+        raise TrainingFailed(
+            "method=qlora needs a CUDA GPU with bitsandbytes; use method=lora on this machine"
+        )
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    impl = attention.register()
+    config = spec.config
+    torch.manual_seed(config.seed)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": impl}
+    if config.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        bits = config.effective_quantization_bit
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bits == 4,
+            load_in_8bit=bits == 8,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    if isinstance(spec.base, Path | str):
+        model = AutoModelForCausalLM.from_pretrained(str(spec.base), **kwargs)
+    else:  # a config: random weights, built directly on the device
+        base_config = (
+            spec.base if not isinstance(spec.base, dict) else AutoConfig.for_model(**spec.base)
+        )
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                base_config, dtype=dtype, attn_implementation=impl
+            )
+    if config.method != "qlora":
+        model.to(device)  # type: ignore[arg-type]
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return apply_method(model, config)
+
+
+def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+    """LoRA/QLoRA adapters, the last N layers (freeze) or everything (full) made trainable."""
+    if config.method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.effective_lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_modules(),
+            use_rslora=config.use_rslora,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # Keep adapter weights in the model's dtype: PEFT's fp32 upcast costs ~1.5× on GPU, and
+        # the optimizer keeps fp32 master copies anyway.
+        return get_peft_model(model, lora, autocast_adapter_dtype=False)
+    for param in model.parameters():
+        param.requires_grad_(config.method == "full")
+    if config.method == "freeze":
+        layers: Any = model.model.layers  # type: ignore[union-attr]
+        for layer in layers[-config.freeze_trainable_layers :]:
+            for param in layer.parameters():
+                param.requires_grad_(True)
+    return model
+
+
+class MasterWeights:
+    """fp32 copies of trainable low-precision parameters: the optimizer steps the copies, the
+    model's bf16 weights are refreshed from them. Identity for fp32 parameters."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.masters = [
+            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
+            for p in params
+        ]
+        self.mixed = any(m is not p for m, p in zip(self.masters, params, strict=True))
+
+    def grads_to_masters(self) -> None:
+        if self.mixed:
+            for master, param in zip(self.masters, self.params, strict=True):
+                if master is not param:
+                    master.grad = None if param.grad is None else param.grad.float()
+                    param.grad = None
+
+    def masters_to_params(self) -> None:
+        if self.mixed:
+            with torch.no_grad():
+                for master, param in zip(self.masters, self.params, strict=True):
+                    if master is not param:
+                        param.copy_(master)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def setup_optimizer(
+    named: list[tuple[str, torch.nn.Parameter]],
+    masters: MasterWeights,
+    config: TrainConfig,
+    device: torch.device,
+) -> torch.optim.Optimizer:
+    """AdamW; with LoRA+ the lora_B matrices form their own group at lr × ratio."""
+    ratio = config.loraplus_lr_ratio
+    groups: list[dict[str, Any]] = [{"params": [], "lr": config.learning_rate, "name": "default"}]
+    if ratio > 0:
+        groups.append({"params": [], "lr": config.learning_rate * ratio, "name": "lora_B"})
+    for (name, _), master in zip(named, masters.masters, strict=True):
+        groups[1 if ratio > 0 and "lora_B" in name else 0]["params"].append(master)
+    groups = [g for g in groups if g["params"]]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=0.0, fused=fused)
+
+
+def setup_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
+def step_loss(model: torch.nn.Module, batches: Sequence[PackedBatch]) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one optimizer step; returns the step's
+    mean per-answer-token loss and its answer-token count."""
+    answer_tokens = sum(int(b.targets.numel()) for b in batches)
+    if answer_tokens == 0:
+        return 0.0, 0
+    total = torch.zeros((), device=batches[0].input_ids.device)
+    for batch in batches:
+        logits = model(**batch.model_inputs()).logits[0]
+        loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / answer_tokens
+        loss.backward()
+        total += loss.detach()
+    return float(total), answer_tokens
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    step: int,
+    final: bool,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    masters: MasterWeights,
+    named: list[tuple[str, torch.nn.Parameter]],
+    meta: dict[str, Any],
+    losses: list[float],
+) -> None:
+    model.save_pretrained(str(directory))  # type: ignore[operator]  # PEFT format for adapters; full weights otherwise
+    state = {
+        "step": step,
+        "trainable": {
+            name: m.detach().float().cpu()
+            for (name, _), m in zip(named, masters.masters, strict=True)
+        },
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "losses": losses,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(state, directory / STATE_FILE)
+    (directory / "meta.json").write_text(
+        json.dumps({**meta, "step": step, "final": final}, ensure_ascii=False, indent=2) + "\n"
+    )
+
+
+def load_checkpoint(
+    directory: Path,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    masters: MasterWeights,
+    named: list[tuple[str, torch.nn.Parameter]],
+) -> tuple[int, list[float]]:
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    with torch.no_grad():
+        for (name, param), master in zip(named, masters.masters, strict=True):
+            saved = state["trainable"][name]
+            master.copy_(saved.to(master.device))
+            if master is not param:
+                param.copy_(master)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"]), list(state["losses"])
+
+
+def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
+    hooks = hooks or TrainHooks()
+    config = spec.config
+    device, dtype = setup_device(spec)
+    examples = [truncate(e, config.cutoff_len) for e in spec.examples[: config.max_samples]]
+    if not examples:
+        raise TrainingFailed("no training samples")
+    schedule = Schedule(
+        len(examples),
+        config.samples_per_step,
+        config.num_train_epochs,
+        config.seed,
+        config.max_steps,
+    )
+    model = setup_model(spec, device, dtype)
+    named = trainable_parameters(model)
+    masters = MasterWeights([p for _, p in named])
+    optimizer = setup_optimizer(named, masters, config, device)
+    scheduler = setup_scheduler(optimizer, config, schedule.total_steps)
+    step, losses = 0, list[float]()
+    if spec.resume_from is not None:
+        step, losses = load_checkpoint(
+            spec.resume_from, optimizer=optimizer, scheduler=scheduler, masters=masters, named=named
+        )
+        log.info("resumed from %s at step %d", spec.resume_from, step)
+    model.train()
+
+    def checkpoint(at: int, final: bool) -> Path | None:
+        if hooks.checkpoint_dir is None:
+            return None
+        with hooks.checkpoint_dir(at, final) as directory:
+            save_checkpoint(
+                directory,
+                model=model,
+                step=at,
+                final=final,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                masters=masters,
+                named=named,
+                meta={**spec.meta, "config": config.model_dump()},
+                losses=losses,
+            )
+        hooks.on_checkpoint(at, final, directory)
+        return directory
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = window_start = time.perf_counter()
+    tokens = window_tokens = 0
+    window_losses: list[float] = []
+    last_saved: Path | None = None
+    status = "completed"
+    total = schedule.total_steps
+    while step < total:
+        batch_examples = [examples[i] for i in schedule.indices(step)]
+        batches = [b.to(device) for b in pack_step(batch_examples, spec.token_budget)]
+        try:
+            loss, _ = step_loss(model, batches)
+        except torch.OutOfMemoryError as exc:
+            raise TrainingFailed(
+                f"out of GPU memory at step {step + 1} ({sum(b.tokens for b in batches)} tokens "
+                "in the step): lower cutoff_len or batch_size/grad_accum, or use method=qlora"
+            ) from exc
+        if not math.isfinite(loss):
+            raise TrainingFailed(
+                f"the loss became {loss} at step {step + 1}: lower the learning "
+                f"rate (lr={config.learning_rate:g}) or check the data"
+            )
+        masters.grads_to_masters()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(masters.masters, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        masters.masters_to_params()
+        scheduler.step()
+        step += 1
+        losses.append(loss)
+        window_losses.append(loss)
+        step_tokens = sum(b.tokens for b in batches)
+        tokens += step_tokens
+        window_tokens += step_tokens
+        last = step == total
+        if step % config.logging_steps == 0 or last:
+            now = time.perf_counter()
+            progress = _progress(
+                step,
+                total,
+                schedule,
+                window_losses,
+                optimizer,
+                window_tokens / max(now - window_start, 1e-9),
+                now - started,
+            )
+            window_start, window_tokens, window_losses = now, 0, []
+            if not hooks.on_progress(progress):
+                status = "stopped"
+        if status == "completed" and not last and hooks.should_stop():
+            status = "stopped"
+        if last or status == "stopped" or step % config.save_steps == 0:
+            last_saved = checkpoint(step, final=last) or last_saved
+        if status == "stopped":
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return TrainResult(status, step, total, losses, tokens, seconds, last_saved, peak)
+
+
+def _progress(
+    step: int,
+    total: int,
+    schedule: Schedule,
+    window_losses: list[float],
+    optimizer: torch.optim.Optimizer,
+    tokens_per_s: float,
+    elapsed: float,
+) -> dict[str, Any]:
+    lrs = {group.get("name", "default"): group["lr"] for group in optimizer.param_groups}
+    return {
+        "step": step,
+        "total_steps": total,
+        "epoch": round(schedule.epoch_of(step), 3),
+        "loss": round(sum(window_losses) / len(window_losses), 5),
+        "lr": lrs.get("default"),
+        "lr_lora_b": lrs.get("lora_B"),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "elapsed_s": round(elapsed, 2),
+        "eta_s": round(elapsed / step * (total - step), 2),
+    }
+
+
+def iter_answer_logits(model: torch.nn.Module, batch: PackedBatch) -> Iterator[torch.Tensor]:
+    """Logits at the answer positions of each sample of ``batch`` (for tests and evaluation)."""
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits[0]
+    bounds = batch.cu_seqlens.tolist()
+    positions = batch.logit_positions.tolist()
+    cursor = 0
+    for start, end in itertools.pairwise(bounds):
+        count = sum(1 for p in positions if start <= p < end)
+        yield logits[cursor : cursor + count]
+        cursor += count
