@@ -1,0 +1,38 @@
+"""Small synthetic datasets and checkpoint plumbing for trainer tests."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from core.protocol import Message, render_training_example
+from runner.train.recipe import TrainHooks
+
+KEYWORDS = {"体育": ["球队", "比赛", "冠军", "进球"], "股票": ["股价", "涨停", "大盘", "指数"],
+            "房产": ["楼盘", "房价", "开盘", "户型"], "教育": ["高考", "考研", "学校", "招生"]}
+
+
+def synthetic(n_per_label: int, seed: int = 0) -> list[list[Message]]:
+    rng = random.Random(seed)
+    out = []
+    for label, words in KEYWORDS.items():
+        for _ in range(n_per_label):
+            headline = f"标题：{rng.choice(words)}{rng.choice(['新闻', '消息', '报道', '动态'])}"
+            out.append([Message("user", headline), Message("assistant", label)])
+    return out
+
+
+def examples(tokenizer, conversations):  # noqa: ANN001, ANN201
+    return [render_training_example(tokenizer, c) for c in conversations]
+
+
+def dir_hooks(root: Path, **kwargs) -> TrainHooks:  # noqa: ANN003
+    @contextmanager
+    def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
+        directory = root / f"step-{step}"
+        directory.mkdir(parents=True)
+        yield directory
+
+    return TrainHooks(checkpoint_dir=checkpoint_dir, **kwargs)
