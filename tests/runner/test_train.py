@@ -161,7 +161,7 @@ def test_master_weights_keep_updates_bf16_would_round_away() -> None:
         masters.grads_to_masters()
         optimizer.step()
         masters.masters_to_params()
-    assert abs(masters.masters[0][0].item() - (1 - 100 * 1e-4)) < 1e-6
+    assert abs(masters.masters[0][0].item() - (1 - 100 * 1e-4)) < 1e-5
     assert param[0].item() != 1.0  # plain bf16 steps of 1e-4 on 1.0 would never move it
 
 
