@@ -47,6 +47,32 @@ class Settings(BaseSettings):
         2048, gt=0, description="Token length the validation report compares samples with."
     )
 
+    runner_devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="GPU ids this runner uses, one job per GPU (e.g. 0,1); empty: every visible "
+        "GPU, or one CPU slot when there is none.",
+    )
+    runner_lease_seconds: float = Field(
+        60.0, gt=0, description="How long a claimed job stays leased without a heartbeat."
+    )
+    runner_max_attempts: int = Field(
+        3, ge=1, description="Attempts (claims) a job gets before an expired lease fails it."
+    )
+    runner_poll_seconds: float = Field(2.0, gt=0, description="How often an idle runner polls.")
+    runner_token_budget: int = Field(
+        16384, ge=256, description="Most tokens in one packed micro-batch."
+    )
+    modelscope_endpoint: str | None = Field(
+        None, description="ModelScope hub URL (default: the public hub)."
+    )
+
+    @field_validator("runner_devices", mode="before")
+    @classmethod
+    def _split_devices(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("approvers", mode="before")
     @classmethod
     def _split_approvers(cls, value: object) -> object:

@@ -1,9 +1,14 @@
 """The runner's command line.
 
+    python -m runner [--once]                    serve the job queue (--once: drain it and exit)
+    python -m runner submit --dataset NAME [k=v ...]   queue a training job (see `help`)
+    python -m runner status [JOB]                one job, or the latest jobs
+    python -m runner cancel JOB                  cancel a queued or running job
+    python -m runner help                        every training setting, its default and range
     python -m runner ingest PATH --name NAME     validate, store, print the report
     python -m runner validate PATH [--json]      only report; nothing is stored
 
-Exit status: 0 accepted, 1 rejected (the reasons on stderr), 2 bad usage or configuration.
+Exit status: 0 success, 1 rejected dataset (the reasons on stderr), 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from sqlmodel import Session
 
 from core.errors import DatasetRejected, FinetuneError
 from core.settings import Settings
@@ -40,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--once", action="store_true", help="drain the queue, then exit")
+    sub = parser.add_subparsers(dest="command")
+    submit = sub.add_parser("submit", help="queue a training job")
+    submit.add_argument("--dataset", required=True, help="dataset name (its newest version)")
+    submit.add_argument("settings", nargs="*", help="training settings as key=value")
+    status = sub.add_parser("status", help="show a job or the latest jobs")
+    status.add_argument("job", nargs="?", type=int)
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job", type=int)
+    sub.add_parser("help", help="list the training settings")
     ingest = sub.add_parser("ingest", help="validate and store a dataset")
     _add_dataset_options(ingest)
     ingest.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
@@ -56,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings()
     try:
+        if args.command in (None, "submit", "status", "cancel", "help"):
+            return _run_queue_command(args, settings)
         return _run(args, settings)
     except DatasetRejected as exc:
-        if args.json:
+        if getattr(args, "json", False):
             print(
                 json.dumps(
                     {"accepted": False, "problems": [p.to_dict() for p in exc.problems]},
@@ -71,6 +89,87 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
+
+
+def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "help":
+        from runner.config import help_lines
+
+        print("Training settings (key=value; short aliases in brackets):")
+        print("\n".join(f"  {line}" for line in help_lines()))
+        return 0
+    from storage.db import make_engine
+    from storage.migrate import check_schema
+
+    engine = make_engine(settings.database_url)
+    check_schema(engine)
+    engine.dispose()
+    if args.command is None:
+        from runner.worker import main_loop
+
+        return main_loop(settings, once=args.once)
+    from storage.db import new_session
+
+    engine = make_engine(settings.database_url)
+    with new_session(engine) as session:
+        if args.command == "submit":
+            return _submit(session, settings, args)
+        if args.command == "cancel":
+            from storage.jobs import request_cancel
+
+            job = request_cancel(session, job_id=args.job, by="cli")
+            print(
+                f"job {job.id}: {'cancelled' if job.status == 'cancelled' else 'cancel requested'}"
+            )
+            return 0
+        return _status(session, args.job)
+
+
+def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> int:
+    from core.errors import NotFound
+    from runner.config import parse_train_args
+    from runner.models import base_model_name
+    from storage.datasets import get_dataset
+    from storage.jobs import create_job
+
+    config = parse_train_args(args.settings)
+    dataset = get_dataset(session, name=args.dataset)
+    if dataset is None:
+        raise NotFound(f"no dataset named {args.dataset}: ingest one first")
+    job = create_job(
+        session,
+        base_model=base_model_name(settings),  # type: ignore[arg-type]
+        config=config.model_dump(exclude_defaults=True),
+        dataset_id=dataset.id,
+        requested_by="cli",
+    )
+    print(
+        f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, "
+        f"{len(dataset.labels or [])} labels"
+    )
+    return 0
+
+
+def _status(session: Session, job_id: int | None) -> int:
+    from sqlmodel import col, select
+
+    from core.errors import NotFound
+    from storage.models import Job
+
+    if job_id is not None:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        jobs = [job]
+    else:
+        jobs = list(session.exec(select(Job).order_by(col(Job.id).desc()).limit(20)).all())
+    for job in jobs:
+        progress = job.progress or {}
+        step = f"step {progress.get('step')}/{progress.get('total_steps')}" if progress else ""
+        loss = f"loss {progress['loss']:.4f}" if "loss" in progress else ""
+        error = f"error: {job.error}" if job.error else ""
+        print(" ".join(x for x in (f"job {job.id}", job.status, step, loss, error) if x))
+    return 0
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,22 +1,27 @@
-"""Base models: where the weights of ``BASE_MODEL`` are on this machine.
+"""Base models: where the weights of a base model are on this machine.
 
-A base model is a local directory or a ModelScope id cached under ``ARTIFACT_DIR/models``. With
-``BASE_MODEL`` unset, the product runs on the tiny local model (``runner.tiny_model``), built on
-first use.
+A base model is named by a local directory, a ModelScope id (downloaded with ``modelscope`` into
+``ARTIFACT_DIR/models/modelscope/<id>``, resumed when a download was cut) or ``tiny``: the tiny local
+model (``runner.tiny_model``), built on first use. ``BASE_MODEL`` unset means ``tiny``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError
+from core.errors import ConfigError, FinetuneError
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
+
+
+class ModelUnavailable(FinetuneError):
+    code = "model_unavailable"
 
 
 def tiny_model_dir(settings: Settings) -> Path:
@@ -29,33 +34,85 @@ def modelscope_cache_dir(settings: Settings, model_id: str) -> Path:
 
 def base_model_name(settings: Settings) -> str:
     """The name recorded on jobs and checkpoints for the configured base model."""
-    if settings.base_model is None:
-        return TINY_MODEL_NAME
-    return settings.base_model
+    return settings.base_model or TINY_MODEL_NAME
 
 
-def local_model_dir(settings: Settings, *, build_tiny: bool = True) -> Path | None:
-    """The directory holding the base model's files, or None if a hub model is not fetched yet."""
-    if settings.base_model is None:
+def model_dir_for(
+    settings: Settings,
+    name: str,
+    *,
+    download: bool = True,
+    on_status: Callable[[str], None] | None = None,
+) -> Path | None:
+    """The directory holding model ``name``; None when it is a hub model not fetched yet and
+    ``download`` is False. Raises ModelUnavailable with what to do when it cannot be had."""
+    if name == TINY_MODEL_NAME:
         path = tiny_model_dir(settings)
         if not (path / "config.json").exists():
-            if not build_tiny:
-                return None
             from runner.tiny_model import build_tiny_model
 
             log.info("building the tiny local model in %s", path)
             build_tiny_model(path)
         return path
-    candidate = Path(settings.base_model).expanduser()
+    candidate = Path(name).expanduser()
     if candidate.is_dir():
         if not (candidate / "config.json").exists():
             raise ConfigError(
-                f"BASE_MODEL {settings.base_model} is a folder without config.json:"
-                " point it at a Hugging Face model directory"
+                f"model folder {name} has no config.json: point BASE_MODEL at a "
+                "Hugging Face model directory"
             )
         return candidate.resolve()
-    cached = modelscope_cache_dir(settings, settings.base_model)
-    return cached if (cached / "config.json").exists() else None
+    if candidate.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise ModelUnavailable(
+            f"base model {name} not found: it is neither a model folder on "
+            "this machine nor a ModelScope id (owner/name)"
+        )
+    cached = modelscope_cache_dir(settings, name)
+    if (cached / "config.json").exists() and not (cached / ".incomplete").exists():
+        return cached
+    if not download:
+        return None
+    return download_from_modelscope(settings, name, cached, on_status)
+
+
+def download_from_modelscope(
+    settings: Settings, model_id: str, target: Path, on_status: Callable[[str], None] | None = None
+) -> Path:
+    """Fetch ``model_id`` into ``target``. modelscope resumes partial files; the marker file
+    keeps a cut download from being taken for a complete one."""
+    from modelscope import snapshot_download
+
+    target.mkdir(parents=True, exist_ok=True)
+    marker = target / ".incomplete"
+    marker.touch()
+    if on_status:
+        on_status(f"downloading {model_id} from ModelScope into {target}")
+    try:
+        snapshot_download(model_id, local_dir=str(target), endpoint=settings.modelscope_endpoint)
+    except Exception as exc:
+        hub = settings.modelscope_endpoint or "the ModelScope hub"
+        raise ModelUnavailable(
+            f"cannot download {model_id} from {hub} ({type(exc).__name__}): the hub is "
+            "unreachable from this machine or the id is wrong. Fetch the model ahead of time "
+            "(docs/operations.md) or set BASE_MODEL to a local model folder"
+        ) from exc
+    if not (target / "config.json").exists():
+        raise ModelUnavailable(
+            f"{model_id} downloaded without a config.json: not a transformers model"
+        )
+    marker.unlink()
+    if on_status:
+        on_status(f"downloaded {model_id}")
+    return target
+
+
+def local_model_dir(settings: Settings, *, build_tiny: bool = True) -> Path | None:
+    """The configured base model's directory, without downloading (None if not fetched yet)."""
+    name = base_model_name(settings)
+    if name == TINY_MODEL_NAME and not build_tiny:
+        path = tiny_model_dir(settings)
+        return path if (path / "config.json").exists() else None
+    return model_dir_for(settings, name, download=False)
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -68,7 +125,6 @@ def tokenizer_for_report(settings: Settings, model_dir: Path | None = None) -> t
     """The tokenizer used for token lengths in dataset reports, and a note saying which."""
     path = model_dir or local_model_dir(settings)
     if path is None:
-        return None, (f"not computed: base model {settings.base_model} is not downloaded yet")
-    return load_tokenizer(
-        path
-    ), f"tokenizer of {path.name if model_dir else base_model_name(settings)}"
+        return None, f"not computed: base model {settings.base_model} is not downloaded yet"
+    name = path.name if model_dir else base_model_name(settings)
+    return load_tokenizer(path), f"tokenizer of {name}"

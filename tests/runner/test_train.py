@@ -25,13 +25,13 @@ from tests.conftest import DEMO_DATASET
 from tests.runner.train_helpers import dir_hooks, examples, synthetic
 
 
-def _model(tiny_model_dir, *args: str):  # noqa: ANN001, ANN202
+def _model(tiny_model_dir, *args: str):
     config = parse_train_args(list(args))
     spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
     return setup_model(spec, torch.device("cpu"), torch.float32), config
 
 
-def test_packed_step_gives_the_gradient_of_the_unpacked_mean(tiny_model_dir, tokenizer) -> None:  # noqa: ANN001
+def test_packed_step_gives_the_gradient_of_the_unpacked_mean(tiny_model_dir, tokenizer) -> None:
     batch = examples(tokenizer, synthetic(2)[:6])
     # Non-zero LoRA B so every adapter weight gets a gradient.
     model, _ = _model(tiny_model_dir, "lora_rank=8")
@@ -60,7 +60,7 @@ def test_packed_step_gives_the_gradient_of_the_unpacked_mean(tiny_model_dir, tok
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
 
 
-def test_a_sample_sees_nothing_of_the_sample_packed_before_it(tiny_model_dir, tokenizer) -> None:  # noqa: ANN001
+def test_a_sample_sees_nothing_of_the_sample_packed_before_it(tiny_model_dir, tokenizer) -> None:
     model, _ = _model(tiny_model_dir, "method=full")
     model.eval()
     first, second = examples(tokenizer, synthetic(1)[:2])
@@ -72,11 +72,12 @@ def test_a_sample_sees_nothing_of_the_sample_packed_before_it(tiny_model_dir, to
     assert not torch.allclose(alone, model(**pack([first]).model_inputs()).logits[0][-1:])
 
 
-def test_loraplus_puts_lora_b_in_its_own_group(tiny_model_dir) -> None:  # noqa: ANN001
+def test_loraplus_puts_lora_b_in_its_own_group(tiny_model_dir) -> None:
     model, config = _model(tiny_model_dir, "lr=5e-6", "loraplus=16")
     named = trainable_parameters(model)
-    optimizer = setup_optimizer(named, MasterWeights([p for _, p in named]), config,
-                                torch.device("cpu"))
+    optimizer = setup_optimizer(
+        named, MasterWeights([p for _, p in named]), config, torch.device("cpu")
+    )
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert groups["default"]["lr"] == 5e-6 and groups["lora_B"]["lr"] == 5e-6 * 16
     b_ids = {id(p) for n, p in named if "lora_B" in n}
@@ -85,19 +86,21 @@ def test_loraplus_puts_lora_b_in_its_own_group(tiny_model_dir) -> None:  # noqa:
     assert all("lora_" in n for n, _ in named)  # nothing but adapters trains
 
 
-def test_freeze_trains_only_the_last_layers(tiny_model_dir) -> None:  # noqa: ANN001
+def test_freeze_trains_only_the_last_layers(tiny_model_dir) -> None:
     model, _ = _model(tiny_model_dir, "method=freeze", "trainable_layers=1")
     names = [n for n, _ in trainable_parameters(model)]
     assert names and all(n.startswith("model.layers.1.") for n in names)
 
 
-def test_loss_falls_on_the_demo_data(tiny_model_dir, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_loss_falls_on_the_demo_data(tiny_model_dir, tokenizer, tmp_path) -> None:
     loaded = load_dataset(DEMO_DATASET, IngestOptions.from_settings(Settings(_env_file=None)))
     batch = examples(tokenizer, loaded.splits[Split.train])
     config = parse_train_args(["lr=2e-3", "epochs=1", "bs=4", "grad_accum=2", "rank=16"])
     progress: list[dict] = []
-    result = train(TrainSpec(config=config, examples=batch, base=tiny_model_dir),
-                   dir_hooks(tmp_path, on_progress=lambda p: progress.append(p) or True))
+    result = train(
+        TrainSpec(config=config, examples=batch, base=tiny_model_dir),
+        dir_hooks(tmp_path, on_progress=lambda p: progress.append(p) or True),
+    )
     assert result.status == "completed" and result.step == 38 == result.total_steps
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
@@ -107,42 +110,63 @@ def test_loss_falls_on_the_demo_data(tiny_model_dir, tokenizer, tmp_path) -> Non
     assert (result.checkpoint / "adapter_config.json").exists()
 
 
-def test_learns_a_headline_to_label_mapping(tiny_model_dir, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_learns_a_headline_to_label_mapping(tiny_model_dir, tokenizer, tmp_path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     config = parse_train_args(["lr=3e-3", "epochs=8", "bs=8", "grad_accum=1", "rank=16"])
-    result = train(TrainSpec(config=config, examples=examples(tokenizer, synthetic(24)),
-                             base=tiny_model_dir), dir_hooks(tmp_path))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      str(result.checkpoint)).eval()
+    result = train(
+        TrainSpec(config=config, examples=examples(tokenizer, synthetic(24)), base=tiny_model_dir),
+        dir_hooks(tmp_path),
+    )
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.checkpoint)
+    ).eval()
     held_out = synthetic(5, seed=1)
     correct = 0
     for conversation in held_out:
         ids = render_prompt(tokenizer, conversation[:1])
-        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         correct += parse_answer(text).label == conversation[-1].content
     assert correct / len(held_out) >= 0.9
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer, tmp_path) -> None:  # noqa: ANN001
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer, tmp_path) -> None:
     batch = examples(tokenizer, synthetic(6))
-    args = ["lr=3e-3", "epochs=3", "bs=2", "grad_accum=2", "save_steps=4", "dropout=0.1",
-            "loraplus=4"]
+    args = [
+        "lr=3e-3",
+        "epochs=3",
+        "bs=2",
+        "grad_accum=2",
+        "save_steps=4",
+        "dropout=0.1",
+        "loraplus=4",
+    ]
     config = parse_train_args(args)
-    whole = train(TrainSpec(config=config, examples=batch, base=tiny_model_dir),
-                  dir_hooks(tmp_path / "whole"))
+    whole = train(
+        TrainSpec(config=config, examples=batch, base=tiny_model_dir), dir_hooks(tmp_path / "whole")
+    )
     assert whole.step == 18
 
     calls = iter(range(100))
-    stopped = train(TrainSpec(config=config, examples=batch, base=tiny_model_dir),
-                    dir_hooks(tmp_path / "part", should_stop=lambda: next(calls) == 6))
+    stopped = train(
+        TrainSpec(config=config, examples=batch, base=tiny_model_dir),
+        dir_hooks(tmp_path / "part", should_stop=lambda: next(calls) == 6),
+    )
     assert stopped.status == "stopped" and stopped.step == 7
-    resumed = train(TrainSpec(config=config, examples=batch, base=tiny_model_dir,
-                              resume_from=stopped.checkpoint), dir_hooks(tmp_path / "rest"))
+    resumed = train(
+        TrainSpec(
+            config=config, examples=batch, base=tiny_model_dir, resume_from=stopped.checkpoint
+        ),
+        dir_hooks(tmp_path / "rest"),
+    )
     assert resumed.status == "completed" and resumed.step == 18
     assert resumed.losses == whole.losses
     a = load_file(whole.checkpoint / "adapter_model.safetensors")
@@ -165,17 +189,19 @@ def test_master_weights_keep_updates_bf16_would_round_away() -> None:
     assert param[0].item() != 1.0  # plain bf16 steps of 1e-4 on 1.0 would never move it
 
 
-def test_max_samples_and_cutoff_len_are_applied(tiny_model_dir, tokenizer) -> None:  # noqa: ANN001
+def test_max_samples_and_cutoff_len_are_applied(tiny_model_dir, tokenizer) -> None:
     batch = examples(tokenizer, synthetic(10))
-    config = parse_train_args(["max_samples=8", "bs=4", "grad_accum=1", "epochs=1",
-                               "cutoff_len=16"])
+    config = parse_train_args(
+        ["max_samples=8", "bs=4", "grad_accum=1", "epochs=1", "cutoff_len=16"]
+    )
     result = train(TrainSpec(config=config, examples=batch, base=tiny_model_dir))
     assert result.total_steps == 2
     assert result.tokens <= 8 * 16
 
 
-def test_rendered_examples_train_on_the_answer_only(tokenizer) -> None:  # noqa: ANN001
-    example = render_training_example(tokenizer, [Message("user", "标题：x"),
-                                                  Message("assistant", "体育")])
+def test_rendered_examples_train_on_the_answer_only(tokenizer) -> None:
+    example = render_training_example(
+        tokenizer, [Message("user", "标题：x"), Message("assistant", "体育")]
+    )
     batch = pack([example])
     assert tokenizer.decode(batch.targets.tolist()) == "体育<｜end▁of▁sentence｜>"

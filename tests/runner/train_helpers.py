@@ -10,8 +10,12 @@ from pathlib import Path
 from core.protocol import Message, render_training_example
 from runner.train.recipe import TrainHooks
 
-KEYWORDS = {"体育": ["球队", "比赛", "冠军", "进球"], "股票": ["股价", "涨停", "大盘", "指数"],
-            "房产": ["楼盘", "房价", "开盘", "户型"], "教育": ["高考", "考研", "学校", "招生"]}
+KEYWORDS = {
+    "体育": ["球队", "比赛", "冠军", "进球"],
+    "股票": ["股价", "涨停", "大盘", "指数"],
+    "房产": ["楼盘", "房价", "开盘", "户型"],
+    "教育": ["高考", "考研", "学校", "招生"],
+}
 
 
 def synthetic(n_per_label: int, seed: int = 0) -> list[list[Message]]:
@@ -24,11 +28,11 @@ def synthetic(n_per_label: int, seed: int = 0) -> list[list[Message]]:
     return out
 
 
-def examples(tokenizer, conversations):  # noqa: ANN001, ANN201
+def examples(tokenizer, conversations):
     return [render_training_example(tokenizer, c) for c in conversations]
 
 
-def dir_hooks(root: Path, **kwargs) -> TrainHooks:  # noqa: ANN003
+def dir_hooks(root: Path, **kwargs) -> TrainHooks:
     @contextmanager
     def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
         directory = root / f"step-{step}"
