@@ -42,7 +42,7 @@ def runner_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
 
 
 @pytest.fixture
-def dataset_id(engine, runner_settings: Settings, tmp_path: Path) -> int:  # noqa: ANN001
+def dataset_id(engine, runner_settings: Settings, tmp_path: Path) -> int:
     rows = [(c[0].content.removeprefix("标题："), c[1].content) for c in synthetic(8)]
     path = files.write_json(tmp_path / "train.json", files.sharegpt(rows))
     with new_session(engine) as session:
@@ -57,14 +57,14 @@ def dataset_id(engine, runner_settings: Settings, tmp_path: Path) -> int:  # noq
     return dataset.id
 
 
-def _job(engine, settings: Settings, dataset_id: int, **config) -> int:  # noqa: ANN001, ANN003
+def _job(engine, settings: Settings, dataset_id: int, **config) -> int:
     with new_session(engine) as session:
         return create_job(
             session, base_model=settings.base_model, dataset_id=dataset_id, config=config
         ).id
 
 
-def _wait(predicate, timeout: float = 60.0):  # noqa: ANN001, ANN202
+def _wait(predicate, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -74,7 +74,7 @@ def _wait(predicate, timeout: float = 60.0):  # noqa: ANN001, ANN202
     raise AssertionError("timed out waiting")
 
 
-def _get(engine, job_id: int) -> Job:  # noqa: ANN001
+def _get(engine, job_id: int) -> Job:
     with new_session(engine) as session:
         return session.get(Job, job_id)
 
@@ -82,7 +82,7 @@ def _get(engine, job_id: int) -> Job:  # noqa: ANN001
 def test_once_drains_the_queue_and_records_progress_and_checkpoints(
     engine,
     runner_settings,
-    dataset_id,  # noqa: ANN001
+    dataset_id,
 ) -> None:
     good = _job(
         engine,
@@ -127,7 +127,7 @@ def test_once_drains_the_queue_and_records_progress_and_checkpoints(
 
 def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(
     engine, runner_settings, dataset_id
-) -> None:  # noqa: ANN001
+) -> None:
     job_id = _job(
         engine,
         runner_settings,
@@ -160,7 +160,7 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(
 
 def test_a_killed_runners_job_is_resumed_by_another_runner(
     engine, runner_settings, dataset_id
-) -> None:  # noqa: ANN001
+) -> None:
     job_id = _job(
         engine,
         runner_settings,
@@ -217,7 +217,7 @@ def test_a_killed_runners_job_is_resumed_by_another_runner(
     assert starts[-1]["resumed_from_step"] >= 5 and starts[-1]["owner"] == "second-runner"
 
 
-def _run_in_process(engine, settings: Settings, job_id: int) -> Job:  # noqa: ANN001
+def _run_in_process(engine, settings: Settings, job_id: int) -> Job:
     with new_session(engine) as session:
         claim_next_job(session, owner="inline", lease_seconds=60)
     run_job(job_id, "inline", settings)
@@ -226,7 +226,7 @@ def _run_in_process(engine, settings: Settings, job_id: int) -> Job:  # noqa: AN
 
 def test_a_missing_model_fails_the_job_with_a_message(
     engine, runner_settings, dataset_id, tmp_path
-) -> None:  # noqa: ANN001
+) -> None:
     with new_session(engine) as session:
         job_id = create_job(
             session, base_model=str(tmp_path / "gone" / "model"), dataset_id=dataset_id, config={}
@@ -238,7 +238,7 @@ def test_a_missing_model_fails_the_job_with_a_message(
 
 def test_a_nan_loss_fails_the_job_with_a_hint(
     engine, runner_settings, dataset_id, tiny_model_dir, tmp_path
-) -> None:  # noqa: ANN001
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     broken = tmp_path / "broken-model"
@@ -256,7 +256,7 @@ def test_a_nan_loss_fails_the_job_with_a_hint(
 
 def test_a_deleted_dataset_blob_fails_with_an_internal_error_id(
     engine, runner_settings, dataset_id
-) -> None:  # noqa: ANN001
+) -> None:
     store = ArtifactStore(runner_settings.artifact_dir)
     for path in store.files():
         path.unlink()

@@ -24,12 +24,12 @@ from storage.jobs import (
 from storage.models import Job
 
 
-def _jobs(engine, n: int) -> list[int]:  # noqa: ANN001
+def _jobs(engine, n: int) -> list[int]:
     with new_session(engine) as session:
         return [create_job(session, base_model="tiny", config={"i": i}).id for i in range(n)]
 
 
-def test_claims_the_oldest_queued_job_and_leases_it(engine) -> None:  # noqa: ANN001
+def test_claims_the_oldest_queued_job_and_leases_it(engine) -> None:
     first, second = _jobs(engine, 2)
     with new_session(engine) as session:
         job = claim_next_job(session, owner="A", lease_seconds=60)
@@ -40,7 +40,7 @@ def test_claims_the_oldest_queued_job_and_leases_it(engine) -> None:  # noqa: AN
         assert [e.kind for e in job_events(session, job_id=first)] == ["queued", "claimed"]
 
 
-def test_concurrent_runners_never_claim_the_same_job(db_url, engine) -> None:  # noqa: ANN001
+def test_concurrent_runners_never_claim_the_same_job(db_url, engine) -> None:
     ids = _jobs(engine, 40)
     claimed: dict[str, list[int]] = {}
     errors: list[BaseException] = []
@@ -71,7 +71,7 @@ def test_concurrent_runners_never_claim_the_same_job(db_url, engine) -> None:  #
         assert all(owners[job_id] == name for job_id in jobs)
 
 
-def test_only_the_lease_holder_can_renew_or_change_a_job(engine) -> None:  # noqa: ANN001
+def test_only_the_lease_holder_can_renew_or_change_a_job(engine) -> None:
     (job_id,) = _jobs(engine, 1)
     with new_session(engine) as session:
         claim_next_job(session, owner="A", lease_seconds=60)
@@ -86,7 +86,7 @@ def test_only_the_lease_holder_can_renew_or_change_a_job(engine) -> None:  # noq
         assert job.finished_at is not None and job.progress == {"step": 1}
 
 
-def test_expired_leases_are_requeued_then_failed_after_the_retry_limit(engine) -> None:  # noqa: ANN001
+def test_expired_leases_are_requeued_then_failed_after_the_retry_limit(engine) -> None:
     (job_id,) = _jobs(engine, 1)
     with new_session(engine) as session:
         for attempt in (1, 2):
@@ -103,14 +103,14 @@ def test_expired_leases_are_requeued_then_failed_after_the_retry_limit(engine) -
         assert kinds == ["queued", "claimed", "requeued", "claimed", "failed"]
 
 
-def test_a_live_lease_is_not_expired(engine) -> None:  # noqa: ANN001
+def test_a_live_lease_is_not_expired(engine) -> None:
     _jobs(engine, 1)
     with new_session(engine) as session:
         claim_next_job(session, owner="A", lease_seconds=60)
         assert expire_leases(session, max_attempts=3) == []
 
 
-def test_cancel_a_queued_job_at_once_and_flag_a_running_one(engine) -> None:  # noqa: ANN001
+def test_cancel_a_queued_job_at_once_and_flag_a_running_one(engine) -> None:
     queued, running = _jobs(engine, 2)
     with new_session(engine) as session:
         claim_next_job(session, owner="A", lease_seconds=60)  # takes `queued` (the oldest)
