@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     runner_token_budget: int = Field(
         16384, ge=256, description="Most tokens in one packed micro-batch."
     )
+    runner_compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer on GPU: faster steps after a "
+        "one-time compile (~1 min cold for a 7B; see docs/benchmarks.md).",
+    )
     modelscope_endpoint: str | None = Field(
         None, description="ModelScope hub URL (default: the public hub)."
     )

@@ -65,6 +65,7 @@ class TrainSpec:
     device: str | None = None  # default: cuda when available
     token_budget: int = 16384  # most tokens in one packed micro-batch
     gradient_checkpointing: bool = False
+    compile_layers: bool = False  # torch.compile each decoder layer (GPU; fewer launches)
 
 
 @dataclass
@@ -128,7 +129,17 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return apply_method(model, config)
+    trainable = apply_method(model, config)
+    if spec.compile_layers:
+        for layer in decoder_layers(trainable):
+            layer.compile(dynamic=True)
+    return trainable
+
+
+def decoder_layers(model: torch.nn.Module) -> Any:
+    """The decoder layer list of a (possibly PEFT-wrapped) causal LM."""
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    return inner.model.layers
 
 
 def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -151,8 +162,7 @@ def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
     for param in model.parameters():
         param.requires_grad_(config.method == "full")
     if config.method == "freeze":
-        layers: Any = model.model.layers  # type: ignore[union-attr]
-        for layer in layers[-config.freeze_trainable_layers :]:
+        for layer in decoder_layers(model)[-config.freeze_trainable_layers :]:
             for param in layer.parameters():
                 param.requires_grad_(True)
     return model
@@ -160,7 +170,9 @@ def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module
 
 class MasterWeights:
     """fp32 copies of trainable low-precision parameters: the optimizer steps the copies, the
-    model's bf16 weights are refreshed from them. Identity for fp32 parameters."""
+    model's bf16 weights are refreshed from them. Identity for fp32 parameters. Copies go through
+    ``torch._foreach_copy_``: one launch per direction instead of one per tensor (a 7B LoRA has
+    392 adapter tensors)."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params = params
@@ -168,21 +180,30 @@ class MasterWeights:
             p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
             for p in params
         ]
-        self.mixed = any(m is not p for m, p in zip(self.masters, params, strict=True))
+        pairs = [(m, p) for m, p in zip(self.masters, params, strict=True) if m is not p]
+        self._low = [p for _, p in pairs]
+        self._high = [m for m, _ in pairs]
+        self.mixed = bool(pairs)
 
     def grads_to_masters(self) -> None:
-        if self.mixed:
-            for master, param in zip(self.masters, self.params, strict=True):
-                if master is not param:
-                    master.grad = None if param.grad is None else param.grad.float()
-                    param.grad = None
+        if not self.mixed:
+            return
+        grads = [p.grad for p in self._low]
+        if any(g is None for g in grads):  # a parameter the step did not reach
+            for master, param in zip(self._high, self._low, strict=True):
+                master.grad = None if param.grad is None else param.grad.float()
+        else:
+            if any(m.grad is None for m in self._high):
+                for master in self._high:
+                    master.grad = torch.zeros_like(master)
+            torch._foreach_copy_([m.grad for m in self._high], grads)  # type: ignore[misc, arg-type]
+        for param in self._low:
+            param.grad = None
 
     def masters_to_params(self) -> None:
         if self.mixed:
             with torch.no_grad():
-                for master, param in zip(self.masters, self.params, strict=True):
-                    if master is not param:
-                        param.copy_(master)
+                torch._foreach_copy_(self._low, self._high)  # type: ignore[arg-type]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -367,7 +388,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(masters.masters, config.max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not masters.mixed)
         masters.masters_to_params()
         scheduler.step()
         step += 1
