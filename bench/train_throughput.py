@@ -117,6 +117,7 @@ def run_ours(
     method: str = "lora",
     base: object = None,
     max_steps: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> dict:
     free_memory()
     args = [*JOB, f"bs={batch}", f"grad_accum={accum}", f"method={method}", "cutoff_len=1024"]
@@ -127,6 +128,7 @@ def run_ours(
         examples=examples,
         base=base if base is not None else model_config(shape),
         compile_layers=compile_layers,
+        gradient_checkpointing=gradient_checkpointing,
     )
     started = time.perf_counter()
     result = train(spec)
@@ -136,8 +138,11 @@ def run_ours(
     done = [examples[i] for s in range(steps) for i in _indices(spec, s)]
     tokens = sum(len(e.input_ids) for e in done)
     answers = sum(e.answer_len for e in done)
+    extras = (", per-layer compile" if compile_layers else "") + (
+        ", grad ckpt" if gradient_checkpointing else ""
+    )
     return {
-        "path": f"ours ({method}{', per-layer compile' if compile_layers else ''})",
+        "path": f"ours ({method}{extras})",
         "samples_per_step": per_step,
         "steps": steps,
         "train_s": result.seconds,
@@ -291,10 +296,17 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--baseline-steps", type=int, default=12)
-    parser.add_argument("--skip", default="", help="comma list of: baseline,compile,s16,qlora")
+    parser.add_argument(
+        "--runs",
+        default="baseline,ours4,ours16,compile4,compile16,qlora",
+        help="comma list of: baseline, ours4, ours16, compile4, compile16, qlora",
+    )
+    parser.add_argument(
+        "--label", default="", help="appended to each path name (e.g. 'warm cache')"
+    )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    runs = set(filter(None, args.runs.split(",")))
     examples = make_examples(args.samples, SHAPES[args.model]["vocab_size"])
     tokens, answers = job_tokens(examples, 3)
     print(
@@ -309,17 +321,27 @@ def main() -> None:
         (args.out / "train_throughput.json").write_text(json.dumps(rows, indent=2))
 
     baseline = None
-    if "baseline" not in skip:
+    previous = args.out / "train_throughput.json"
+    if "baseline" in runs:
         baseline = run_baseline(args.model, examples, args.baseline_steps, warmup=2)
         record(baseline)
-    record(run_ours(args.model, examples, 2, 2, compile_layers=False))
-    if "s16" not in skip:
-        record(run_ours(args.model, examples, 4, 4, compile_layers=False))
-    if "compile" not in skip:
-        record(run_ours(args.model, examples, 2, 2, compile_layers=True))
-        if "s16" not in skip:
-            record(run_ours(args.model, examples, 4, 4, compile_layers=True))
-    if "qlora" not in skip:
+    elif previous.exists():  # an earlier invocation in the same $OUT measured it
+        baseline = next(
+            (r for r in json.loads(previous.read_text()) if r["path"].startswith("baseline")), None
+        )
+        rows.extend(json.loads(previous.read_text()))
+    plan = [
+        ("ours4", 2, 2, False),
+        ("ours16", 4, 4, False),
+        ("compile4", 2, 2, True),
+        ("compile16", 4, 4, True),
+    ]
+    for name, batch, accum, compiled in plan:
+        if name in runs:
+            row = run_ours(args.model, examples, batch, accum, compile_layers=compiled)
+            row["path"] += f" {args.label}".rstrip()
+            record(row)
+    if "qlora" in runs:
         with tempfile.TemporaryDirectory() as tmp:
             base = save_random_model(args.model, Path(tmp) / "model")
             record(
@@ -331,7 +353,8 @@ def main() -> None:
                     compile_layers=False,
                     method="qlora",
                     base=base,
-                    max_steps=20,
+                    max_steps=30,
+                    gradient_checkpointing=True,
                 )
             )
     print(table(rows, baseline), flush=True)
