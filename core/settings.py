@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         description="torch.compile each decoder layer on GPU: faster steps after a "
         "one-time compile (~1 min cold for a 7B; see docs/benchmarks.md).",
     )
+    eval_backend: str = Field(
+        "auto",
+        pattern="^(auto|vllm|transformers)$",
+        description="Prediction for evaluation: auto (vLLM when installed), vllm, transformers.",
+    )
+    eval_max_model_len: int = Field(
+        2048, ge=128, description="vLLM context length for evaluation (prompt + answer)."
+    )
     modelscope_endpoint: str | None = Field(
         None, description="ModelScope hub URL (default: the public hub)."
     )

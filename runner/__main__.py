@@ -4,6 +4,7 @@
     python -m runner submit --dataset NAME [k=v ...]   queue a training job (see `help`)
     python -m runner status [JOB]                one job, or the latest jobs
     python -m runner cancel JOB                  cancel a queued or running job
+    python -m runner evaluate CHECKPOINT|base --dataset NAME   score a model on the eval split
     python -m runner help                        every training setting, its default and range
     python -m runner ingest PATH --name NAME     validate, store, print the report
     python -m runner validate PATH [--json]      only report; nothing is stored
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job", type=int)
     sub.add_parser("help", help="list the training settings")
+    evaluate = sub.add_parser("evaluate", help="score a checkpoint or the base model")
+    evaluate.add_argument("model", help="a checkpoint id, or `base`")
+    evaluate.add_argument("--dataset", required=True, help="dataset name (its newest version)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="default: from the eval answers")
+    evaluate.add_argument("--backend", choices=["auto", "vllm", "transformers"])
     ingest = sub.add_parser("ingest", help="validate and store a dataset")
     _add_dataset_options(ingest)
     ingest.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings()
     try:
-        if args.command in (None, "submit", "status", "cancel", "help"):
+        if args.command in (None, "submit", "status", "cancel", "help", "evaluate"):
             return _run_queue_command(args, settings)
         return _run(args, settings)
     except DatasetRejected as exc:
@@ -114,6 +120,8 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
     with new_session(engine) as session:
         if args.command == "submit":
             return _submit(session, settings, args)
+        if args.command == "evaluate":
+            return _evaluate(session, settings, args)
         if args.command == "cancel":
             from storage.jobs import request_cancel
 
@@ -146,6 +154,51 @@ def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> i
     print(
         f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, "
         f"{len(dataset.labels or [])} labels"
+    )
+    return 0
+
+
+def _evaluate(session: Session, settings: Settings, args: argparse.Namespace) -> int:
+    from core.errors import NotFound
+    from runner.eval.report import evaluate_model
+    from runner.models import base_model_name
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import get_dataset
+    from storage.models import Checkpoint
+
+    if args.backend:
+        settings = settings.model_copy(update={"eval_backend": args.backend})
+    dataset = get_dataset(session, name=args.dataset)
+    if dataset is None:
+        raise NotFound(f"no dataset named {args.dataset}")
+    checkpoint = None
+    base_model = base_model_name(settings)
+    if args.model != "base":
+        if not args.model.isdigit():
+            raise NotFound(f"`{args.model}` is neither a checkpoint id nor `base`")
+        checkpoint = session.get(Checkpoint, int(args.model))
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint {args.model}")
+        base_model = checkpoint.base_model
+    evaluation = evaluate_model(
+        session,
+        ArtifactStore(settings.artifact_dir),
+        settings,
+        dataset=dataset,
+        base_model=base_model,
+        checkpoint=checkpoint,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(
+        json.dumps(
+            {
+                "evaluation_id": evaluation.id,
+                "report_path": evaluation.report_path,
+                **evaluation.metrics,
+            },
+            ensure_ascii=False,
+            indent=2,
+        )
     )
     return 0
 

@@ -97,8 +97,79 @@ def _run(
             **summary,
         )
         return JobStatus.cancelled
+    if not set_job_state(
+        session, job_id=job_id, owner=owner, status=JobStatus.evaluating, event="trained", **summary
+    ):
+        return JobStatus.failed  # the lease was lost: another runner owns the job now
+    try:
+        summary["evaluation"] = _evaluate(session, store, settings, job, dataset)
+    except Exception as exc:
+        message = exc.message if isinstance(exc, FinetuneError) else type(exc).__name__
+        log.exception("job %d: evaluation failed", job_id)
+        set_job_state(
+            session,
+            job_id=job_id,
+            owner=owner,
+            status=JobStatus.failed,
+            error=f"training finished and its checkpoint is kept, but the evaluation "
+            f"failed: {message}",
+        )
+        return JobStatus.failed
     set_job_state(session, job_id=job_id, owner=owner, status=JobStatus.succeeded, **summary)
     return JobStatus.succeeded
+
+
+def _evaluate(
+    session: Any, store: ArtifactStore, settings: Settings, job: Job, dataset: Dataset
+) -> dict[str, Any] | None:
+    """Score the final checkpoint on the eval split (and the base model once per eval set)."""
+    import gc
+
+    from runner.eval.metrics import HEADLINE_KEYS
+    from runner.eval.report import ensure_base_evaluation, evaluate_model
+
+    assert job.id is not None
+    gc.collect()
+    _release_gpu_memory()
+    if dataset.eval_sha256 is None:
+        add_job_event(
+            session,
+            job_id=job.id,
+            kind="evaluation_skipped",
+            reason="the dataset has no eval split",
+        )
+        session.commit()
+        return None
+    checkpoint = latest_checkpoint(session, job_id=job.id)
+    assert checkpoint is not None and checkpoint.final
+    base = ensure_base_evaluation(
+        session, store, settings, dataset=dataset, base_model=job.base_model
+    )
+    evaluation = evaluate_model(
+        session, store, settings, dataset=dataset, base_model=job.base_model, checkpoint=checkpoint
+    )
+    metrics = evaluation.metrics
+    payload = {
+        "evaluation_id": evaluation.id,
+        "base_evaluation_id": base.id,
+        "checkpoint_id": checkpoint.id,
+        "report_path": evaluation.report_path,
+        **{key: metrics.get(key) for key in HEADLINE_KEYS},
+        "vs_base": metrics.get("vs_base"),
+        "vs_promoted": metrics.get("vs_promoted"),
+        "backend": metrics.get("backend"),
+        "samples_per_second": metrics.get("predict_samples_per_second"),
+    }
+    add_job_event(session, job_id=job.id, kind="evaluated", **payload)
+    session.commit()
+    return payload
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _loss_curve(losses: list[float], job_id: int) -> bytes:

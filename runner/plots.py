@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 
 def loss_curve_png(losses: list[float], *, title: str = "training loss") -> bytes:
@@ -27,6 +28,66 @@ def loss_curve_png(losses: list[float], *, title: str = "training loss") -> byte
     axes.set_ylabel("loss per answer token")
     axes.set_title(title)
     axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _use_cjk_font(font_manager: Any, plt: Any) -> None:
+    """Labels are often Chinese: use the Noto Sans CJK font that ships as a Python package
+    (cvttf-notosanscjk-regular, SIL Open Font License), else a CJK font the system has."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("cvttf_NotoSansCJK_Regular")
+    if spec is not None and spec.submodule_search_locations:
+        for path in Path(next(iter(spec.submodule_search_locations))).glob("*.otf"):
+            font_manager.fontManager.addfont(str(path))
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for name in ("Noto Sans CJK TC", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei"):
+        if name in installed:
+            plt.rcParams["font.sans-serif"] = [name, *plt.rcParams["font.sans-serif"]]
+            return
+
+
+def confusion_png(
+    labels: list[str],
+    columns: list[str],
+    matrix: list[list[int]],
+    *,
+    title: str = "confusion (rows: reference, columns: predicted)",
+) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager
+    from matplotlib import pyplot as plt
+
+    _use_cjk_font(font_manager, plt)
+    size = max(4.0, 0.55 * len(columns) + 2)
+    figure, axes = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    image = axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels=labels)
+    peak = max((max(row) for row in matrix), default=0)
+    for r, row in enumerate(matrix):
+        for c, value in enumerate(row):
+            if value:
+                axes.text(
+                    c,
+                    r,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    color="white" if value > peak / 2 else "black",
+                    fontsize=8,
+                )
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("reference")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, shrink=0.7)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

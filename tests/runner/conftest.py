@@ -1,0 +1,73 @@
+"""Fixtures for evaluation tests: a learnable dataset with an eval split, and training a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from runner.datasets.ingest import IngestOptions, ingest_dataset
+from runner.job import run_job
+from storage.artifacts import ArtifactStore
+from storage.db import new_session
+from storage.jobs import claim_next_job, create_job
+from storage.models import Dataset, Job
+from tests.runner import dataset_files as files
+from tests.runner.train_helpers import synthetic
+
+TRAIN = {
+    "learning_rate": 3e-3,
+    "num_train_epochs": 8,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "lora_rank": 16,
+    "logging_steps": 10,
+}
+
+
+@pytest.fixture
+def eval_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
+    return settings.model_copy(
+        update={"base_model": str(tiny_model_dir), "eval_backend": "transformers"}
+    )
+
+
+@pytest.fixture
+def dataset(engine, eval_settings: Settings, tmp_path: Path) -> Dataset:
+    def records(conversations):
+        return [
+            {
+                "conversations": [
+                    {"from": "human", "value": c[0].content},
+                    {"from": "gpt", "value": c[1].content},
+                ]
+            }
+            for c in conversations
+        ]
+
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    files.write_json(folder / "train.json", records(synthetic(24)))
+    files.write_json(folder / "eval.json", records(synthetic(5, seed=1)))
+    with new_session(engine) as session:
+        stored, _ = ingest_dataset(
+            session,
+            ArtifactStore(eval_settings.artifact_dir),
+            folder,
+            IngestOptions.from_settings(eval_settings),
+            name="syn",
+            tokenizer=None,
+        )
+    return stored
+
+
+def train_job(engine, settings: Settings, dataset: Dataset) -> Job:
+    with new_session(engine) as session:
+        job = create_job(
+            session, base_model=settings.base_model, dataset_id=dataset.id, config=TRAIN
+        )
+        claim_next_job(session, owner="inline", lease_seconds=60)
+    run_job(job.id, "inline", settings)
+    with new_session(engine) as session:
+        return session.get(Job, job.id)
