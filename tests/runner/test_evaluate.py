@@ -11,7 +11,7 @@ from runner.eval.report import evaluate_model
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import job_events
-from storage.models import Checkpoint, Evaluation
+from storage.models import Checkpoint, Evaluation, Promotion
 from tests.runner.conftest import train_job as _train
 
 
@@ -55,8 +55,22 @@ def test_a_job_evaluates_its_final_checkpoint_and_the_base_model_once(
     assert sum(map(sum, saved["confusion"]["matrix"])) == 20
     assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
+    with new_session(engine) as session:  # the first job's checkpoint now serves
+        session.add(Promotion(checkpoint_id=final.id, action="promote", decided_by="U1"))
+        session.commit()
     second = _train(engine, eval_settings, dataset)
     assert second.status == JobStatus.succeeded
+    with new_session(engine) as session:
+        later = next(
+            e.payload for e in job_events(session, job_id=second.id) if e.kind == "evaluated"
+        )
+        first_metrics = session.get(Evaluation, evaluated["evaluation_id"]).metrics
+        second_metrics = session.get(Evaluation, later["evaluation_id"]).metrics
+    assert second_metrics["promoted_checkpoint_id"] == final.id
+    assert later["vs_promoted"] == {
+        key: round(second_metrics[key] - first_metrics[key], 4) for key in later["vs_promoted"]
+    }
+    assert set(later["vs_promoted"]) >= {"accuracy", "macro_f1", "predict_rouge-1"}
     with new_session(engine) as session:
         bases = session.exec(select(Evaluation).where(Evaluation.checkpoint_id.is_(None))).all()
     assert len(bases) == 1  # cached per (base model, eval set)
