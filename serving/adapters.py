@@ -1,0 +1,246 @@
+"""The adapters the engine serves, and the one that answers now.
+
+Promotion: validate the checkpoint (files, base model, protocol, rank, a configuration vLLM can
+serve) → load it under a new LoRA id → warm it with one request → switch ``current`` (one
+assignment: a request reads it once, so each answer comes wholly from one adapter) → record the
+promotion in storage → unload adapters older than the previous one (kept for a fast rollback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine as DbEngine
+
+from core.enums import CheckpointStatus
+from core.errors import Conflict, NotFound
+from core.protocol import PROTOCOL_VERSION, Message, PromptFrame, render_prompt
+from serving.engine import AdapterRefused, Engine
+from storage.artifacts import ArtifactStore
+from storage.db import new_session
+from storage.evaluations import current_promotion
+from storage.models import Checkpoint
+from storage.promotions import record_promotion
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "meta.json")
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    lora_id: int
+    checkpoint_id: int
+    path: Path
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"checkpoint-{self.checkpoint_id}"
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.meta.get("labels")
+
+    @property
+    def frame(self) -> PromptFrame:
+        return PromptFrame.from_dict(self.meta.get("prompt_frame") or {})
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        db: DbEngine,
+        store: ArtifactStore,
+        base_model: str,
+        max_lora_rank: int,
+        tokenizer: Any,
+    ) -> None:
+        self.engine = engine
+        self.db = db
+        self.store = store
+        self.base_model = base_model
+        self.max_lora_rank = max_lora_rank
+        self.tokenizer = tokenizer
+        self.current: LoadedAdapter | None = None
+        self.loaded: dict[int, LoadedAdapter] = {}  # by checkpoint id
+        self.swaps = 0
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    # Validation ------------------------------------------------------------------------------
+
+    def validate(self, checkpoint_id: int) -> tuple[Checkpoint, Path, dict[str, Any]]:
+        """The checkpoint, its folder and meta.json, or AdapterRefused/NotFound saying why not."""
+        with new_session(self.db) as session:
+            checkpoint = session.get(Checkpoint, checkpoint_id)
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint {checkpoint_id}")
+        if checkpoint.status == CheckpointStatus.rejected:
+            raise AdapterRefused(f"checkpoint {checkpoint_id} was rejected")
+        path = self.store.path(checkpoint.path)
+        missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+        if missing:
+            raise AdapterRefused(
+                f"checkpoint {checkpoint_id} is incomplete: {', '.join(missing)} "
+                f"missing in {checkpoint.path}"
+            )
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        problems = []
+        if not meta.get("adapter", True):
+            problems.append("it is a whole model (freeze/full), not a LoRA adapter")
+        if meta.get("base_model") != self.base_model:
+            problems.append(
+                f"it was trained on {meta.get('base_model')}, this server runs {self.base_model}"
+            )
+        if meta.get("protocol_version") != PROTOCOL_VERSION:
+            problems.append(
+                f"its prompt protocol is version {meta.get('protocol_version')}, "
+                f"serving speaks version {PROTOCOL_VERSION}"
+            )
+        rank = int(config.get("r", 0))
+        if rank > self.max_lora_rank:
+            problems.append(
+                f"its LoRA rank {rank} is above the server's max_lora_rank {self.max_lora_rank}"
+            )
+        if config.get("use_dora"):
+            problems.append("it is a DoRA adapter")
+        if config.get("modules_to_save"):
+            problems.append(f"it trains modules_to_save {config['modules_to_save']}")
+        if config.get("bias", "none") != "none":
+            problems.append("it trains biases")
+        targets = config.get("target_modules") or []
+        if any(t in ("lm_head", "embed_tokens") for t in targets):
+            problems.append("it puts LoRA on lm_head or embed_tokens")
+        if problems:
+            raise AdapterRefused(
+                f"checkpoint {checkpoint_id} cannot be served: " + "; ".join(problems)
+            )
+        return checkpoint, path, meta
+
+    # Loading and switching -------------------------------------------------------------------
+
+    async def _load(self, checkpoint_id: int) -> LoadedAdapter:
+        if checkpoint_id in self.loaded:
+            return self.loaded[checkpoint_id]
+        _, path, meta = self.validate(checkpoint_id)
+        adapter = LoadedAdapter(next(self._ids), checkpoint_id, path, meta)
+        await self.engine.add_adapter(adapter.lora_id, adapter.name, path)
+        try:  # warm it: the first answer after the switch should not pay the load
+            prompt = render_prompt(self.tokenizer, adapter.frame.conversation("预热"))
+            await self.engine.generate(prompt, max_tokens=1, lora_id=adapter.lora_id)
+        except Exception:
+            await self.engine.remove_adapter(adapter.lora_id)
+            raise
+        self.loaded[checkpoint_id] = adapter
+        return adapter
+
+    async def _switch(self, target: LoadedAdapter | None) -> None:
+        previous = self.current
+        self.current = target
+        self.swaps += 1
+        keep = {a.checkpoint_id for a in (target, previous) if a is not None}
+        for checkpoint_id in [c for c in self.loaded if c not in keep]:
+            stale = self.loaded.pop(checkpoint_id)
+            await self.engine.remove_adapter(stale.lora_id)
+
+    async def promote(self, checkpoint_id: int, *, by: str) -> LoadedAdapter:
+        async with self._lock:
+            if self.current is not None and self.current.checkpoint_id == checkpoint_id:
+                raise Conflict(f"checkpoint {checkpoint_id} is already serving")
+            adapter = await self._load(checkpoint_id)
+            previous = self.current.checkpoint_id if self.current else None
+            await self._switch(adapter)
+            with new_session(self.db) as session:
+                record_promotion(
+                    session,
+                    checkpoint_id=checkpoint_id,
+                    previous_checkpoint_id=previous,
+                    action="promote",
+                    decided_by=by,
+                )
+            log.info(
+                "promoted checkpoint %d (lora id %d) by %s; previous: %s",
+                checkpoint_id,
+                adapter.lora_id,
+                by,
+                previous,
+            )
+            return adapter
+
+    async def rollback(self, *, by: str) -> LoadedAdapter | None:
+        """Serve what served before the current promotion (the base model if nothing did)."""
+        async with self._lock:
+            with new_session(self.db) as session:
+                promotion = current_promotion(session)
+            if promotion is None:
+                raise Conflict("nothing to roll back: no promotion has been made")
+            target_id = promotion.previous_checkpoint_id
+            target = await self._load(target_id) if target_id is not None else None
+            current = self.current.checkpoint_id if self.current else None
+            await self._switch(target)
+            with new_session(self.db) as session:
+                record_promotion(
+                    session,
+                    checkpoint_id=target_id,
+                    previous_checkpoint_id=current,
+                    action="rollback",
+                    decided_by=by,
+                )
+            log.info(
+                "rolled back to %s by %s",
+                f"checkpoint {target_id}" if target_id else "the base model",
+                by,
+            )
+            return target
+
+    async def restore(self) -> None:
+        """At start: serve what storage says is promoted."""
+        with new_session(self.db) as session:
+            promotion = current_promotion(session)
+        if promotion is None or promotion.checkpoint_id is None:
+            return
+        try:
+            adapter = await self._load(promotion.checkpoint_id)
+        except (AdapterRefused, NotFound) as exc:
+            log.error(
+                "the promoted checkpoint %d cannot be served (%s); serving the base model",
+                promotion.checkpoint_id,
+                exc,
+            )
+            return
+        self.current = adapter
+
+    def resolve(self, model: str | None) -> LoadedAdapter | None:
+        """The adapter a request names: None/"current" → the promoted one, "base" → none,
+        "checkpoint-N" → that checkpoint if it is loaded."""
+        if model in (None, "", "current"):
+            return self.current
+        if model == "base" or model == self.base_model:
+            return None
+        for adapter in self.loaded.values():
+            if model in (adapter.name, str(adapter.checkpoint_id)):
+                return adapter
+        raise NotFound(
+            f"model {model!r} is not loaded: use base, current or one of "
+            + ", ".join(a.name for a in self.loaded.values())
+            if self.loaded
+            else f"model {model!r} is not loaded: use base or current"
+        )
+
+    def frame(self) -> PromptFrame:
+        """How a bare text is framed: the promoted adapter's training frame, so the base model
+        and the fine-tuned one are asked exactly the same question."""
+        return self.current.frame if self.current is not None else PromptFrame()
+
+    def conversation(self, text: str) -> list[Message]:
+        return self.frame().conversation(text)

@@ -1,0 +1,261 @@
+"""Generation engines behind the API. ``VllmEngine`` wraps vLLM's ``AsyncLLM`` with LoRA enabled;
+``TransformersEngine`` is a fallback for machines where vLLM cannot be installed (logged loudly).
+
+Adapters are only ever added through ``add_adapter`` (a bad adapter is refused there and the engine
+stays up; reaching one through a request would kill vLLM's engine) and always under a new id and a
+folder that is never modified (vLLM keeps the old weights when an id is reused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRefused(FinetuneError):
+    code = "adapter_refused"
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finished: bool
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    backend: str
+
+    async def generate(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion: ...
+
+    def stream(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> AsyncIterator[str]: ...
+
+    async def add_adapter(self, lora_id: int, name: str, path: Path) -> None: ...
+
+    async def remove_adapter(self, lora_id: int) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model_dir: Path
+    max_model_len: int
+    max_loras: int
+    max_lora_rank: int
+    dtype: str  # auto: bfloat16 on GPU, float32 on CPU
+    gpu_memory_utilization: float
+    cpu_kv_cache_bytes: int
+
+
+class VllmEngine:
+    backend = "vllm"
+
+    def __init__(self, options: EngineOptions) -> None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        dtype = options.dtype if options.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        kwargs: dict[str, Any] = {
+            "model": str(options.model_dir),
+            "dtype": dtype,
+            "max_model_len": options.max_model_len,
+            "enable_lora": True,
+            # One slot more than the adapters ever loaded (current + previous): vLLM-CPU applies
+            # the last slot to requests without an adapter, and an empty slot is a no-op.
+            "max_loras": options.max_loras,
+            "max_cpu_loras": options.max_loras,
+            "max_lora_rank": options.max_lora_rank,
+            "enforce_eager": not on_gpu,
+            "seed": 0,
+        }
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        else:
+            kwargs["kv_cache_memory_bytes"] = options.cpu_kv_cache_bytes
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self._requests: dict[int, Any] = {}
+
+    def _params(self, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
+
+    def _lora(self, lora_id: int | None) -> Any:
+        return self._requests.get(lora_id) if lora_id is not None else None
+
+    async def generate(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        final = None
+        async for output in self.engine.generate(
+            {"prompt_token_ids": prompt_ids},
+            self._params(max_tokens),
+            uuid.uuid4().hex,
+            lora_request=self._lora(lora_id),
+        ):
+            final = output
+        assert final is not None
+        out = final.outputs[0]
+        return Completion(
+            out.text, out.finish_reason == "stop", len(prompt_ids), len(out.token_ids)
+        )
+
+    async def stream(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> AsyncIterator[str]:
+        sent = 0
+        async for output in self.engine.generate(
+            {"prompt_token_ids": prompt_ids},
+            self._params(max_tokens),
+            uuid.uuid4().hex,
+            lora_request=self._lora(lora_id),
+        ):
+            text = output.outputs[0].text
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+
+    async def add_adapter(self, lora_id: int, name: str, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, lora_id, str(path))
+        try:
+            added = await self.engine.add_lora(request)
+        except Exception as exc:  # vLLM refuses cleanly here and stays up
+            raise AdapterRefused(f"vLLM refused adapter {name}: {exc}") from exc
+        if not added:
+            raise AdapterRefused(f"vLLM did not load adapter {name}")
+        self._requests[lora_id] = request
+
+    async def remove_adapter(self, lora_id: int) -> None:
+        if self._requests.pop(lora_id, None) is not None:
+            await self.engine.remove_lora(lora_id)
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class TransformersEngine:
+    """One model with PEFT adapters, one request at a time in a worker thread. Slow: only for
+    machines where vLLM cannot be installed."""
+
+    backend = "transformers"
+
+    def __init__(self, options: EngineOptions) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning(
+            "SERVING WITH THE TRANSFORMERS FALLBACK: vLLM is not installed here. "
+            "Requests run one at a time; install the `cpu` or `gpu` extra for vLLM."
+        )
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=dtype)
+        self.model: Any = loaded.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
+        self._names: dict[int, str] = {}
+        self._lock = asyncio.Lock()
+
+    def _generate_sync(
+        self, prompt_ids: list[int], max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        import torch
+
+        from runner.eval.predict import generate_batched
+
+        pad = self.tokenizer.pad_token_id
+        if lora_id is None:
+            context: Any = self.model.disable_adapter() if self._names else _nullcontext()
+        else:
+            self.model.set_adapter(self._names[lora_id])
+            context = _nullcontext()
+        with context, torch.no_grad():
+            [(new, finished)] = generate_batched(
+                self.model,
+                [prompt_ids],
+                max_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=pad if pad is not None else 0,
+                batch_size=1,
+                device=self.device,
+            )
+        text = str(self.tokenizer.decode(new, skip_special_tokens=True))
+        return Completion(
+            text if finished else text.rstrip("\ufffd"), finished, len(prompt_ids), len(new)
+        )
+
+    async def generate(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        async with self._lock:
+            return await asyncio.to_thread(self._generate_sync, prompt_ids, max_tokens, lora_id)
+
+    async def stream(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> AsyncIterator[str]:
+        completion = await self.generate(prompt_ids, max_tokens=max_tokens, lora_id=lora_id)
+        yield completion.text
+
+    async def add_adapter(self, lora_id: int, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        async with self._lock:
+            try:
+                if not self._names:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                else:
+                    self.model.load_adapter(str(path), adapter_name=name)
+            except Exception as exc:
+                raise AdapterRefused(f"could not load adapter {name}: {exc}") from exc
+            self._names[lora_id] = name
+
+    async def remove_adapter(self, lora_id: int) -> None:
+        async with self._lock:
+            name = self._names.pop(lora_id, None)
+            if name is not None and len(self._names) >= 1:
+                self.model.delete_adapter(name)
+            elif name is not None:
+                self._names[lora_id] = name  # PEFT cannot drop its last adapter; keep it idle
+
+    async def shutdown(self) -> None:
+        return None
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def build_engine(options: EngineOptions, backend: str = "auto") -> Engine:
+    import importlib.util
+
+    if backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm")):
+        return VllmEngine(options)
+    return TransformersEngine(options)

