@@ -158,3 +158,26 @@ def test_metrics_count_requests_and_swaps(deployment) -> None:
         text = client.get("/metrics").text
     assert 'serving_requests_total{endpoint="/v1/classify",status="200"}' in text
     assert "serving_adapter_swaps_total" in text and "serving_current_checkpoint" in text
+
+
+def test_the_transformers_fallback_serves_the_same_api(deployment) -> None:
+    from tests.serving.conftest import Deployment
+
+    fallback = Deployment(
+        deployment.root,
+        {**deployment.env, "SERVING_BACKEND": "transformers"},
+        deployment.checkpoints,
+    )
+    _serve(deployment, "A")  # storage says A is promoted: the fallback restores it at start
+    start(fallback)
+    try:
+        with fallback.client() as client:
+            assert client.get("/healthz").json()["backend"] == "transformers"
+            assert classify(client)["label"] == "体育"
+            assert promote(client, deployment.checkpoints["B"]).status_code == 200
+            answer = classify(client)
+            assert answer["label"] == "财经"
+            assert classify(client, model="base")["model"]["checkpoint_id"] is None
+    finally:
+        stop(fallback)
+    _serve(deployment, "A")
