@@ -169,11 +169,15 @@ class AdapterRegistry:
                     decided_by=by,
                 )
             log.info(
-                "promoted checkpoint %d (lora id %d) by %s; previous: %s",
+                "promoted checkpoint %d",
                 checkpoint_id,
-                adapter.lora_id,
-                by,
-                previous,
+                extra={
+                    "event": "promote",
+                    "checkpoint_id": checkpoint_id,
+                    "lora_id": adapter.lora_id,
+                    "by": by,
+                    "previous": previous,
+                },
             )
             return adapter
 

@@ -1,0 +1,43 @@
+"""Logging setup shared by the processes: JSON lines (one object per record, for log shippers) or
+plain text, chosen by ``LOG_FORMAT`` (json | text)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """>>> import logging
+    >>> record = logging.makeLogRecord({"msg": "promoted %s", "args": (7,), "levelname": "INFO",
+    ...                                 "name": "serving", "checkpoint_id": 7})
+    >>> JsonFormatter().format(record).endswith('"message": "promoted 7", "checkpoint_id": 7}')
+    True
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(default: str = "json", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    if os.environ.get("LOG_FORMAT", default) == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
