@@ -1,0 +1,65 @@
+"""``create_app``: the slack-bolt app with every listener registered. Builds nothing at import."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from core.errors import ConfigError
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> Any:
+    from slack_bolt import App
+    from slack_sdk import WebClient
+
+    from bot import commands
+    from bot.auth import Approvers
+    from storage.db import make_engine
+    from storage.migrate import check_schema
+
+    if settings.slack_bot_token is None or settings.slack_signing_secret is None:
+        raise ConfigError(
+            "SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET must be set for Slack "
+            "(without them, use `python -m bot console`)"
+        )
+    token = settings.slack_bot_token.get_secret_value()
+    client = WebClient(token=token, base_url=settings.slack_api_url)
+    app = App(
+        signing_secret=settings.slack_signing_secret.get_secret_value(),
+        client=client,
+        name="finetune-bot",
+    )
+    db = make_engine(settings.database_url)
+    check_schema(db)
+    context = commands.BotContext(
+        settings=settings,
+        db=db,
+        approvers=Approvers(settings.approvers, client),
+        base_model=settings.base_model or "tiny",
+    )
+    commands.register(app, context)
+    return app
+
+
+def create_http_app(settings: Settings) -> Any:
+    """A Starlette app serving ``POST /slack/events`` (commands, interactivity, events)."""
+    from slack_bolt.adapter.starlette import SlackRequestHandler
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    handler = SlackRequestHandler(create_app(settings))
+
+    async def events(request: Request) -> Response:
+        return await handler.handle(request)  # type: ignore[no-any-return]
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[Route("/slack/events", events, methods=["POST"]), Route("/healthz", healthz)]
+    )

@@ -1,0 +1,379 @@
+"""A local stand-in for the Slack Web API, for tests and the console: a real HTTP server on
+loopback that implements the methods the bot uses, records every call with its body, serves
+``response_url`` posts and private file downloads (an HTML login page without the bot token, as
+Slack does), and fails on request (429 with Retry-After, 500). Plus builders of correctly signed
+slash-command, block-action, view-submission and event requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from slack_sdk.signature import SignatureVerifier
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Fault:
+    method: str  # a Web API method, or "*"
+    status: int
+    retry_after: int | None
+    times: int
+
+
+@dataclass
+class StoredFile:
+    id: str
+    name: str
+    content: bytes
+    html_login_page: bool = False
+
+
+class SlackStandIn:
+    def __init__(
+        self,
+        *,
+        bot_user_id: str = "U0BOT",
+        team_id: str = "T0TEST",
+        usergroups: dict[str, list[str]] | None = None,
+    ) -> None:
+        self.bot_user_id = bot_user_id
+        self.team_id = team_id
+        self.usergroups = usergroups or {}
+        self.calls: list[Call] = []
+        self.files: dict[str, StoredFile] = {}
+        self.uploads: dict[str, bytes] = {}
+        self._faults: deque[Fault] = deque()
+        self._ts = itertools.count(1)
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self.bot_token = "xoxb-standin-token"
+
+    # Control --------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                return None
+
+            def do_POST(self) -> None:
+                stand_in._post(self)
+
+            def do_GET(self) -> None:
+                stand_in._get(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self.api_url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/api/"
+
+    def response_url(self, name: str = "r") -> str:
+        return f"{self.base_url}/response/{name}"
+
+    def inject(
+        self, method: str, *, status: int = 429, retry_after: int | None = 1, times: int = 1
+    ) -> None:
+        with self._lock:
+            self._faults.append(Fault(method, status, retry_after, times))
+
+    def add_file(
+        self, file_id: str, name: str, content: bytes, *, html_login_page: bool = False
+    ) -> None:
+        self.files[file_id] = StoredFile(file_id, name, content, html_login_page)
+
+    def calls_to(self, method: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [c.params for c in self.calls if c.method == method]
+
+    def wait_for(self, method: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.calls_to(method)
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(
+            f"{method}: {len(self.calls_to(method))} calls, wanted {count}; "
+            f"calls so far: {[c.method for c in self.calls]}"
+        )
+
+    # HTTP -----------------------------------------------------------------------------------
+
+    def _reply(
+        self,
+        handler: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _read(self, handler: BaseHTTPRequestHandler) -> dict[str, Any]:
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        kind = handler.headers.get("Content-Type", "")
+        if "json" in kind:
+            return json.loads(raw or b"{}")
+        parsed = {k: v[0] for k, v in urllib.parse.parse_qs(raw.decode()).items()}
+        for key in ("blocks", "attachments", "view", "files"):
+            if isinstance(parsed.get(key), str):
+                with contextlib.suppress(json.JSONDecodeError):
+                    parsed[key] = json.loads(parsed[key])
+        return parsed
+
+    def _post(self, handler: BaseHTTPRequestHandler) -> None:
+        path = handler.path
+        if path.startswith("/response/"):
+            params = self._read(handler)
+            with self._lock:
+                self.calls.append(Call("response_url", params))
+            return self._reply(handler, 200, b"ok", "text/plain")
+        if path.startswith("/upload/"):
+            raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+            self.uploads[path.rsplit("/", 1)[1]] = raw
+            return self._reply(handler, 200, b"OK - uploaded", "text/plain")
+        method = path.removeprefix("/api/")
+        params = self._read(handler)
+        auth = handler.headers.get("Authorization", "")
+        params["_token"] = auth.removeprefix("Bearer ")
+        with self._lock:
+            self.calls.append(Call(method, params))
+            fault = next((f for f in self._faults if f.method in (method, "*")), None)
+            if fault is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self._faults.remove(fault)
+        if fault is not None:
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
+            error = "ratelimited" if fault.status == 429 else "internal_error"
+            return self._reply(
+                handler,
+                fault.status,
+                json.dumps({"ok": False, "error": error}).encode(),
+                headers=headers,
+            )
+        body = self._answer(method, params)
+        self._reply(handler, 200, json.dumps(body).encode())
+
+    def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        ts = f"{1_700_000_000 + next(self._ts)}.000100"
+        if method == "auth.test":
+            return {
+                "ok": True,
+                "user_id": self.bot_user_id,
+                "bot_id": "B0BOT",
+                "team_id": self.team_id,
+                "url": "https://standin.slack.test/",
+            }
+        if method == "chat.postMessage":
+            return {
+                "ok": True,
+                "channel": params.get("channel"),
+                "ts": ts,
+                "message": {"text": params.get("text"), "ts": ts},
+            }
+        if method == "chat.update":
+            return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
+        if method == "chat.postEphemeral":
+            return {"ok": True, "message_ts": ts}
+        if method == "views.open":
+            return {"ok": True, "view": {"id": f"V{next(self._ts)}"}}
+        if method == "usergroups.users.list":
+            return {"ok": True, "users": self.usergroups.get(params.get("usergroup", ""), [])}
+        if method == "users.info":
+            return {"ok": True, "user": {"id": params.get("user"), "name": params.get("user")}}
+        if method == "files.info":
+            stored = self.files.get(params.get("file", ""))
+            if stored is None:
+                return {"ok": False, "error": "file_not_found"}
+            return {
+                "ok": True,
+                "file": {
+                    "id": stored.id,
+                    "name": stored.name,
+                    "size": len(stored.content),
+                    "url_private_download": f"{self.base_url}/files/{stored.id}/{stored.name}",
+                },
+            }
+        if method == "files.getUploadURLExternal":
+            file_id = f"F{next(self._ts)}"
+            return {
+                "ok": True,
+                "file_id": file_id,
+                "upload_url": f"{self.base_url}/upload/{file_id}",
+            }
+        if method == "files.completeUploadExternal":
+            files = params.get("files") or []
+            return {
+                "ok": True,
+                "files": [{"id": f.get("id"), "title": f.get("title")} for f in files],
+            }
+        return {"ok": False, "error": "unknown_method"}
+
+    def _get(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = handler.path.split("/")
+        if len(parts) >= 3 and parts[1] == "files" and parts[2] in self.files:
+            stored = self.files[parts[2]]
+            token = handler.headers.get("Authorization", "").removeprefix("Bearer ")
+            with self._lock:
+                self.calls.append(Call("file_download", {"file": stored.id, "_token": token}))
+            if token != self.bot_token or stored.html_login_page:
+                page = b"<!DOCTYPE html><html><body>Sign in to Slack</body></html>"
+                return self._reply(handler, 200, page, "text/html; charset=utf-8")
+            return self._reply(handler, 200, stored.content, "application/octet-stream")
+        self._reply(handler, 404, b"not found", "text/plain")
+
+
+# Signed requests -------------------------------------------------------------------------------
+
+
+def signed_headers(
+    secret: str,
+    body: str,
+    *,
+    timestamp: int | None = None,
+    content_type: str = "application/x-www-form-urlencoded",
+) -> dict[str, str]:
+    ts = str(timestamp if timestamp is not None else int(time.time()))
+    signature = SignatureVerifier(secret).generate_signature(timestamp=ts, body=body)
+    assert signature is not None
+    return {
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": signature,
+        "Content-Type": content_type,
+    }
+
+
+def slash_command_body(
+    command: str,
+    text: str,
+    *,
+    user_id: str = "U0USER",
+    channel_id: str = "C0CHAN",
+    response_url: str = "",
+    trigger_id: str = "T0TRIGGER",
+    team_id: str = "T0TEST",
+) -> str:
+    return urllib.parse.urlencode(
+        {
+            "token": "legacy-unused",
+            "team_id": team_id,
+            "channel_id": channel_id,
+            "channel_name": "fine-tuning",
+            "user_id": user_id,
+            "user_name": user_id.lower(),
+            "command": command,
+            "text": text,
+            "response_url": response_url,
+            "trigger_id": trigger_id,
+            "api_app_id": "A0APP",
+        }
+    )
+
+
+def block_action_body(
+    action_id: str,
+    value: str,
+    *,
+    user_id: str = "U0USER",
+    channel_id: str = "C0CHAN",
+    message_ts: str = "1.0",
+    response_url: str = "",
+    team_id: str = "T0TEST",
+) -> str:
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id},
+        "user": {"id": user_id},
+        "api_app_id": "A0APP",
+        "channel": {"id": channel_id},
+        "response_url": response_url,
+        "trigger_id": "T0TRIGGER",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel_id},
+        "message": {"ts": message_ts, "text": "", "blocks": []},
+        "actions": [
+            {
+                "action_id": action_id,
+                "block_id": "b",
+                "value": value,
+                "type": "button",
+                "action_ts": str(time.time()),
+            }
+        ],
+    }
+    return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+
+def view_submission_body(
+    callback_id: str,
+    values: dict[str, Any],
+    *,
+    user_id: str = "U0USER",
+    private_metadata: str = "",
+    team_id: str = "T0TEST",
+) -> str:
+    payload = {
+        "type": "view_submission",
+        "team": {"id": team_id},
+        "user": {"id": user_id},
+        "api_app_id": "A0APP",
+        "trigger_id": "T0TRIGGER",
+        "view": {
+            "id": "V0VIEW",
+            "callback_id": callback_id,
+            "type": "modal",
+            "private_metadata": private_metadata,
+            "state": {"values": values},
+        },
+    }
+    return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+
+def event_body(event: dict[str, Any], *, event_id: str, team_id: str = "T0TEST") -> str:
+    return json.dumps(
+        {
+            "token": "legacy-unused",
+            "team_id": team_id,
+            "api_app_id": "A0APP",
+            "type": "event_callback",
+            "event_id": event_id,
+            "event_time": int(time.time()),
+            "event": event,
+        }
+    )

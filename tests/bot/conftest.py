@@ -1,0 +1,97 @@
+"""The bot for real over HTTP: its Starlette app under uvicorn on loopback, talking to the Slack
+Web API stand-in, driven by correctly signed requests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from bot.app import create_http_app
+from bot.standin import SlackStandIn, signed_headers, slash_command_body
+from core.settings import Settings
+
+SECRET = "test-signing-secret-0123456789"
+APPROVER = "U0APPROVER"
+GROUP_MEMBER = "U0GROUPIE"
+
+
+@dataclass
+class SlackWorld:
+    standin: SlackStandIn
+    url: str
+    settings: Settings
+
+    def post(
+        self,
+        body: str,
+        *,
+        timestamp: int | None = None,
+        secret: str = SECRET,
+        content_type: str = "application/x-www-form-urlencoded",
+    ) -> httpx.Response:
+        headers = signed_headers(secret, body, timestamp=timestamp, content_type=content_type)
+        return httpx.post(f"{self.url}/slack/events", content=body, headers=headers, timeout=10)
+
+    def command(
+        self,
+        text: str,
+        *,
+        user: str = "U0USER",
+        channel: str = "C0CHAN",
+        command: str = "/finetune",
+    ) -> httpx.Response:
+        body = slash_command_body(
+            command,
+            text,
+            user_id=user,
+            channel_id=channel,
+            response_url=self.standin.response_url(f"{len(text)}"),
+        )
+        return self.post(body)
+
+    def reply(self, before: int) -> dict:
+        """The next response_url message after the first ``before`` ones."""
+        return self.standin.wait_for("response_url", before + 1)[before]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def slack(engine, settings: Settings) -> Iterator[SlackWorld]:
+    standin = SlackStandIn(usergroups={"S0APPROVERS": [GROUP_MEMBER]})
+    api_url = standin.start()
+    configured = Settings(
+        _env_file=None,
+        database_url=settings.database_url,
+        artifact_dir=settings.artifact_dir,
+        slack_bot_token=standin.bot_token,
+        slack_signing_secret=SECRET,
+        slack_api_url=api_url,
+        approvers=[APPROVER, "S0APPROVERS"],
+    )
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_http_app(configured), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield SlackWorld(standin, f"http://127.0.0.1:{port}", configured)
+    server.should_exit = True
+    thread.join(10)
+    standin.stop()
