@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
-            from bot.app import create_app
+            from bot.app import create_app, start_notifier
 
-            SocketModeHandler(
-                create_app(settings), settings.slack_app_token.get_secret_value()
-            ).start()
+            app = create_app(settings)
+            start_notifier(settings, app.client)
+            SocketModeHandler(app, settings.slack_app_token.get_secret_value()).start()
     except FinetuneError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

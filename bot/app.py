@@ -15,7 +15,7 @@ def create_app(settings: Settings) -> Any:
     from slack_bolt import App
     from slack_sdk import WebClient
 
-    from bot import commands
+    from bot import actions, commands
     from bot.auth import Approvers
     from storage.db import make_engine
     from storage.migrate import check_schema
@@ -41,10 +41,27 @@ def create_app(settings: Settings) -> Any:
         base_model=settings.base_model or "tiny",
     )
     commands.register(app, context)
+    actions.register(app, context)
     return app
 
 
-def create_http_app(settings: Settings) -> Any:
+def start_notifier(settings: Settings, client: Any) -> Any:
+    """The outbox relay in a daemon thread; returns the event that stops it."""
+    import threading
+
+    from bot.notifier import Notifier
+    from storage.artifacts import ArtifactStore
+    from storage.db import make_engine
+
+    stop = threading.Event()
+    notifier = Notifier(
+        make_engine(settings.database_url), client, ArtifactStore(settings.artifact_dir)
+    )
+    threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()
+    return stop
+
+
+def create_http_app(settings: Settings, *, notifier: bool = True) -> Any:
     """A Starlette app serving ``POST /slack/events`` (commands, interactivity, events)."""
     from slack_bolt.adapter.starlette import SlackRequestHandler
     from starlette.applications import Starlette
@@ -52,7 +69,10 @@ def create_http_app(settings: Settings) -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    handler = SlackRequestHandler(create_app(settings))
+    app = create_app(settings)
+    handler = SlackRequestHandler(app)
+    if notifier:
+        start_notifier(settings, app.client)
 
     async def events(request: Request) -> Response:
         return await handler.handle(request)  # type: ignore[no-any-return]

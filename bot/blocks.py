@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from storage.models import Dataset, Job
@@ -17,10 +18,12 @@ STATE_EMOJI = {
 
 
 def progress_bar(step: int, total: int, width: int = 20) -> str:
-    """>>> progress_bar(5, 20, width=10)
-    '▓▓░░░░░░░░ 25%'
+    """A text progress bar for the job header.
+
+    >>> progress_bar(5, 20, width=10)
+    '▓▓▓░░░░░░░ 25%'
     """
-    done = round(width * step / total) if total else 0
+    done = math.ceil(width * step / total) if total else 0
     return "▓" * done + "░" * (width - done) + f" {round(100 * step / total) if total else 0}%"
 
 
@@ -81,3 +84,115 @@ def dataset_line(dataset: Dataset) -> str:
 
 def text_blocks(text: str) -> list[dict[str, Any]]:
     return [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value * 100:.1f}%"
+
+
+def _delta(value: float | None, *, percent: bool) -> str:
+    if value is None:
+        return ""
+    shown = f"{value * 100:+.1f} pt" if percent else f"{value:+.2f}"
+    return f" ({shown})"
+
+
+def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
+    """The thread reply for a job event, or None for events that only refresh the header."""
+    if kind == "started":
+        resumed = payload.get("resumed_from_step")
+        start = f"resuming from step {resumed}" if resumed else "from the start"
+        return (
+            f":runner: Training started on {payload.get('samples')} samples, {start} "
+            f"(attempt {payload.get('attempt')})."
+        )
+    if kind == "epoch":
+        return (
+            f"Epoch {payload['epoch']} done · step {payload['step']}/"
+            f"{payload['total_steps']} · loss {payload['loss']:.4f}"
+        )
+    if kind == "requeued":
+        return f":arrows_counterclockwise: {payload.get('reason', 'requeued')}"
+    if kind == "trained":
+        return (
+            f":checkered_flag: Training finished: {payload['steps']} steps in "
+            f"{payload['seconds']:.0f} s ({payload['tokens_per_s']:,.0f} tokens/s), final "
+            f"loss {payload['final_loss']:.4f}. Evaluating on the eval split…"
+        )
+    if kind == "evaluation_skipped":
+        return f"No evaluation: {payload.get('reason')}."
+    if kind == "failed":
+        return f":x: Failed: {payload.get('error')}"
+    if kind == "cancelled":
+        by = f" by <@{payload['by']}>" if payload.get("by") else ""
+        return f":no_entry_sign: Cancelled{by}: {payload.get('reason', '')}".rstrip(": ")
+    if kind == "cancel_requested":
+        return f":octagonal_sign: <@{payload.get('by')}> asked to cancel; stopping after this step."
+    if kind == "status":
+        return str(payload.get("message"))
+    return None
+
+
+def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation report with Approve & promote / Reject buttons."""
+    base = payload.get("vs_base") or {}
+    promoted = payload.get("vs_promoted") or {}
+    rows = [
+        f"*Accuracy* {_pct(payload.get('accuracy'))}{_delta(base.get('accuracy'), percent=True)}"
+        f" vs base · {_delta(promoted.get('accuracy'), percent=True).strip() or '–'} vs serving",
+        f"*Macro-F1* {_pct(payload.get('macro_f1'))}"
+        f"{_delta(base.get('macro_f1'), percent=True)} vs base",
+        f"Invalid answers {_pct(payload.get('invalid_rate'))} · truncated "
+        f"{_pct(payload.get('truncated_rate'))}",
+        f"ROUGE-1/2/L {payload.get('predict_rouge-1', 0):.2f} / "
+        f"{payload.get('predict_rouge-2', 0):.2f} / {payload.get('predict_rouge-l', 0):.2f} · "
+        f"BLEU-4 {payload.get('predict_bleu-4', 0):.2f} (whole answers, for parity)",
+    ]
+    checkpoint = payload["checkpoint_id"]
+    return [
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": f":bar_chart: *Evaluation of checkpoint {checkpoint}*"
+                + "\n"
+                + "\n".join(rows),
+            },
+        },
+        {
+            "type": "actions",
+            "block_id": f"decide-{checkpoint}",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": "approve_checkpoint",
+                    "style": "primary",
+                    "text": {"type": "plain_text", "text": "Approve & promote"},
+                    "value": str(checkpoint),
+                    "confirm": {
+                        "title": {"type": "plain_text", "text": "Promote this checkpoint?"},
+                        "text": {
+                            "type": "mrkdwn",
+                            "text": f"Checkpoint {checkpoint} will "
+                            "answer /classify for everyone, replacing what serves now.",
+                        },
+                        "confirm": {"type": "plain_text", "text": "Promote"},
+                        "deny": {"type": "plain_text", "text": "Cancel"},
+                    },
+                },
+                {
+                    "type": "button",
+                    "action_id": "reject_checkpoint",
+                    "style": "danger",
+                    "text": {"type": "plain_text", "text": "Reject"},
+                    "value": str(checkpoint),
+                },
+            ],
+        },
+    ]
+
+
+def decided_blocks(report: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """The report with its buttons replaced by who decided and when."""
+    kept = [b for b in report if b.get("type") != "actions"]
+    return [*kept, {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}]

@@ -26,6 +26,7 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.time)
+    status: int = 200  # what the stand-in answered (429/500 when a fault was injected)
 
 
 @dataclass
@@ -111,9 +112,13 @@ class SlackStandIn:
     ) -> None:
         self.files[file_id] = StoredFile(file_id, name, content, html_login_page)
 
-    def calls_to(self, method: str) -> list[dict[str, Any]]:
+    def calls_to(self, method: str, *, accepted_only: bool = False) -> list[dict[str, Any]]:
         with self._lock:
-            return [c.params for c in self.calls if c.method == method]
+            return [
+                c.params
+                for c in self.calls
+                if c.method == method and (c.status == 200 or not accepted_only)
+            ]
 
     def wait_for(self, method: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
         deadline = time.monotonic() + timeout
@@ -173,12 +178,12 @@ class SlackStandIn:
         auth = handler.headers.get("Authorization", "")
         params["_token"] = auth.removeprefix("Bearer ")
         with self._lock:
-            self.calls.append(Call(method, params))
             fault = next((f for f in self._faults if f.method in (method, "*")), None)
             if fault is not None:
                 fault.times -= 1
                 if fault.times <= 0:
                     self._faults.remove(fault)
+            self.calls.append(Call(method, params, status=fault.status if fault else 200))
         if fault is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
             error = "ratelimited" if fault.status == 429 else "internal_error"

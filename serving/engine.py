@@ -169,8 +169,9 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.warning(
-            "SERVING WITH THE TRANSFORMERS FALLBACK: vLLM is not installed here. "
-            "Requests run one at a time; install the `cpu` or `gpu` extra for vLLM."
+            "SERVING WITH THE TRANSFORMERS FALLBACK (vLLM is not installed, or "
+            "SERVING_BACKEND=transformers): requests run one at a time; install the `cpu` "
+            "or `gpu` extra and use vLLM in production."
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32

@@ -53,3 +53,18 @@ def record_promotion(
 
 def promotion_history(session: Session, *, limit: int = 20) -> list[Promotion]:
     return list(session.exec(select(Promotion).order_by(col(Promotion.id).desc()).limit(limit)))
+
+
+def reject_checkpoint(session: Session, *, checkpoint_id: int, decided_by: str) -> Checkpoint:
+    """Mark a candidate checkpoint rejected (it can no longer be promoted), with an audit row."""
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        from core.errors import NotFound
+
+        raise NotFound(f"no checkpoint {checkpoint_id}")
+    checkpoint.status = CheckpointStatus.rejected.value
+    checkpoint.decided_by, checkpoint.decided_at = decided_by, utcnow()
+    session.add(checkpoint)
+    session.add(AuditLog(actor=decided_by, action="reject", target=f"checkpoint:{checkpoint_id}"))
+    session.commit()
+    return checkpoint

@@ -56,6 +56,20 @@ class SlackWorld:
         )
         return self.post(body)
 
+    def wait_for_thread(self, engine, job_id: int) -> str:
+        """The job's root-message ts, once the bot has committed it."""
+        from storage.db import new_session
+        from storage.models import Job
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with new_session(engine) as session:
+                job = session.get(Job, job_id)
+                if job is not None and job.thread_ts:
+                    return job.thread_ts
+            time.sleep(0.02)
+        raise AssertionError(f"job {job_id} never got its thread")
+
     def reply(self, before: int) -> dict:
         """The next response_url message after the first ``before`` ones."""
         return self.standin.wait_for("response_url", before + 1)[before]
@@ -68,7 +82,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def slack(engine, settings: Settings) -> Iterator[SlackWorld]:
+def bot_extra_settings() -> dict:
+    """Extra settings for the bot under test (a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def slack(engine, settings: Settings, bot_extra_settings: dict) -> Iterator[SlackWorld]:
     standin = SlackStandIn(usergroups={"S0APPROVERS": [GROUP_MEMBER]})
     api_url = standin.start()
     configured = Settings(
@@ -79,11 +99,15 @@ def slack(engine, settings: Settings) -> Iterator[SlackWorld]:
         slack_signing_secret=SECRET,
         slack_api_url=api_url,
         approvers=[APPROVER, "S0APPROVERS"],
+        **bot_extra_settings,
     )
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_http_app(configured), host="127.0.0.1", port=port, log_level="warning"
+            create_http_app(configured, notifier=False),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
         )
     )
     thread = threading.Thread(target=server.run, daemon=True)

@@ -58,6 +58,7 @@ def test_start_queues_a_job_and_posts_its_root_message(slack, engine) -> None:
         == 200
     )
     [posted] = slack.standin.wait_for("chat.postMessage")
+    assert slack.wait_for_thread(engine, 1).startswith("17000000")
     assert posted["channel"] == "C0CHAN" and posted["_token"] == slack.standin.bot_token
     header = posted["blocks"][0]["text"]["text"]
     assert "*Fine-tuning job 1* · queued" in header and "*news* v1 (300 train, 100 eval)" in header
@@ -117,6 +118,8 @@ def test_cancel_is_for_the_requester_and_approvers(slack, engine) -> None:
     for _ in range(3):
         slack.command("start lr=5e-6")
     slack.standin.wait_for("chat.postMessage", 3)
+    for job_id in (1, 2, 3):
+        slack.wait_for_thread(engine, job_id)
     slack.command("cancel 1", user="U0STRANGER")
     assert (
         "only <@U0USER> (who started job 1) or an approver can cancel it" in slack.reply(0)["text"]

@@ -1,0 +1,87 @@
+"""The eval report's buttons. Only approvers decide; a decision replaces the buttons with who
+decided and when; a second click (or a retried request) changes nothing more."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bot.blocks import decided_blocks
+from bot.commands import BotContext
+from bot.serving_client import call_serving
+from core.enums import CheckpointStatus
+from core.errors import FinetuneError
+from storage.db import new_session
+from storage.models import Checkpoint
+from storage.promotions import reject_checkpoint
+from storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+
+def register(app: Any, ctx: BotContext) -> None:
+    @app.action("approve_checkpoint")
+    def handle_approve(ack: Any, body: dict[str, Any], client: Any) -> None:
+        ack()
+        _decide(ctx, body, client, approve=True)
+
+    @app.action("reject_checkpoint")
+    def handle_reject(ack: Any, body: dict[str, Any], client: Any) -> None:
+        ack()
+        _decide(ctx, body, client, approve=False)
+
+
+def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool) -> None:
+    user = body["user"]["id"]
+    channel = body["channel"]["id"]
+    message = body.get("message") or {}
+    checkpoint_id = int(body["actions"][0]["value"])
+
+    def tell(text: str) -> None:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+
+    if not ctx.approvers.allows(user):
+        tell(":lock: Only approvers can promote or reject a checkpoint; nothing was changed.")
+        return
+    with new_session(ctx.db) as session:
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        if checkpoint is None:
+            tell(f"Checkpoint {checkpoint_id} no longer exists.")
+            return
+        if checkpoint.status != CheckpointStatus.candidate:
+            by = f" by <@{checkpoint.decided_by}>" if checkpoint.decided_by else ""
+            tell(f"Checkpoint {checkpoint_id} was already {checkpoint.status}{by}.")
+            return
+        try:
+            if approve:
+                call_serving(
+                    ctx.settings,
+                    "POST",
+                    "/v1/adapters/promote",
+                    {"checkpoint_id": checkpoint_id, "by": user},
+                )
+            else:
+                reject_checkpoint(session, checkpoint_id=checkpoint_id, decided_by=user)
+        except FinetuneError as exc:
+            tell(f":warning: {exc.message}")
+            return
+    when = utcnow().strftime("%Y-%m-%d %H:%M UTC")
+    verdict = (
+        f":white_check_mark: Approved and promoted by <@{user}> at {when}: "
+        "`/classify` now answers with this checkpoint."
+        if approve
+        else f":no_entry: Rejected by <@{user}> at {when}."
+    )
+    client.chat_update(
+        channel=channel,
+        ts=message.get("ts"),
+        text=verdict,
+        blocks=decided_blocks(message.get("blocks") or [], verdict),
+    )
+    log.info(
+        "checkpoint %d %s by %s",
+        checkpoint_id,
+        "promoted" if approve else "rejected",
+        user,
+        extra={"event": "decision", "checkpoint_id": checkpoint_id, "by": user},
+    )
