@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> Any:
         base_model=settings.base_model or "tiny",
     )
     commands.register(app, context)
+    commands.register_classify(app, context)
     actions.register(app, context)
     return app
 

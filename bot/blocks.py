@@ -196,3 +196,63 @@ def decided_blocks(report: list[dict[str, Any]], text: str) -> list[dict[str, An
     """The report with its buttons replaced by who decided and when."""
     kept = [b for b in report if b.get("type") != "actions"]
     return [*kept, {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}]
+
+
+def classify_blocks(text: str, answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """/classify's answer: the label, the model that answered, the reasoning in a context block."""
+    model = answer.get("model") or {}
+    who = (
+        f"checkpoint {model['checkpoint_id']}"
+        if model.get("checkpoint_id") is not None
+        else "the base model"
+    )
+    label = answer.get("label") or "(no label)"
+    flags = []
+    if answer.get("truncated"):
+        flags.append("answer cut at the length limit")
+    if not answer.get("valid_label", True):
+        flags.append("not one of the trained labels")
+    head = f"*{label}*  ←  {text}" + (f"  _({'; '.join(flags)})_" if flags else "")
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": head}},
+        {
+            "type": "context",
+            "elements": [
+                {"type": "mrkdwn", "text": f"answered by {who} in {answer.get('latency_ms')} ms"}
+            ],
+        },
+    ]
+    if answer.get("reasoning"):
+        reasoning = answer["reasoning"]
+        if len(reasoning) > 1500:
+            reasoning = reasoning[:1500] + "…"
+        blocks.append(
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": f":thought_balloon: {reasoning}"}],
+            }
+        )
+    return blocks
+
+
+def compare_text(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Eval scores side by side, one column per model."""
+    keys = [
+        ("accuracy", "accuracy", True),
+        ("macro_f1", "macro-F1", True),
+        ("invalid_rate", "invalid", True),
+        ("truncated_rate", "truncated", True),
+        ("predict_rouge-1", "ROUGE-1", False),
+        ("predict_bleu-4", "BLEU-4", False),
+    ]
+    width = max(12, *(len(name) + 2 for name, _ in rows))
+    lines = ["".ljust(11) + "".join(name.rjust(width) for name, _ in rows)]
+    for key, title, percent in keys:
+        cells = []
+        for _, metrics in rows:
+            value = metrics.get(key)
+            cells.append(
+                "–" if value is None else (f"{value * 100:.1f}%" if percent else f"{value:.2f}")
+            )
+        lines.append(title.ljust(11) + "".join(c.rjust(width) for c in cells))
+    return "```\n" + "\n".join(lines) + "\n```"

@@ -13,7 +13,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from bot.auth import Approvers
-from bot.blocks import dataset_line, job_header_blocks, job_line, text_blocks
+from bot.blocks import (
+    classify_blocks,
+    compare_text,
+    dataset_line,
+    job_header_blocks,
+    job_line,
+    text_blocks,
+)
+from bot.serving_client import call_serving
 from core.enums import JobStatus
 from core.errors import FinetuneError, Forbidden, NotFound
 from core.settings import Settings
@@ -33,6 +41,9 @@ USAGE = {
     "status [job]": "a job's state and progress",
     "list": "the latest jobs in this channel",
     "cancel <job>": "stop a job (its requester or an approver)",
+    "compare <a> <b>": "eval scores of two checkpoints (or `base`) side by side",
+    "promote <checkpoint>": "serve a checkpoint (approvers)",
+    "rollback": "serve what served before the last promotion (approvers)",
 }
 
 
@@ -192,6 +203,84 @@ def _cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, clien
     respond(text=f"Job {job.id} {state}.", response_type="ephemeral")
 
 
+def _require_approver(ctx: BotContext, user: str, what: str) -> None:
+    if not ctx.approvers.allows(user):
+        raise Forbidden(f"only approvers can {what}")
+
+
+def _promote(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    if not args or not args[0].isdigit():
+        respond(
+            text="Which checkpoint? `/finetune promote <checkpoint>`", response_type="ephemeral"
+        )
+        return
+    user = command["user_id"]
+    _require_approver(ctx, user, "promote a checkpoint")
+    result = call_serving(
+        ctx.settings, "POST", "/v1/adapters/promote", {"checkpoint_id": int(args[0]), "by": user}
+    )
+    respond(
+        text=f":white_check_mark: <@{user}> promoted checkpoint {args[0]}: `/classify` now "
+        f"answers with it (swap {result.get('swap_ms')} ms).",
+        response_type="in_channel",
+    )
+
+
+def _rollback(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    user = command["user_id"]
+    _require_approver(ctx, user, "roll back")
+    result = call_serving(ctx.settings, "POST", "/v1/adapters/rollback", {"by": user})
+    current = result.get("current") or {}
+    now = (
+        f"checkpoint {current['checkpoint_id']}"
+        if current.get("checkpoint_id") is not None
+        else "the base model"
+    )
+    respond(
+        text=f":rewind: <@{user}> rolled back: {now} answers `/classify` now.",
+        response_type="in_channel",
+    )
+
+
+def _compare(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    from storage.evaluations import latest_evaluation
+    from storage.models import Checkpoint, Evaluation
+
+    if len(args) != 2:
+        respond(
+            text="Compare what? `/finetune compare <checkpoint|base> <checkpoint|base>`",
+            response_type="ephemeral",
+        )
+        return
+    with new_session(ctx.db) as session:
+        anchor = next((session.get(Checkpoint, int(a)) for a in args if a.isdigit()), None)
+        if anchor is None:
+            raise NotFound("name at least one checkpoint number to compare")
+        job = session.get(Job, anchor.job_id)
+        dataset_id = job.dataset_id if job is not None else None
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for arg in args:
+            if arg == "base":
+                found: Evaluation | None = latest_evaluation(
+                    session,
+                    dataset_id=dataset_id or -1,
+                    base_model=anchor.base_model,
+                    checkpoint_id=None,
+                )
+            elif arg.isdigit():
+                found = session.exec(
+                    select(Evaluation)
+                    .where(Evaluation.checkpoint_id == int(arg))
+                    .order_by(col(Evaluation.id).desc())
+                ).first()
+            else:
+                raise NotFound(f"`{arg}` is neither a checkpoint number nor `base`")
+            if found is None:
+                raise NotFound(f"{arg} has no evaluation yet")
+            rows.append((arg if arg == "base" else f"ckpt {arg}", found.metrics))
+    respond(text=compare_text(rows), response_type="ephemeral")
+
+
 SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "help": _help,
     "datasets": _datasets,
@@ -199,4 +288,38 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "status": _status,
     "list": _list,
     "cancel": _cancel,
+    "compare": _compare,
+    "promote": _promote,
+    "rollback": _rollback,
 }
+
+
+def register_classify(app: Any, ctx: BotContext) -> None:
+    @app.command("/classify")
+    def handle_classify(ack: Callable[..., None], command: dict[str, Any], respond: Any) -> None:
+        ack()
+        words = (command.get("text") or "").split()
+        model = None
+        if len(words) >= 2 and words[0] == "--model":
+            model = words[1] if not words[1].isdigit() else f"checkpoint-{words[1]}"
+            words = words[2:]
+        text = " ".join(words).strip()
+        if not text:
+            respond(
+                text="What should I classify? `/classify <text>` (optionally `--model base` "
+                "or `--model <checkpoint>` first)",
+                response_type="ephemeral",
+            )
+            return
+        try:
+            answer = call_serving(
+                ctx.settings, "POST", "/v1/classify", {"text": text, "model": model}
+            )
+        except FinetuneError as exc:
+            respond(text=f":warning: {exc.message}", response_type="ephemeral")
+            return
+        respond(
+            blocks=classify_blocks(text, answer),
+            text=str(answer.get("label")),
+            response_type="in_channel",
+        )

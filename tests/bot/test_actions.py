@@ -165,3 +165,66 @@ def test_the_promoted_checkpoint_answers_through_serving(
     ).json()
     assert answer["label"] == "体育"
     assert answer["model"]["checkpoint_id"] == checkpoints["good"]
+
+
+def test_classify_promote_rollback_and_compare_commands(
+    slack,
+    engine,
+    checkpoints,
+    serving,
+) -> None:
+    from storage.models import Evaluation
+
+    good = checkpoints["good"]
+    slack.command(f"promote {good}", user="U0STRANGER")
+    assert "only approvers can promote a checkpoint" in slack.reply(0)["text"]
+    slack.command(f"promote {good}", user=APPROVER)
+    promoted = slack.reply(1)
+    assert promoted["response_type"] == "in_channel"
+    assert f"<@{APPROVER}> promoted checkpoint {good}" in promoted["text"]
+
+    slack.command("球队夺冠", command="/classify")
+    answer = slack.reply(2)
+    assert answer["response_type"] == "in_channel"
+    assert answer["blocks"][0]["text"]["text"].startswith("*体育*  ←  球队夺冠")
+    assert f"answered by checkpoint {good}" in answer["blocks"][1]["elements"][0]["text"]
+    slack.command("--model base 球队夺冠", command="/classify")
+    assert "answered by the base model" in slack.reply(3)["blocks"][1]["elements"][0]["text"]
+    slack.command("", command="/classify")
+    assert "What should I classify?" in slack.reply(4)["text"]
+
+    slack.command("rollback", user=GROUP_MEMBER)
+    assert "the base model answers `/classify` now" in slack.reply(5)["text"]
+
+    with new_session(engine) as session:
+        job = session.get(Checkpoint, good).job_id
+        session.get(Job, job).dataset_id = None
+        session.add(
+            Evaluation(
+                checkpoint_id=good,
+                dataset_id=_any_dataset(session, slack.settings.artifact_dir),
+                base_model="x",
+                metrics={"accuracy": 0.9, "macro_f1": 0.85, "predict_rouge-1": 50.0},
+            )
+        )
+        session.commit()
+    slack.command(f"compare {good} {checkpoints['meh']}")
+    assert "has no evaluation yet" in slack.reply(6)["text"]
+    slack.command(f"compare {good} {good}")
+    table = slack.reply(7)["text"]
+    assert "accuracy" in table and "90.0%" in table and "50.00" in table
+
+
+def _any_dataset(session, artifact_dir: Path) -> int:
+    from runner.datasets.ingest import IngestOptions, ingest_dataset
+    from tests.conftest import DEMO_DATASET
+
+    dataset, _ = ingest_dataset(
+        session,
+        ArtifactStore(artifact_dir),
+        DEMO_DATASET,
+        IngestOptions.from_settings(Settings(_env_file=None)),
+        name="cmp",
+        tokenizer=None,
+    )
+    return dataset.id
