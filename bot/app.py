@@ -15,7 +15,7 @@ def create_app(settings: Settings) -> Any:
     from slack_bolt import App
     from slack_sdk import WebClient
 
-    from bot import actions, commands
+    from bot import actions, commands, events
     from bot.auth import Approvers
     from storage.db import make_engine
     from storage.migrate import check_schema
@@ -43,6 +43,7 @@ def create_app(settings: Settings) -> Any:
     commands.register(app, context)
     commands.register_classify(app, context)
     actions.register(app, context)
+    events.register(app, context)
     return app
 
 

@@ -12,7 +12,9 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    """>>> import logging
+    """One JSON object per record, extra fields included.
+
+    >>> import logging
     >>> record = logging.makeLogRecord({"msg": "promoted %s", "args": (7,), "levelname": "INFO",
     ...                                 "name": "serving", "checkpoint_id": 7})
     >>> JsonFormatter().format(record).endswith('"message": "promoted 7", "checkpoint_id": 7}')

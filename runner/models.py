@@ -121,6 +121,13 @@ def load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def load_fast_tokenizer(path: Path) -> Any:
+    """The tokenizer without importing torch (the bot measures uploads with it)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
 def tokenizer_for_report(settings: Settings, model_dir: Path | None = None) -> tuple[Any, str]:
     """The tokenizer used for token lengths in dataset reports, and a note saying which."""
     path = model_dir or local_model_dir(settings)

@@ -144,3 +144,12 @@ class AuditLog(SQLModel, table=True):
     target: str | None = Field(default=None, max_length=100)
     detail: dict[str, Any] = _json(default_factory=dict)
     created_at: datetime = _when()
+
+
+class SlackEvent(SQLModel, table=True):
+    """Slack event ids already handled: Slack retries events, this makes each one count once."""
+
+    __tablename__ = "slack_events"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    received_at: datetime = _when()

@@ -25,6 +25,7 @@ TABLES = {
     "evaluations",
     "promotions",
     "audit_log",
+    "slack_events",
     "alembic_version",
 }
 
