@@ -1,5 +1,6 @@
 """``python -m bot``: Socket Mode when SLACK_APP_TOKEN is set; ``--http --port N`` serves
-``POST /slack/events``."""
+``POST /slack/events``; ``console`` (the default without Slack credentials) runs the same app in
+this terminal."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot", description=__doc__)
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        choices=["console"],
+        help="console: the app in this terminal, no Slack needed",
+    )
     parser.add_argument("--http", action="store_true", help="serve POST /slack/events")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
@@ -17,8 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     from core.logs import configure_logging
     from core.settings import Settings
 
-    configure_logging()
     settings = Settings()
+    if args.mode == "console" or not settings.slack_configured:
+        import logging
+
+        from bot.console import run_console
+
+        configure_logging(default="text", level=logging.WARNING)  # the terminal is the UI
+        return run_console(settings)
+    configure_logging()
     try:
         if args.http or settings.slack_app_token is None:
             import uvicorn

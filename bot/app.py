@@ -73,8 +73,7 @@ def create_http_app(settings: Settings, *, notifier: bool = True) -> Any:
 
     app = create_app(settings)
     handler = SlackRequestHandler(app)
-    if notifier:
-        start_notifier(settings, app.client)
+    stop = start_notifier(settings, app.client) if notifier else None
 
     async def events(request: Request) -> Response:
         return await handler.handle(request)  # type: ignore[no-any-return]
@@ -82,6 +81,8 @@ def create_http_app(settings: Settings, *, notifier: bool = True) -> Any:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    return Starlette(
+    web = Starlette(
         routes=[Route("/slack/events", events, methods=["POST"]), Route("/healthz", healthz)]
     )
+    web.state.notifier_stop = stop  # set it to stop the notifier thread
+    return web

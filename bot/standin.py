@@ -194,6 +194,8 @@ class SlackStandIn:
                 headers=headers,
             )
         body = self._answer(method, params)
+        if "ts" in body:
+            params["_ts"] = body["ts"]  # the ts Slack gave the message, for clicks on it later
         self._reply(handler, 200, json.dumps(body).encode())
 
     def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:

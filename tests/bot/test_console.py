@@ -1,0 +1,78 @@
+"""The console: typed lines through the same app, answers printed as text, buttons as numbers."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlmodel import select
+
+from bot.console import Console
+from core.enums import CheckpointStatus, JobStatus
+from core.settings import Settings
+from storage.db import new_session
+from storage.jobs import add_job_event, claim_next_job, set_job_state
+from storage.models import Checkpoint
+from tests.runner import dataset_files as files
+
+
+@pytest.fixture
+def console(engine, settings: Settings) -> Iterator[tuple[Console, io.StringIO]]:
+    out = io.StringIO()
+    console = Console(settings, out=out)
+    yield console, out
+    console.close()
+
+
+def _said(console: Console, out: io.StringIO, line: str) -> str:
+    start = len(out.getvalue())
+    assert console.handle(line)
+    console.show_new(settle=0.4)
+    return out.getvalue()[start:]
+
+
+def test_a_session_in_the_console(console, engine, tmp_path) -> None:
+    console, out = console
+    assert "`/finetune start [dataset=<name>]" in _said(console, out, "/finetune help")
+    archive = files.tutorial_zip(tmp_path / "data_news_300.zip")
+    said = _said(console, out, f"upload {archive}")
+    assert "#channel: :inbox_tray: Dataset *data_news_300* v1 stored" in said
+    assert "↳ Validation report:" in said
+    said = _said(console, out, "/finetune start lr=5e-6 grad_accum=2")
+    assert "#channel: :hourglass_flowing_sand: *Fine-tuning job 1* · queued" in said
+
+    deadline = time.monotonic() + 10  # the runner's side, with the runner's functions
+    with new_session(engine) as session:
+        while (job := claim_next_job(session, owner="r", lease_seconds=60)) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        checkpoint = Checkpoint(
+            job_id=job.id, step=1, final=True, path="checkpoints/c", base_model="tiny"
+        )
+        session.add(checkpoint)
+        session.commit()
+        add_job_event(
+            session,
+            job_id=job.id,
+            kind="evaluated",
+            checkpoint_id=checkpoint.id,
+            report_path="evals/none",
+            accuracy=0.8,
+            macro_f1=0.75,
+            invalid_rate=0.0,
+            truncated_rate=0.0,
+            vs_base=None,
+            vs_promoted=None,
+        )
+        session.commit()
+        set_job_state(session, job_id=job.id, owner="r", status=JobStatus.succeeded)
+    time.sleep(2.5)  # the notifier's round
+    said = _said(console, out, "")
+    assert "Evaluation of checkpoint 1" in said and "[1] Approve & promote  [2] Reject" in said
+    said = _said(console, out, "2")
+    assert "(updated) " in said and "Rejected by <@U0CONSOLE>" in said
+    with new_session(engine) as session:
+        assert session.exec(select(Checkpoint)).one().status == CheckpointStatus.rejected
+    assert not console.handle("quit")
