@@ -11,7 +11,9 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> Any:
+def create_app(settings: Settings, *, process_before_response: bool = False) -> Any:
+    """``process_before_response`` is bolt's FaaS mode (listeners finish before the HTTP
+    response); only bench/bot_ack.py turns it on, as the baseline."""
     from slack_bolt import App
     from slack_sdk import WebClient
 
@@ -31,6 +33,7 @@ def create_app(settings: Settings) -> Any:
         signing_secret=settings.slack_signing_secret.get_secret_value(),
         client=client,
         name="finetune-bot",
+        process_before_response=process_before_response,
     )
     db = make_engine(settings.database_url)
     check_schema(db)
@@ -42,6 +45,7 @@ def create_app(settings: Settings) -> Any:
     )
     commands.register(app, context)
     commands.register_classify(app, context)
+    commands.register_views(app, context)
     actions.register(app, context)
     events.register(app, context)
     return app

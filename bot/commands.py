@@ -25,7 +25,7 @@ from bot.serving_client import call_serving
 from core.enums import JobStatus
 from core.errors import FinetuneError, Forbidden, NotFound
 from core.settings import Settings
-from runner.config import help_lines, parse_train_args
+from runner.config import TrainConfig, help_lines, parse_train_args
 from storage.datasets import get_dataset, latest_dataset, list_datasets
 from storage.db import new_session
 from storage.jobs import create_job, request_cancel
@@ -106,17 +106,22 @@ def _datasets(ctx: BotContext, command: dict, args: list[str], respond: Any, cli
 
 
 def _start(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    if not args:
-        respond(
-            text="Give the settings to train with, for example `/finetune start lr=5e-6 "
-            "grad_accum=2 loraplus=16`.\n" + usage_text(),
-            response_type="ephemeral",
+    channel = command["channel_id"]
+    if not args:  # the form: every setting with its default, a dataset picker, a file input
+        from bot.views import start_modal
+
+        with new_session(ctx.db) as session:
+            datasets = list_datasets(session, limit=100)
+            latest = latest_dataset(session, channel_id=channel)
+        client.views_open(
+            trigger_id=command["trigger_id"],
+            view=start_modal(
+                datasets, channel_id=channel, default_dataset_id=latest.id if latest else None
+            ),
         )
         return
     name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
-    settings_args = [a for a in args if not a.startswith("dataset=")]
-    config = parse_train_args(settings_args)  # ConfigError: the allowed keys and ranges
-    channel = command["channel_id"]
+    config = parse_train_args([a for a in args if not a.startswith("dataset=")])
     with new_session(ctx.db) as session:
         dataset = (
             get_dataset(session, name=name) if name else latest_dataset(session, channel_id=channel)
@@ -128,12 +133,20 @@ def _start(ctx: BotContext, command: dict, args: list[str], respond: Any, client
                 else "no dataset uploaded in this channel yet: share a file first, or name "
                 "one with dataset=<name> (`/finetune datasets`)"
             )
+    queue_job(ctx, client, dataset=dataset, config=config, user=command["user_id"], channel=channel)
+
+
+def queue_job(
+    ctx: BotContext, client: Any, *, dataset: Dataset, config: TrainConfig, user: str, channel: str
+) -> Job:
+    """Queue a training job and post its root message, whose ts becomes the job's thread."""
+    with new_session(ctx.db) as session:
         job = create_job(
             session,
             base_model=ctx.base_model,
             dataset_id=dataset.id,
             config=config.model_dump(exclude_defaults=True),
-            requested_by=command["user_id"],
+            requested_by=user,
             channel_id=channel,
         )
         posted = client.chat_postMessage(
@@ -144,6 +157,7 @@ def _start(ctx: BotContext, command: dict, args: list[str], respond: Any, client
         job.thread_ts = posted["ts"]
         session.add(job)
         session.commit()
+        return job
 
 
 def _find_job(session: Any, command: dict, args: list[str]) -> Job:
@@ -323,3 +337,45 @@ def register_classify(app: Any, ctx: BotContext) -> None:
             text=str(answer.get("label")),
             response_type="in_channel",
         )
+
+
+def register_views(app: Any, ctx: BotContext) -> None:
+    import json
+
+    from bot.views import CALLBACK_ID, EXTRA_BLOCK, parse_submission
+    from core.errors import ConfigError
+
+    @app.view(CALLBACK_ID)
+    def handle_start_submission(
+        ack: Callable[..., None], body: dict[str, Any], view: dict[str, Any], client: Any
+    ) -> None:
+        try:
+            config, dataset_id, file_id = parse_submission(view["state"]["values"])
+        except ConfigError as exc:  # shown next to the fields in the open modal
+            ack(response_action="errors", errors=exc.fields or {EXTRA_BLOCK: exc.message})
+            return
+        ack()
+        channel = json.loads(view.get("private_metadata") or "{}").get("channel_id")
+        user = body["user"]["id"]
+        dataset = None
+        if file_id is not None:
+            from bot.events import ingest_shared_file
+
+            dataset = ingest_shared_file(ctx, client, file_id=file_id, channel=channel, user=user)
+            if dataset is None:
+                return  # the rejection was posted in the channel
+        if dataset is None:
+            with new_session(ctx.db) as session:
+                dataset = (
+                    session.get(Dataset, dataset_id)
+                    if dataset_id is not None
+                    else latest_dataset(session, channel_id=channel)
+                )
+        if dataset is None:
+            client.chat_postEphemeral(
+                channel=channel,
+                user=user,
+                text="Pick a dataset or upload one: none has been uploaded in this channel yet.",
+            )
+            return
+        queue_job(ctx, client, dataset=dataset, config=config, user=user, channel=channel)

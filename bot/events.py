@@ -19,6 +19,7 @@ from runner.datasets.report import render_report
 from storage.artifacts import ArtifactStore
 from storage.datasets import claim_slack_event
 from storage.db import new_session
+from storage.models import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def dataset_name_for(filename: str) -> str:
 
 def ingest_shared_file(
     ctx: BotContext, client: Any, *, file_id: str, channel: str, user: str | None
-) -> None:
+) -> Dataset | None:
+    """Fetch, ingest and report a shared file; the stored dataset, or None if refused."""
     settings = ctx.settings
     info = client.files_info(file=file_id)["file"]
     filename = Path(info.get("name") or file_id).name  # never a path from outside
@@ -90,10 +92,10 @@ def ingest_shared_file(
             channel=channel,
             text=f":x: `{filename}` was rejected; nothing was stored.\n{exc.message}",
         )
-        return
+        return None
     except FinetuneError as exc:
         client.chat_postMessage(channel=channel, text=f":x: `{filename}`: {exc.message}")
-        return
+        return None
     labels = f"{len(dataset.labels)} labels" if dataset.labels else "free-form answers"
     root = client.chat_postMessage(
         channel=channel,
@@ -109,6 +111,7 @@ def ingest_shared_file(
         thread_ts=root["ts"],
         text="Validation report:\n```\n" + render_report(report) + "\n```",
     )
+    return dataset
 
 
 class UploadRefused(FinetuneError):

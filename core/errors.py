@@ -21,9 +21,14 @@ class FinetuneError(Exception):
 
 
 class ConfigError(FinetuneError):
-    """A setting, parameter or argument is missing or out of range."""
+    """A setting, parameter or argument is missing or out of range. ``fields`` optionally maps
+    form fields to their own messages (the Slack start modal shows them per field)."""
 
     code = "config"
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
 
 
 class NotFound(FinetuneError):

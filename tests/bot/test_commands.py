@@ -138,3 +138,58 @@ def test_cancel_is_for_the_requester_and_approvers(slack, engine) -> None:
     assert jobs[1].status == jobs[2].status == JobStatus.cancelled
     assert jobs[3].status == JobStatus.running and jobs[3].cancel_requested
     assert SECRET not in str(slack.standin.calls)
+
+
+def test_start_without_arguments_opens_the_form_and_its_submission_queues_the_job(
+    slack,
+    engine,
+) -> None:
+    import json
+
+    from bot.standin import view_submission_body
+
+    _dataset(slack, engine)
+    slack.command("start")
+    [opened] = slack.standin.wait_for("views.open")
+    view = opened["view"]
+    assert opened["trigger_id"] == "T0TRIGGER" and view["callback_id"] == "start_job"
+    fields = {b["block_id"]: b for b in view["blocks"]}
+    assert fields["dataset"]["element"]["initial_option"]["text"]["text"] == "news v1"
+    assert fields["cfg_learning_rate"]["element"]["initial_value"] == "5e-05"
+    assert "> 0 and ≤ 0.01" in fields["cfg_learning_rate"]["hint"]["text"]
+    assert fields["dataset_file"]["element"]["type"] == "file_input"
+
+    def submit(learning_rate: str, extra: str = "") -> dict:
+        values = {
+            "dataset": {
+                "value": {
+                    "selected_option": {
+                        "value": fields["dataset"]["element"]["initial_option"]["value"]
+                    }
+                }
+            },
+            "cfg_learning_rate": {"value": {"value": learning_rate}},
+            "cfg_gradient_accumulation_steps": {"value": {"value": "2"}},
+            "extra_settings": {"value": {"value": extra}},
+        }
+        response = slack.post(
+            view_submission_body(
+                "start_job", values, private_metadata=json.dumps({"channel_id": "C0CHAN"})
+            )
+        )
+        assert response.status_code == 200
+        return response.json() if response.content else {}
+
+    refused = submit("1")
+    assert refused["response_action"] == "errors"
+    assert "learning_rate must be > 0 and ≤ 0.01" in refused["errors"]["cfg_learning_rate"]
+    assert "unknown setting" in submit("5e-6", "frobs=3")["errors"]["extra_settings"]
+    assert submit("5e-6", "loraplus=16") == {}
+    slack.standin.wait_for("chat.postMessage")
+    with new_session(engine) as session:
+        job = session.exec(select(Job)).one()
+    assert job.config == {
+        "learning_rate": 5e-6,
+        "gradient_accumulation_steps": 2,
+        "loraplus_lr_ratio": 16.0,
+    }
