@@ -18,13 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.models import load_tokenizer
 from runner.tiny_model import build_tiny_model
 from storage.artifacts import ArtifactStore
-from storage.db import make_engine, new_session
+from storage.db import make_engine
 from storage.migrate import upgrade
-from storage.models import Checkpoint, Job
-from tests.serving.conftest import TOKEN, Deployment, _train_adapter, start, stop
+from tests.serving.conftest import TOKEN, Deployment, adapter_checkpoints, start, stop
 
 HEADLINES = [
     line.split("\t")[0]
@@ -37,7 +35,6 @@ HEADLINES = [
 
 def setup(root: Path) -> tuple[dict[str, str], dict[str, int]]:
     model_dir = build_tiny_model(root / "tiny")
-    tokenizer = load_tokenizer(model_dir)
     url = f"sqlite:///{root / 'bench.db'}"
     upgrade(url)
     store = ArtifactStore(root / "artifacts")
@@ -49,26 +46,9 @@ def setup(root: Path) -> tuple[dict[str, str], dict[str, int]]:
         "prompt_frame": {"prefix": "标题："},
     }
     engine = make_engine(url)
-    ids = {}
-    with new_session(engine) as session:
-        job = Job(base_model=str(model_dir), status="succeeded")
-        session.add(job)
-        session.commit()
-        for name, answer in (("A", "体育"), ("B", "财经")):
-            _train_adapter(
-                model_dir, tokenizer, answer, store.path(f"checkpoints/{name}"), meta=meta
-            )
-            checkpoint = Checkpoint(
-                job_id=job.id,
-                step=1,
-                final=True,
-                path=f"checkpoints/{name}",
-                base_model=str(model_dir),
-                meta=meta,
-            )
-            session.add(checkpoint)
-            session.commit()
-            ids[name] = checkpoint.id
+    ids = adapter_checkpoints(
+        engine, store, model_dir, {"A": ("体育", 8, meta), "B": ("财经", 8, meta)}
+    )
     engine.dispose()
     env = {
         **os.environ,

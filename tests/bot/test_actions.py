@@ -16,13 +16,12 @@ from sqlmodel import select
 from bot.standin import block_action_body
 from core.enums import CheckpointStatus
 from core.settings import Settings
-from runner.models import load_tokenizer
 from serving.app import create_app as create_serving_app
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import AuditLog, Checkpoint, Job, Promotion
 from tests.bot.conftest import APPROVER, GROUP_MEMBER
-from tests.serving.conftest import _train_adapter
+from tests.serving.conftest import adapter_checkpoints
 
 KEY = "serving-key-for-bot-tests"
 
@@ -45,8 +44,6 @@ def bot_extra_settings(serving_port: int) -> dict:
 
 @pytest.fixture
 def checkpoints(slack, engine, tiny_model_dir: Path) -> dict[str, int]:
-    store = ArtifactStore(slack.settings.artifact_dir)
-    tokenizer = load_tokenizer(tiny_model_dir)
     meta = {
         "protocol_version": 1,
         "base_model": str(tiny_model_dir),
@@ -54,27 +51,12 @@ def checkpoints(slack, engine, tiny_model_dir: Path) -> dict[str, int]:
         "labels": ["体育", "财经"],
         "prompt_frame": {"prefix": "标题："},
     }
-    ids = {}
-    with new_session(engine) as session:
-        job = Job(base_model=str(tiny_model_dir), status="succeeded", channel_id="C0CHAN")
-        session.add(job)
-        session.commit()
-        for name, answer in (("good", "体育"), ("meh", "财经")):
-            _train_adapter(
-                tiny_model_dir, tokenizer, answer, store.path(f"checkpoints/{name}"), meta=meta
-            )
-            checkpoint = Checkpoint(
-                job_id=job.id,
-                step=1,
-                final=True,
-                path=f"checkpoints/{name}",
-                base_model=str(tiny_model_dir),
-                meta=meta,
-            )
-            session.add(checkpoint)
-            session.commit()
-            ids[name] = checkpoint.id
-    return ids
+    return adapter_checkpoints(
+        engine,
+        ArtifactStore(slack.settings.artifact_dir),
+        tiny_model_dir,
+        {"good": ("体育", 8, meta), "meh": ("财经", 8, meta)},
+    )
 
 
 @pytest.fixture

@@ -78,13 +78,43 @@ def _train_adapter(
     )
 
 
+def adapter_checkpoints(
+    engine,
+    store: ArtifactStore,
+    model_dir: Path,
+    specs: dict[str, tuple[str, int, dict]],
+) -> dict[str, int]:
+    """Train one adapter per spec (name → (the answer it always gives, rank, meta.json)) and
+    register each as a final checkpoint of one finished job; returns name → checkpoint id."""
+    tokenizer = load_tokenizer(model_dir)
+    ids: dict[str, int] = {}
+    with new_session(engine) as session:
+        job = Job(base_model=str(model_dir), status="succeeded", channel_id="C0CHAN")
+        session.add(job)
+        session.commit()
+        for name, (answer, rank, meta) in specs.items():
+            relpath = f"checkpoints/{name}"
+            _train_adapter(model_dir, tokenizer, answer, store.path(relpath), rank=rank, meta=meta)
+            checkpoint = Checkpoint(
+                job_id=job.id,
+                step=1,
+                final=True,
+                path=relpath,
+                base_model=str(model_dir),
+                meta=meta,
+            )
+            session.add(checkpoint)
+            session.commit()
+            ids[name] = checkpoint.id
+    return ids
+
+
 @pytest.fixture(scope="session")
 def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Deployment:
     root = tmp_path_factory.mktemp("serving")
     url = f"sqlite:///{root / 'serving.db'}"
     upgrade(url)
     store = ArtifactStore(root / "artifacts")
-    tokenizer = load_tokenizer(tiny_model_dir)
     base = str(tiny_model_dir)
     meta = {
         "protocol_version": 1,
@@ -101,26 +131,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         "rank_too_high": ("体育", 128, meta),
     }
     engine = make_engine(url)
-    ids: dict[str, int] = {}
+    ids = adapter_checkpoints(engine, store, tiny_model_dir, specs)
     with new_session(engine) as session:
-        job = Job(base_model=base, status="succeeded")
-        session.add(job)
-        session.commit()
-        for name, (answer, rank, adapter_meta) in specs.items():
-            relpath = f"checkpoints/{name}"
-            _train_adapter(
-                tiny_model_dir, tokenizer, answer, store.path(relpath), rank=rank, meta=adapter_meta
-            )
-            checkpoint = Checkpoint(
-                job_id=job.id, step=1, final=True, path=relpath, base_model=base, meta=adapter_meta
-            )
-            session.add(checkpoint)
-            session.commit()
-            ids[name] = checkpoint.id
+        job_id = session.get(Checkpoint, ids["A"]).job_id
         shutil.copytree(store.path("checkpoints/A"), store.path("checkpoints/incomplete"))
         (store.path("checkpoints/incomplete") / "adapter_model.safetensors").unlink()
         incomplete = Checkpoint(
-            job_id=job.id,
+            job_id=job_id,
             step=1,
             final=True,
             path="checkpoints/incomplete",
