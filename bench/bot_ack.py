@@ -12,67 +12,69 @@ import argparse
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.standin import SlackStandIn, signed_headers, slash_command_body
-from core.settings import Settings
 from storage.migrate import upgrade
 
 SECRET = "bench-signing-secret"
 
 
-def serve(settings: Settings, *, before_response: bool) -> tuple[uvicorn.Server, str]:
-    from slack_bolt.adapter.starlette import SlackRequestHandler
-    from starlette.applications import Starlette
-    from starlette.routing import Route
+SERVER = """
+import sys, uvicorn
+from bot.app import create_http_app
+from core.settings import Settings
+settings = Settings(_env_file=None)
+app = create_http_app(settings, notifier=False, process_before_response=sys.argv[2] == "1")
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
 
-    from bot.app import create_app
 
-    app = create_app(settings, process_before_response=before_response)
-    handler = SlackRequestHandler(app)
-
-    async def events(request):
-        return await handler.handle(request)
-
+def serve(env: dict[str, str], *, before_response: bool) -> tuple[subprocess.Popen, str]:
+    """The bot in its own process, as Slack would reach it (not sharing our GIL)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            Starlette(routes=[Route("/slack/events", events, methods=["POST"])]),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(port), "1" if before_response else "0"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
     )
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/slack/events"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    return process, f"http://127.0.0.1:{port}/slack/events"
 
 
 def measure(url: str, response_url: str, requests: int) -> list[float]:
-    def one(i: int) -> float:
-        body = slash_command_body(
-            "/finetune", "list", user_id=f"U{i:04d}", response_url=response_url
-        )
-        started = time.perf_counter()
-        response = httpx.post(url, content=body, headers=signed_headers(SECRET, body), timeout=30)
-        response.raise_for_status()
-        return time.perf_counter() - started
+    limits = httpx.Limits(max_connections=requests, max_keepalive_connections=requests)
+    with httpx.Client(timeout=30, limits=limits) as client:  # one client: no per-call setup
 
-    with ThreadPoolExecutor(requests) as pool:
-        return list(pool.map(one, range(requests)))
+        def one(i: int) -> float:
+            body = slash_command_body(
+                "/finetune", "list", user_id=f"U{i:04d}", response_url=response_url
+            )
+            headers = signed_headers(SECRET, body)
+            started = time.perf_counter()
+            response = client.post(url, content=body, headers=headers)
+            response.raise_for_status()
+            return time.perf_counter() - started
+
+        with ThreadPoolExecutor(requests) as pool:
+            return list(pool.map(one, range(requests)))
 
 
 def main() -> None:
@@ -88,27 +90,29 @@ def main() -> None:
     api = standin.start()
     url = f"sqlite:///{root / 'bench.db'}"
     upgrade(url)
-    settings = Settings(
-        _env_file=None,
-        database_url=url,
-        artifact_dir=root / "artifacts",
-        slack_bot_token=standin.bot_token,
-        slack_signing_secret=SECRET,
-        slack_api_url=api,
-    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "ARTIFACT_DIR": str(root / "artifacts"),
+        "SLACK_BOT_TOKEN": standin.bot_token,
+        "SLACK_SIGNING_SECRET": SECRET,
+        "SLACK_API_URL": api,
+        "LOG_FORMAT": "text",
+    }
     rows = []
     for name, before in (
         ("ours: ack first, answer via response_url", False),
         ("baseline: answer before the response (process_before_response)", True),
     ):
-        server, endpoint = serve(settings, before_response=before)
+        server, endpoint = serve(env, before_response=before)
         measure(endpoint, standin.response_url(), 5)  # warm up
         latencies = sorted(
             x
             for _ in range(args.rounds)
             for x in measure(endpoint, standin.response_url(), args.requests)
         )
-        server.should_exit = True
+        server.terminate()
+        server.wait(30)
         rows.append(
             (
                 name,

@@ -1,6 +1,7 @@
 """/v1/classify on CPU with the tiny model: latency p50/p99 and throughput at concurrency 1, 8 and
-32 for the vLLM backend and the transformers backend, and the swap time (promote call → first
-answer from the new adapter). Each backend runs as a real `python -m serving` process.
+32 for the vLLM backend and the transformers backend (the base model, 16-token answers, with an
+adapter promoted), and the swap time (promote call → first answer from the new adapter). Each
+backend runs as a real `python -m serving` process.
 
     python bench/serving.py [--requests 96] [--out DIR]
 """
@@ -66,7 +67,12 @@ def measure(deployment: Deployment, concurrency: int, requests: int) -> dict:
 
     def one(i: int) -> None:
         started = time.perf_counter()
-        response = client.post("/v1/classify", json={"text": HEADLINES[i % len(HEADLINES)]})
+        # The base model (random weights) never ends early: every answer is exactly
+        # SERVING_MAX_NEW_TOKENS tokens, so each row does the same work. (An adapter may stop
+        # after its label or run to the limit, which would decide the numbers by itself.)
+        response = client.post(
+            "/v1/classify", json={"text": HEADLINES[i % len(HEADLINES)], "model": "base"}
+        )
         response.raise_for_status()
         latencies.append(time.perf_counter() - started)
 

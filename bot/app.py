@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, *, process_before_response: bool = False) -> Any:
     """``process_before_response`` is bolt's FaaS mode (listeners finish before the HTTP
     response); only bench/bot_ack.py turns it on, as the baseline."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from slack_bolt import App
     from slack_sdk import WebClient
 
@@ -34,6 +36,9 @@ def create_app(settings: Settings, *, process_before_response: bool = False) -> 
         client=client,
         name="finetune-bot",
         process_before_response=process_before_response,
+        # Every request waits until its listener calls ack(): a listener thread must be free at
+        # once, so the pool is sized for a burst of commands, not for the cores.
+        listener_executor=ThreadPoolExecutor(max_workers=64, thread_name_prefix="listener"),
     )
     db = make_engine(settings.database_url)
     check_schema(db)
@@ -67,20 +72,26 @@ def start_notifier(settings: Settings, client: Any) -> Any:
     return stop
 
 
-def create_http_app(settings: Settings, *, notifier: bool = True) -> Any:
+def create_http_app(
+    settings: Settings, *, notifier: bool = True, process_before_response: bool = False
+) -> Any:
     """A Starlette app serving ``POST /slack/events`` (commands, interactivity, events)."""
-    from slack_bolt.adapter.starlette import SlackRequestHandler
+    from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    app = create_app(settings)
-    handler = SlackRequestHandler(app)
+    app = create_app(settings, process_before_response=process_before_response)
     stop = start_notifier(settings, app.client) if notifier else None
 
     async def events(request: Request) -> Response:
-        return await handler.handle(request)  # type: ignore[no-any-return]
+        # bolt's sync dispatch waits for ack(): run it off the event loop, or concurrent
+        # requests are served one at a time (bolt's own Starlette adapter calls it inline).
+        bolt_request = to_bolt_request(request, await request.body())
+        bolt_response = await run_in_threadpool(app.dispatch, bolt_request)
+        return to_starlette_response(bolt_response)  # type: ignore[no-any-return]
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
