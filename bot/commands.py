@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 USAGE = {
     "help": "this message",
+    "upload": "how to share a dataset file with the bot",
     "datasets": "the datasets uploaded so far",
     "start [dataset=<name>] [key=value …]": "queue a training job (the dataset defaults to the "
     "latest uploaded in this channel)",
@@ -92,6 +93,21 @@ def register(app: Any, ctx: BotContext) -> None:
 
 def _help(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
     respond(text=usage_text(), response_type="ephemeral")
+
+
+UPLOAD_HELP = (
+    "*Share a dataset file in this channel* (drag it in, or the + button → Upload) or in a DM "
+    "with me; I fetch it, check it and post the validation report in a thread. Accepted: "
+    "ShareGPT (`conversations`), OpenAI (`messages`) or Alpaca (`instruction`/`output`) records "
+    "as .json or .jsonl; a LLaMA-Factory folder as a .zip with `dataset_info.json` (e.g. "
+    "`train.json` + `eval.json`); or a .csv/.tsv with a text and a label column. Up to {mib} MiB. "
+    "Then `/finetune start lr=5e-6 …` trains on the latest upload of the channel."
+)
+
+
+def _upload(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    mib = ctx.settings.max_upload_bytes // (1024 * 1024)
+    respond(text=UPLOAD_HELP.format(mib=mib), response_type="ephemeral")
 
 
 def _datasets(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
@@ -296,6 +312,7 @@ def _compare(ctx: BotContext, command: dict, args: list[str], respond: Any, clie
 
 
 SUBCOMMANDS: dict[str, Callable[..., None]] = {
+    "upload": _upload,
     "help": _help,
     "datasets": _datasets,
     "start": _start,

@@ -40,6 +40,15 @@ def test_a_bad_signature_or_a_stale_timestamp_gets_401(slack) -> None:
     assert len(slack.standin.wait_for("response_url")) == 1  # only the signed one answered
 
 
+def test_upload_explains_how_to_share_a_file(slack) -> None:
+    slack.command("upload")
+    reply = slack.reply(0)
+    assert reply["response_type"] == "ephemeral"
+    assert (
+        "Share a dataset file in this channel" in reply["text"] and "Up to 50 MiB" in reply["text"]
+    )
+
+
 def test_help_and_an_unknown_subcommand_answer_ephemerally(slack) -> None:
     assert slack.command("help").status_code == 200
     reply = slack.reply(0)
