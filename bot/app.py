@@ -21,6 +21,7 @@ def create_app(settings: Settings, *, process_before_response: bool = False) -> 
 
     from bot import actions, commands, events
     from bot.auth import Approvers
+    from runner.models import base_model_name
     from storage.db import make_engine
     from storage.migrate import check_schema
 
@@ -46,7 +47,7 @@ def create_app(settings: Settings, *, process_before_response: bool = False) -> 
         settings=settings,
         db=db,
         approvers=Approvers(settings.approvers, client),
-        base_model=settings.base_model or "tiny",
+        base_model=base_model_name(settings),
     )
     commands.register(app, context)
     commands.register_classify(app, context)

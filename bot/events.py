@@ -17,9 +17,9 @@ from core.errors import DatasetRejected, FinetuneError
 from runner.datasets.ingest import NAME_PATTERN, IngestOptions, ingest_dataset
 from runner.datasets.report import render_report
 from storage.artifacts import ArtifactStore
-from storage.datasets import claim_slack_event
 from storage.db import new_session
 from storage.models import Dataset
+from storage.slack_events import claim_slack_event
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -190,10 +191,10 @@ class TransformersEngine:
 
         pad = self.tokenizer.pad_token_id
         if lora_id is None:
-            context: Any = self.model.disable_adapter() if self._names else _nullcontext()
+            context: Any = self.model.disable_adapter() if self._names else nullcontext()
         else:
             self.model.set_adapter(self._names[lora_id])
-            context = _nullcontext()
+            context = nullcontext()
         with context, torch.no_grad():
             [(new, finished)] = generate_batched(
                 self.model,
@@ -243,14 +244,6 @@ class TransformersEngine:
                 self._names[lora_id] = name  # PEFT cannot drop its last adapter; keep it idle
 
     async def shutdown(self) -> None:
-        return None
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
         return None
 
 

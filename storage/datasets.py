@@ -39,18 +39,3 @@ def latest_dataset(session: Session, *, channel_id: str | None = None) -> Datase
 
 def list_datasets(session: Session, *, limit: int = 50) -> list[Dataset]:
     return list(session.exec(select(Dataset).order_by(col(Dataset.id).desc()).limit(limit)))
-
-
-def claim_slack_event(session: Session, *, event_id: str) -> bool:
-    """True the first time ``event_id`` is seen, False for Slack's retries of it."""
-    from sqlalchemy.exc import IntegrityError
-
-    from storage.models import SlackEvent
-
-    session.add(SlackEvent(event_id=event_id))
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        return False
-    return True

@@ -9,13 +9,12 @@ master copies of the trainable weights (a 5e-6 update vanishes in bf16 rounding)
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ from runner.train.packing import PackedBatch, Schedule, pack_step, truncate
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class TrainingFailed(FinetuneError):
@@ -446,16 +444,3 @@ def _progress(
         "elapsed_s": round(elapsed, 2),
         "eta_s": round(elapsed / step * (total - step), 2),
     }
-
-
-def iter_answer_logits(model: torch.nn.Module, batch: PackedBatch) -> Iterator[torch.Tensor]:
-    """Logits at the answer positions of each sample of ``batch`` (for tests and evaluation)."""
-    with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits[0]
-    bounds = batch.cu_seqlens.tolist()
-    positions = batch.logit_positions.tolist()
-    cursor = 0
-    for start, end in itertools.pairwise(bounds):
-        count = sum(1 for p in positions if start <= p < end)
-        yield logits[cursor : cursor + count]
-        cursor += count
