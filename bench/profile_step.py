@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="7b", choices=sorted(SHAPES))
     parser.add_argument("--samples-per-step", type=int, default=4)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
@@ -78,6 +79,7 @@ def main() -> None:
         examples=examples,
         base=base,
         compile_layers=args.compile,
+        cuda_graphs=args.cuda_graphs,
         gradient_checkpointing=args.gradient_checkpointing,
     )
     with profiler:
@@ -88,6 +90,7 @@ def main() -> None:
     kernel_us = sum(e.self_device_time_total for e in events) / args.profile_steps
     print(
         f"== {args.method}, {args.samples_per_step} samples/step, compile={args.compile}, "
+        f"graphs={args.cuda_graphs}, "
         f"ckpt={args.gradient_checkpointing}: {step_ms:.1f} ms/step, GPU busy "
         f"{kernel_us / 1000:.1f} ms/step, peak {(result.peak_memory_bytes or 0) / 1e9:.1f} GB, "
         f"{result.tokens_per_second:,.0f} tokens/s over {result.step} steps",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -114,6 +115,8 @@ def run_ours(
     accum: int,
     *,
     compile_layers: bool,
+    cuda_graphs: bool = False,
+    fused_kernels: bool = True,
     method: str = "lora",
     base: object = None,
     max_steps: int = 0,
@@ -128,6 +131,8 @@ def run_ours(
         examples=examples,
         base=base if base is not None else model_config(shape),
         compile_layers=compile_layers,
+        cuda_graphs=cuda_graphs,
+        fused_kernels=fused_kernels,
         gradient_checkpointing=gradient_checkpointing,
     )
     started = time.perf_counter()
@@ -138,8 +143,11 @@ def run_ours(
     done = [examples[i] for s in range(steps) for i in _indices(spec, s)]
     tokens = sum(len(e.input_ids) for e in done)
     answers = sum(e.answer_len for e in done)
-    extras = (", per-layer compile" if compile_layers else "") + (
-        ", grad ckpt" if gradient_checkpointing else ""
+    extras = (
+        (", per-layer compile" if compile_layers else "")
+        + (", CUDA graphs" if cuda_graphs else "")
+        + (" unfused" if cuda_graphs and not fused_kernels else "")
+        + (", grad ckpt" if gradient_checkpointing else "")
     )
     return {
         "path": f"ours ({method}{extras})",
@@ -151,6 +159,7 @@ def run_ours(
         "mfu": useful_flops(shape, tokens, answers) / result.seconds / PEAK_FLOPS,
         "peak_gb": (result.peak_memory_bytes or 0) / 1e9,
         "final_loss": result.losses[-1],
+        "losses": result.losses,
     }
 
 
@@ -272,6 +281,31 @@ def save_random_model(shape: str, directory: Path) -> Path:
     return directory
 
 
+def loss_agreement(rows: list[dict]) -> str:
+    """Graphed and eager runs of the same job see the same data: their per-step losses must agree
+    (bf16: GEMMs of another shape round differently, so not bit for bit)."""
+    lines = []
+    for a in rows:
+        for b in rows:
+            if (
+                "losses" in a
+                and "losses" in b
+                and a is not b
+                and "CUDA graphs" in b["path"]
+                and "CUDA graphs" not in a["path"]
+                and "compile" not in a["path"]
+                and a["samples_per_step"] == b["samples_per_step"]
+                and len(a["losses"]) == len(b["losses"])
+            ):
+                diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True))
+                rel = diff / max(abs(x) for x in a["losses"])
+                lines.append(
+                    f"loss agreement, {b['samples_per_step']} samples/step: max |graphed - eager|"
+                    f" = {diff:.4g} over {len(a['losses'])} steps ({rel:.2%} of the largest loss)"
+                )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], baseline: dict | None) -> str:
     head = (
         "| path | samples/step | steps run | tokens/s | MFU | peak GB | job train s "
@@ -298,14 +332,17 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=12)
     parser.add_argument(
         "--runs",
-        default="baseline,ours4,ours16,compile4,compile16,qlora",
-        help="comma list of: baseline, ours4, ours16, compile4, compile16, qlora",
+        default="baseline,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
+        help="comma list of: baseline, ours4, graphs4, graphs4-unfused, ours16, graphs16, "
+        "compile4, compile16, qlora",
     )
     parser.add_argument(
         "--label", default="", help="appended to each path name (e.g. 'warm cache')"
     )
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("runner.train.graphs").setLevel(logging.INFO)
     runs = set(filter(None, args.runs.split(",")))
     examples = make_examples(args.samples, SHAPES[args.model]["vocab_size"])
     tokens, answers = job_tokens(examples, 3)
@@ -331,16 +368,28 @@ def main() -> None:
         )
         rows.extend(json.loads(previous.read_text()))
     plan = [
-        ("ours4", 2, 2, False),
-        ("ours16", 4, 4, False),
-        ("compile4", 2, 2, True),
-        ("compile16", 4, 4, True),
+        ("ours4", 2, 2, False, False),
+        ("graphs4", 2, 2, False, True),
+        ("graphs4-unfused", 2, 2, False, True),
+        ("ours16", 4, 4, False, False),
+        ("graphs16", 4, 4, False, True),
+        ("compile4", 2, 2, True, False),
+        ("compile16", 4, 4, True, False),
     ]
-    for name, batch, accum, compiled in plan:
+    for name, batch, accum, compiled, graphed in plan:
         if name in runs:
-            row = run_ours(args.model, examples, batch, accum, compile_layers=compiled)
+            row = run_ours(
+                args.model,
+                examples,
+                batch,
+                accum,
+                compile_layers=compiled,
+                cuda_graphs=graphed,
+                fused_kernels=not name.endswith("unfused"),
+            )
             row["path"] += f" {args.label}".rstrip()
             record(row)
+    print(loss_agreement(rows), flush=True)
     if "qlora" in runs:
         with tempfile.TemporaryDirectory() as tmp:
             base = save_random_model(args.model, Path(tmp) / "model")

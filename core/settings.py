@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         description="torch.compile each decoder layer on GPU: faster steps after a "
         "one-time compile (~1 min cold for a 7B; see docs/benchmarks.md).",
     )
+    runner_cuda_graphs: bool = Field(
+        True,
+        description="Replay each decoder layer of a LoRA step as CUDA graphs on GPU (steps "
+        "padded to 128-token buckets; see runner/train/graphs.py and docs/benchmarks.md).",
+    )
     eval_backend: str = Field(
         "auto",
         pattern="^(auto|vllm|transformers)$",

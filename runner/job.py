@@ -227,6 +227,8 @@ def _prepare(
         meta=meta,
         resume_from=resume_path,
         token_budget=settings.runner_token_budget,
+        compile_layers=settings.runner_compile,
+        cuda_graphs=settings.runner_cuda_graphs,
     )
     _check_memory(spec)
     return spec, dataset

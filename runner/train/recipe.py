@@ -64,6 +64,8 @@ class TrainSpec:
     token_budget: int = 16384  # most tokens in one packed micro-batch
     gradient_checkpointing: bool = False
     compile_layers: bool = False  # torch.compile each decoder layer (GPU; fewer launches)
+    cuda_graphs: bool = False  # replay decoder layers as CUDA graphs (GPU LoRA; see graphs.py)
+    fused_kernels: bool = True  # with cuda_graphs: fused RMSNorm and LoRA addmm forwards
 
 
 @dataclass
@@ -132,6 +134,27 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
         for layer in decoder_layers(trainable):
             layer.compile(dynamic=True)
     return trainable
+
+
+def setup_graphs(
+    spec: TrainSpec, model: torch.nn.Module, device: torch.device
+) -> Callable[[PackedBatch], torch.Tensor] | None:
+    """The CUDA-graphed forward where it applies (LoRA on CUDA, no checkpointing or compile)."""
+    if not spec.cuda_graphs:
+        return None
+    if (
+        device.type != "cuda"
+        or spec.config.method != "lora"
+        or spec.gradient_checkpointing
+        or spec.compile_layers
+    ):
+        log.info(
+            "CUDA graphs apply to method=lora on a GPU without checkpointing: training eagerly"
+        )
+        return None
+    from runner.train.graphs import GraphedDecoder
+
+    return GraphedDecoder(model, spec.config.samples_per_step, fuse=spec.fused_kernels).logits
 
 
 def decoder_layers(model: torch.nn.Module) -> Any:
@@ -239,19 +262,35 @@ def setup_scheduler(
     )
 
 
-def step_loss(model: torch.nn.Module, batches: Sequence[PackedBatch]) -> tuple[float, int]:
+def step_loss(
+    model: torch.nn.Module,
+    batches: Sequence[PackedBatch],
+    logits_of: Callable[[PackedBatch], torch.Tensor] | None = None,
+) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's
-    mean per-answer-token loss and its answer-token count."""
+    mean per-answer-token loss and its answer-token count. ``logits_of`` gives a micro-batch's
+    logits at its answer positions (default: the model's own forward)."""
+    total, answer_tokens = _step_loss(model, batches, logits_of)
+    return float(total), answer_tokens
+
+
+def _step_loss(
+    model: torch.nn.Module,
+    batches: Sequence[PackedBatch],
+    logits_of: Callable[[PackedBatch], torch.Tensor] | None,
+) -> tuple[torch.Tensor, int]:
+    """``step_loss`` with the loss left on the device: reading it back waits for the GPU, so the
+    loop reads a window of losses at once instead of once per step."""
     answer_tokens = sum(int(b.targets.numel()) for b in batches)
-    if answer_tokens == 0:
-        return 0.0, 0
     total = torch.zeros((), device=batches[0].input_ids.device)
+    if answer_tokens == 0:
+        return total, 0
     for batch in batches:
-        logits = model(**batch.model_inputs()).logits[0]
+        logits = logits_of(batch) if logits_of else model(**batch.model_inputs()).logits[0]
         loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / answer_tokens
         loss.backward()
         total += loss.detach()
-    return float(total), answer_tokens
+    return total, answer_tokens
 
 
 def save_checkpoint(
@@ -328,6 +367,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         config.max_steps,
     )
     model = setup_model(spec, device, dtype)
+    logits_of = setup_graphs(spec, model, device)
     named = trainable_parameters(model)
     masters = MasterWeights([p for _, p in named])
     optimizer = setup_optimizer(named, masters, config, device)
@@ -364,6 +404,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     started = window_start = time.perf_counter()
     tokens = window_tokens = 0
     window_losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses of steps not read back from the device yet
     last_saved: Path | None = None
     status = "completed"
     total = schedule.total_steps
@@ -371,17 +412,13 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         batch_examples = [examples[i] for i in schedule.indices(step)]
         batches = [b.to(device) for b in pack_step(batch_examples, spec.token_budget)]
         try:
-            loss, _ = step_loss(model, batches)
+            loss, _ = _step_loss(model, batches, logits_of)
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(
                 f"out of GPU memory at step {step + 1} ({sum(b.tokens for b in batches)} tokens "
                 "in the step): lower cutoff_len or batch_size/grad_accum, or use method=qlora"
             ) from exc
-        if not math.isfinite(loss):
-            raise TrainingFailed(
-                f"the loss became {loss} at step {step + 1}: lower the learning "
-                f"rate (lr={config.learning_rate:g}) or check the data"
-            )
+        pending.append(loss)
         masters.grads_to_masters()
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(masters.masters, config.max_grad_norm)
@@ -390,12 +427,16 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         masters.masters_to_params()
         scheduler.step()
         step += 1
-        losses.append(loss)
-        window_losses.append(loss)
         step_tokens = sum(b.tokens for b in batches)
         tokens += step_tokens
         window_tokens += step_tokens
         last = step == total
+        saving = last or step % config.save_steps == 0
+        if step % config.logging_steps == 0 or saving or len(pending) >= 64:
+            read = _read_losses(pending, step, config.learning_rate)
+            losses.extend(read)
+            window_losses.extend(read)
+            pending = []
         if step % config.logging_steps == 0 or last:
             now = time.perf_counter()
             progress = _progress(
@@ -412,7 +453,11 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
                 status = "stopped"
         if status == "completed" and not last and hooks.should_stop():
             status = "stopped"
-        if last or status == "stopped" or step % config.save_steps == 0:
+        if status == "stopped" and pending:
+            read = _read_losses(pending, step, config.learning_rate)
+            losses.extend(read)
+            pending = []
+        if saving or status == "stopped":
             last_saved = checkpoint(step, final=last) or last_saved
         if status == "stopped":
             break
@@ -421,6 +466,18 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return TrainResult(status, step, total, losses, tokens, seconds, last_saved, peak)
+
+
+def _read_losses(pending: list[torch.Tensor], step: int, lr: float) -> list[float]:
+    """The pending steps' losses (the last one is ``step``); a non-finite one fails the job."""
+    values = torch.stack(pending).tolist()
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise TrainingFailed(
+                f"the loss became {value} at step {step - len(values) + i + 1}: lower the "
+                f"learning rate (lr={lr:g}) or check the data"
+            )
+    return values
 
 
 def _progress(
