@@ -37,7 +37,8 @@ def _duration(seconds: float | None) -> str:
 def job_header_blocks(job: Job, dataset: Dataset | None) -> list[dict[str, Any]]:
     """The job's root message: state, progress bar, step/total, loss, ETA; edited in place."""
     progress = job.progress or {}
-    title = f"{STATE_EMOJI.get(job.status, '')} *Fine-tuning job {job.id}* · {job.status}"
+    noun = "Export job" if job.kind == "export" else "Fine-tuning job"
+    title = f"{STATE_EMOJI.get(job.status, '')} *{noun} {job.id}* · {job.status}"
     lines = [title]
     if dataset is not None:
         lines.append(
@@ -130,7 +131,29 @@ def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
         return f":octagonal_sign: <@{payload.get('by')}> asked to cancel; stopping after this step."
     if kind == "status":
         return str(payload.get("message"))
+    if kind == "exported":
+        return export_text(payload)
     return None
+
+
+def export_text(payload: dict[str, Any]) -> str:
+    """The thread reply for a published export: where, how big, how it was verified."""
+    bits = payload.get("bits")
+    what = f"{bits}-bit (bitsandbytes)" if bits else "merged"
+    verification = payload.get("verification") or {}
+    checks = []
+    for backend in ("transformers", "vllm"):
+        found = verification.get(backend)
+        if found:
+            checks.append(
+                f"{backend}: {found['identical_answers']}/{verification['samples']} answers "
+                f"identical to base + adapter, label agreement {_pct(found['label_agreement'])}"
+            )
+    return (
+        f":package: Checkpoint {payload.get('checkpoint_id')} exported ({what}, "
+        f"{payload.get('bytes', 0) / 1e9:.2f} GB) to `{payload.get('absolute_path')}`.\n"
+        + "\n".join(f"• {line}" for line in checks)
+    )
 
 
 def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:

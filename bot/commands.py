@@ -22,8 +22,8 @@ from bot.blocks import (
     text_blocks,
 )
 from bot.serving_client import call_serving
-from core.enums import JobStatus
-from core.errors import FinetuneError, Forbidden, NotFound
+from core.enums import JobKind, JobStatus
+from core.errors import ConfigError, FinetuneError, Forbidden, NotFound
 from core.settings import Settings
 from runner.config import TrainConfig, help_lines, parse_train_args
 from storage.datasets import get_dataset, latest_dataset, list_datasets
@@ -45,6 +45,8 @@ USAGE = {
     "compare <a> <b>": "eval scores of two checkpoints (or `base`) side by side",
     "promote <checkpoint>": "serve a checkpoint (approvers)",
     "rollback": "serve what served before the last promotion (approvers)",
+    "export <checkpoint> [bits=8|4]": "a standalone merged model, optionally quantized, "
+    "verified before it is announced (approvers)",
 }
 
 
@@ -311,6 +313,48 @@ def _compare(ctx: BotContext, command: dict, args: list[str], respond: Any, clie
     respond(text=compare_text(rows), response_type="ephemeral")
 
 
+def _export(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    from runner.export import check_export
+    from storage.artifacts import ArtifactStore
+
+    if not args or not args[0].isdigit():
+        respond(
+            text="Which checkpoint? `/finetune export <checkpoint> [bits=8|4]`",
+            response_type="ephemeral",
+        )
+        return
+    bits: int | None = None
+    for arg in args[1:]:
+        key, _, value = arg.partition("=")
+        if key != "bits" or value not in ("4", "8"):
+            raise ConfigError(f"`{arg}`: the only export setting is bits=8 or bits=4")
+        bits = int(value)
+    user, channel = command["user_id"], command["channel_id"]
+    _require_approver(ctx, user, "export a model")
+    store = ArtifactStore(ctx.settings.artifact_dir)
+    with new_session(ctx.db) as session:
+        checkpoint = check_export(session, store, checkpoint_id=int(args[0]), bits=bits, here=False)
+        trained = session.get(Job, checkpoint.job_id)
+        job = create_job(
+            session,
+            kind=JobKind.export,
+            base_model=checkpoint.base_model,
+            dataset_id=trained.dataset_id if trained else None,
+            config={"checkpoint_id": checkpoint.id, **({"bits": bits} if bits else {})},
+            requested_by=user,
+            channel_id=channel,
+        )
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        posted = client.chat_postMessage(
+            channel=channel,
+            text=f"Export job {job.id} queued",
+            blocks=job_header_blocks(job, dataset),
+        )
+        job.thread_ts = posted["ts"]
+        session.add(job)
+        session.commit()
+
+
 SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "upload": _upload,
     "help": _help,
@@ -322,6 +366,7 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "compare": _compare,
     "promote": _promote,
     "rollback": _rollback,
+    "export": _export,
 }
 
 

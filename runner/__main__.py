@@ -5,6 +5,7 @@
     python -m runner status [JOB]                one job, or the latest jobs
     python -m runner cancel JOB                  cancel a queued or running job
     python -m runner evaluate CHECKPOINT|base --dataset NAME   score a model on the eval split
+    python -m runner export CHECKPOINT [--bits 8|4] [--shard-size 5GB]   a verified standalone model
     python -m runner help                        every training setting, its default and range
     python -m runner ingest PATH --name NAME     validate, store, print the report
     python -m runner validate PATH [--json]      only report; nothing is stored
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job", type=int)
     sub.add_parser("help", help="list the training settings")
+    export = sub.add_parser(
+        "export", help="merge a checkpoint into its base model, verify it, save it"
+    )
+    export.add_argument("checkpoint", type=int, help="a checkpoint id")
+    export.add_argument("--bits", type=int, choices=[8, 4], help="bitsandbytes-quantized copy")
+    export.add_argument("--shard-size", default="5GB", help="largest safetensors shard (5GB)")
     evaluate = sub.add_parser("evaluate", help="score a checkpoint or the base model")
     evaluate.add_argument("model", help="a checkpoint id, or `base`")
     evaluate.add_argument("--dataset", required=True, help="dataset name (its newest version)")
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings()
     try:
-        if args.command in (None, "submit", "status", "cancel", "help", "evaluate"):
+        if args.command in (None, "submit", "status", "cancel", "help", "evaluate", "export"):
             return _run_queue_command(args, settings)
         return _run(args, settings)
     except DatasetRejected as exc:
@@ -122,6 +129,8 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
             return _submit(session, settings, args)
         if args.command == "evaluate":
             return _evaluate(session, settings, args)
+        if args.command == "export":
+            return _export(session, settings, args)
         if args.command == "cancel":
             from storage.jobs import request_cancel
 
@@ -155,6 +164,23 @@ def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> i
         f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, "
         f"{len(dataset.labels or [])} labels"
     )
+    return 0
+
+
+def _export(session: Session, settings: Settings, args: argparse.Namespace) -> int:
+    from runner.export import export_checkpoint
+    from storage.artifacts import ArtifactStore
+
+    report = export_checkpoint(
+        session,
+        ArtifactStore(settings.artifact_dir),
+        settings,
+        checkpoint_id=args.checkpoint,
+        bits=args.bits,
+        shard_size=args.shard_size,
+        on_status=lambda message: log.info("%s", message),
+    )
+    print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from core.enums import JobStatus
+from core.enums import JobKind, JobStatus
 from core.errors import FinetuneError
 from core.protocol import PROTOCOL_VERSION, render_training_example
 from core.settings import Settings
@@ -57,6 +57,8 @@ def _run(
 ) -> JobStatus:
     job = session.get(Job, job_id)
     assert job is not None and job.id is not None
+    if job.kind == JobKind.export.value:
+        return _run_export(session, store, settings, job, owner)
     try:
         spec, dataset = _prepare(session, store, settings, job, owner)
         result = train(spec, _hooks(session, store, job, owner))
@@ -116,6 +118,62 @@ def _run(
         )
         return JobStatus.failed
     set_job_state(session, job_id=job_id, owner=owner, status=JobStatus.succeeded, **summary)
+    return JobStatus.succeeded
+
+
+def _run_export(
+    session: Any, store: ArtifactStore, settings: Settings, job: Job, owner: str
+) -> JobStatus:
+    """An export job: merge, quantize if asked, verify, publish (runner/export.py)."""
+    from runner.export import export_checkpoint
+
+    assert job.id is not None
+    job_id = job.id
+    config = job.config or {}
+
+    def status(message: str) -> None:
+        add_job_event(session, job_id=job_id, kind="status", message=message)
+        session.commit()
+
+    try:
+        report = export_checkpoint(
+            session,
+            store,
+            settings,
+            checkpoint_id=int(config["checkpoint_id"]),
+            bits=config.get("bits"),
+            shard_size=config.get("shard_size", "5GB"),
+            on_status=status,
+        )
+    except FinetuneError as exc:
+        set_job_state(
+            session, job_id=job_id, owner=owner, status=JobStatus.failed, error=exc.message
+        )
+        return JobStatus.failed
+    except Exception:
+        error_id = uuid.uuid4().hex[:8]
+        log.exception("export job %d failed with an internal error (error id %s)", job_id, error_id)
+        set_job_state(
+            session,
+            job_id=job_id,
+            owner=owner,
+            status=JobStatus.failed,
+            error=f"internal error (error id {error_id}; the runner's log has the details)",
+        )
+        return JobStatus.failed
+    set_job_state(
+        session,
+        job_id=job_id,
+        owner=owner,
+        status=JobStatus.succeeded,
+        event="exported",
+        path=report["path"],
+        absolute_path=str(store.path(report["path"])),
+        bytes=report["bytes"],
+        bits=report["export"]["bits"],
+        checkpoint_id=report["checkpoint_id"],
+        verification=report["verification"],
+    )
     return JobStatus.succeeded
 
 

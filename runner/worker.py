@@ -252,7 +252,17 @@ class Runner:
         self.engine.dispose()
 
 
+TMP_MAX_AGE_S = 24 * 3600
+
+
 def main_loop(settings: Settings, *, once: bool) -> int:
+    from storage.artifacts import ArtifactStore
+
+    # What a killed writer (a training checkpoint, an export) left under tmp/ a day ago is garbage;
+    # younger entries may belong to another runner sharing ARTIFACT_DIR.
+    swept = ArtifactStore(settings.artifact_dir).sweep_tmp(older_than=TMP_MAX_AGE_S)
+    if swept:
+        log.info("removed %d abandoned entries under %s/tmp", swept, settings.artifact_dir)
     runner = Runner(settings)
     stop = threading.Event()
     if not once:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,12 +105,16 @@ class ArtifactStore:
             raise ValueError(f"artifact path escapes the artifact directory: {relpath!r}")
         return candidate
 
-    def sweep_tmp(self) -> int:
-        """Remove what crashed writers left under tmp/; returns how many entries went."""
+    def sweep_tmp(self, older_than: float = 0.0) -> int:
+        """Remove what crashed writers left under tmp/ (only entries untouched for
+        ``older_than`` seconds: other processes may be writing the rest); returns how many went."""
         if not self.tmp.exists():
             return 0
         count = 0
+        cutoff = time.time() - older_than
         for entry in self.tmp.iterdir():
+            if older_than and entry.lstat().st_mtime > cutoff:
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

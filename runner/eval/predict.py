@@ -53,18 +53,24 @@ class TransformersPredictor:
         *,
         batch_size: int | None = None,
         device: str | None = None,
+        dtype: Any = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        quantized = (model_dir / "config.json").exists() and "quantization_config" in (
+            model_dir / "config.json"
+        ).read_text(encoding="utf-8")
+        kwargs: dict[str, Any] = {"device_map": {"": self.device.index or 0}} if quantized else {}
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
         if adapter_dir is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
-        self.model = model.to(self.device).eval()
+        self.model = (model if quantized else model.to(self.device)).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.batch_size = batch_size or (128 if self.device.type == "cuda" else 32)
         self.pad_id = (

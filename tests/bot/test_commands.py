@@ -202,3 +202,36 @@ def test_start_without_arguments_opens_the_form_and_its_submission_queues_the_jo
         "gradient_accumulation_steps": 2,
         "loraplus_lr_ratio": 16.0,
     }
+
+
+def test_export_is_for_approvers_and_queues_an_export_job_with_its_thread(slack, engine) -> None:
+    from storage.models import Checkpoint, Dataset
+
+    _dataset(slack, engine)
+    with new_session(engine) as session:
+        dataset = session.exec(select(Dataset)).one()
+        trained = Job(base_model="tiny", dataset_id=dataset.id, status="succeeded")
+        session.add(trained)
+        session.flush()
+        session.add(
+            Checkpoint(job_id=trained.id, step=9, final=True, path="c/1", base_model="tiny")
+        )
+        session.commit()
+    slack.command("export 1", user="U0STRANGER")
+    assert "only approvers can export a model" in slack.reply(0)["text"]
+    slack.command("export 1 bits=3", user=APPROVER)
+    assert "`bits=3`: the only export setting is bits=8 or bits=4" in slack.reply(1)["text"]
+    slack.command("export 99", user=APPROVER)
+    assert "there is no checkpoint 99" in slack.reply(2)["text"]
+    slack.command("export 1 bits=4", user=APPROVER)
+    [posted] = slack.standin.wait_for("chat.postMessage")
+    assert "*Export job 2* · queued" in posted["blocks"][0]["text"]["text"]
+    slack.wait_for_thread(engine, 2)
+    with new_session(engine) as session:
+        job = session.get(Job, 2)
+    assert (job.kind, job.config, job.requested_by) == (
+        "export",
+        {"checkpoint_id": 1, "bits": 4},
+        APPROVER,
+    )
+    assert job.dataset_id == dataset.id and job.status == "queued"

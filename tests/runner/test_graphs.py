@@ -52,7 +52,9 @@ def test_fused_forwards_give_the_plain_models_logits_and_gradients(
         torch.testing.assert_close(got_grads[name], want, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_step_padded_to_its_bucket_gives_the_same_answer_logits(tiny_model_dir, tokenizer) -> None:
+def test_a_step_padded_to_its_bucket_gives_the_same_answer_logits(
+    tiny_model_dir, tokenizer
+) -> None:
     model = _lora_model(tiny_model_dir)
     model.eval()
     batch = pack(examples(tokenizer, synthetic(1)[:3]))

@@ -69,3 +69,18 @@ def test_sweep_removes_leftovers_of_crashed_writers(store: ArtifactStore) -> Non
     (store.tmp / "dir-dead").mkdir()
     assert store.sweep_tmp() == 2
     assert list(store.tmp.iterdir()) == []
+
+
+def test_a_sweep_with_an_age_keeps_what_is_being_written(tmp_path) -> None:
+    import os
+    import time
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    store.tmp.mkdir(parents=True)
+    old, fresh = store.tmp / "dir-old", store.tmp / "dir-fresh"
+    old.mkdir()
+    fresh.mkdir()
+    day_ago = time.time() - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    assert store.sweep_tmp(older_than=86400) == 1
+    assert not old.exists() and fresh.exists()

@@ -1,0 +1,186 @@
+"""Export on the tiny model: a merged standalone model that answers exactly as base + adapter,
+published only once verified; refusals; the disk check; a killed export leaves no final directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from core.enums import JobKind, JobStatus
+from core.errors import ConfigError, Conflict, NotFound
+from core.protocol import render_prompt
+from runner.datasets.ingest import read_split
+from runner.eval.predict import TransformersPredictor, vllm_available
+from runner.export import export_checkpoint, export_name, quantization_unavailable
+from runner.job import run_job
+from runner.models import load_tokenizer
+from storage.artifacts import ArtifactStore
+from storage.db import new_session
+from storage.jobs import claim_next_job, create_job, job_events
+from storage.models import Checkpoint, Job
+from storage.promotions import reject_checkpoint
+from tests.runner.conftest import train_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def checkpoint(engine, eval_settings, dataset) -> Checkpoint:
+    job = train_job(engine, eval_settings, dataset)
+    assert job.status == JobStatus.succeeded, job.error
+    with new_session(engine) as session:
+        return session.exec(
+            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.final)
+        ).one()
+
+
+def _export_job(engine, settings, checkpoint: Checkpoint, **config) -> Job:
+    with new_session(engine) as session:
+        job = create_job(
+            session,
+            kind=JobKind.export,
+            base_model=checkpoint.base_model,
+            config={"checkpoint_id": checkpoint.id, **config},
+        )
+        claim_next_job(session, owner="inline", lease_seconds=60)
+    run_job(job.id, "inline", settings)
+    with new_session(engine) as session:
+        return session.get(Job, job.id)
+
+
+def test_a_merged_export_answers_exactly_as_base_plus_adapter(
+    engine, eval_settings, dataset, checkpoint
+) -> None:
+    job = _export_job(engine, eval_settings, checkpoint, shard_size="1MB")
+    assert job.status == JobStatus.succeeded, job.error
+    with new_session(engine) as session:
+        events = job_events(session, job_id=job.id)
+    exported = next(e.payload for e in events if e.kind == "exported")
+    assert [e.kind for e in events if e.kind == "status"] == ["status"] * 2
+    store = ArtifactStore(eval_settings.artifact_dir)
+    out = store.path(export_name(checkpoint.id, None))
+    assert exported["path"] == export_name(checkpoint.id, None)
+    assert exported["absolute_path"] == str(out)
+
+    # A standalone model: sharded safetensors (1MB shards), the tokenizer, meta.json; no adapter.
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").exists()
+    assert not (out / "adapter_config.json").exists()
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert meta["checkpoint_id"] == checkpoint.id and meta["base_model"] == checkpoint.base_model
+    assert meta["labels"] == dataset.labels and meta["eval"]["accuracy"] is not None
+    assert meta["export"]["bits"] is None and meta["export"]["shard_size"] == "1MB"
+    assert (
+        meta["bytes"]
+        == exported["bytes"]
+        == sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "meta.json")
+    )
+    verification = meta["verification"]
+    assert verification == exported["verification"]
+    assert (
+        verification["transformers"]["identical_answers"]
+        == verification["samples"]
+        == dataset.eval_samples
+    )
+    if vllm_available():  # the export loads in vLLM as well, and answers the same
+        assert verification["vllm"]["identical_answers"] == dataset.eval_samples
+
+    # Independently of the export's own check: fresh load, greedy, the same answers.
+    tokenizer = load_tokenizer(out)
+    base_tokenizer = load_tokenizer(Path(eval_settings.base_model))
+    history = read_split(store, dataset.eval_sha256)
+    prompts = [render_prompt(tokenizer, c[:-1]) for c in history]
+    assert prompts == [render_prompt(base_tokenizer, c[:-1]) for c in history]  # same template
+    merged = TransformersPredictor(out, None).generate(prompts, 24)
+    adapter = TransformersPredictor(
+        Path(eval_settings.base_model), store.path(checkpoint.path)
+    ).generate(prompts, 24)
+    assert [g.text for g in merged] == [g.text for g in adapter]
+    assert any(g.text for g in merged)
+
+
+def test_exports_that_cannot_be_made_are_refused_before_anything_is_written(
+    engine, eval_settings, checkpoint, monkeypatch
+) -> None:
+    store = ArtifactStore(eval_settings.artifact_dir)
+
+    def export(checkpoint_id: int, bits: int | None = None) -> None:
+        with new_session(engine) as session:
+            export_checkpoint(session, store, eval_settings, checkpoint_id=checkpoint_id, bits=bits)
+
+    with pytest.raises(NotFound, match="there is no checkpoint 999"):
+        export(999)
+    with pytest.raises(ConfigError, match="bits=3 is not allowed: use 8 or 4"):
+        export(checkpoint.id, bits=3)
+    reason = quantization_unavailable()
+    if reason is not None:  # this machine (CI: no GPU, no bitsandbytes) cannot quantize
+        with pytest.raises(ConfigError, match="bits=4 cannot be exported here: "):
+            export(checkpoint.id, bits=4)
+
+    # Not enough disk: refused with both figures, before anything is written.
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(
+        "runner.export.shutil.disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000)
+    )
+    with pytest.raises(Exception, match=r"not enough disk for the export: it needs about") as exc:
+        export(checkpoint.id)
+    assert "0.00 GB are free under ARTIFACT_DIR" in str(exc.value)
+    assert not store.path("exports").exists() and not any(store.tmp.iterdir())
+    monkeypatch.undo()
+
+    with new_session(engine) as session:
+        reject_checkpoint(session, checkpoint_id=checkpoint.id, decided_by="U_APPROVER")
+    with pytest.raises(Conflict, match="was rejected by U_APPROVER"):
+        export(checkpoint.id)
+    assert not store.path("exports").exists()
+
+
+def test_an_export_already_made_is_not_overwritten(engine, eval_settings, checkpoint) -> None:
+    store = ArtifactStore(eval_settings.artifact_dir)
+    store.path(export_name(checkpoint.id, None)).mkdir(parents=True)
+    job = _export_job(engine, eval_settings, checkpoint)
+    assert job.status == JobStatus.failed
+    assert "is already exported at exports/checkpoint-" in job.error
+    assert "delete that directory to export it again" in job.error
+
+
+def test_a_killed_export_leaves_nothing_under_its_final_name(
+    engine, eval_settings, checkpoint
+) -> None:
+    store = ArtifactStore(eval_settings.artifact_dir)
+    env = {
+        **os.environ,
+        "DATABASE_URL": eval_settings.database_url,
+        "ARTIFACT_DIR": str(eval_settings.artifact_dir),
+        "BASE_MODEL": eval_settings.base_model,
+        "EVAL_BACKEND": "transformers",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runner", "export", str(checkpoint.id), "--shard-size", "1MB"],
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(store.tmp.glob("*/model-*.safetensors")):  # mid-export: shards written
+            assert process.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not store.path(export_name(checkpoint.id, None)).exists()
+    assert store.sweep_tmp() >= 1  # what it left is only under tmp/, and the sweep removes it
+    assert not any(store.tmp.iterdir())
