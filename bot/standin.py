@@ -323,6 +323,7 @@ def block_action_body(
     message_ts: str = "1.0",
     response_url: str = "",
     team_id: str = "T0TEST",
+    blocks: list[dict[str, Any]] | None = None,
 ) -> str:
     payload = {
         "type": "block_actions",
@@ -333,7 +334,7 @@ def block_action_body(
         "response_url": response_url,
         "trigger_id": "T0TRIGGER",
         "container": {"type": "message", "message_ts": message_ts, "channel_id": channel_id},
-        "message": {"ts": message_ts, "text": "", "blocks": []},
+        "message": {"ts": message_ts, "text": "", "blocks": blocks or []},
         "actions": [
             {
                 "action_id": action_id,

@@ -1,9 +1,15 @@
-"""``finetune-bot`` (or ``python -m stack``): the product on one machine, on its embedded defaults
-(SQLite under ./var, the tiny local model unless BASE_MODEL is set).
+"""``finetune-bot`` (or ``python -m stack``): the whole product on one machine, on its embedded
+defaults (SQLite under ./var, the tiny local model unless BASE_MODEL is set, CPU).
 
-Today it prepares everything the processes share: migrates the database, makes sure the base model
-is on disk (building the tiny model when BASE_MODEL is unset) and ingests the demo dataset once,
-printing its validation report. Each step runs the same command an operator would run by hand.
+    finetune-bot             prepare, start serving and a runner, then the bot: the console in this
+                             terminal without Slack credentials, the Slack app with them
+    finetune-bot --demo      the same, then play the whole flow by itself and print it: upload, train,
+                             evaluate, refused and approved clicks, /classify, rollback
+    finetune-bot prepare     only prepare: migrate, the base model, the demo dataset
+
+Preparing runs the commands an operator would: ``python -m storage migrate``, the tiny model when
+BASE_MODEL is unset, ``python -m runner ingest`` of the demo dataset once. Serving and the runner run
+as child processes (logs under ./var/logs) and stop with it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from core.settings import Settings
@@ -23,17 +30,19 @@ DEMO_NAME = "news-demo"
 log = logging.getLogger("stack")
 
 
-def _step(*args: str) -> None:
+def _step(settings: Settings, *args: str) -> None:
+    from stack.processes import process_env
+
     log.info("$ python %s", " ".join(args))
-    subprocess.run([sys.executable, *args], check=True)
+    subprocess.run([sys.executable, *args], check=True, cwd=REPO, env=process_env(settings))
 
 
-def up(settings: Settings) -> None:
+def prepare(settings: Settings) -> None:
     from runner.models import local_model_dir
     from storage.datasets import get_dataset
     from storage.db import make_engine, new_session
 
-    _step("-m", "storage", "migrate")
+    _step(settings, "-m", "storage", "migrate")
     model_dir = local_model_dir(settings)
     log.info("base model: %s", model_dir or settings.base_model)
     engine = make_engine(settings.database_url)
@@ -41,10 +50,59 @@ def up(settings: Settings) -> None:
         demo = get_dataset(session, name=DEMO_NAME)
     engine.dispose()
     if demo is None:
-        _step("-m", "runner", "ingest", str(DEMO_DATASET), "--name", DEMO_NAME)
+        _step(settings, "-m", "runner", "ingest", str(DEMO_DATASET), "--name", DEMO_NAME)
     else:
         log.info("demo dataset already stored: %s v%d (id %d)", demo.name, demo.version, demo.id)
     log.info("ready: database %s, artifacts in %s", settings.database_url, settings.artifact_dir)
+
+
+def _has_slack(settings: Settings) -> bool:
+    return bool(
+        settings.slack_bot_token and (settings.slack_signing_secret or settings.slack_app_token)
+    )
+
+
+def up(settings: Settings, *, demo: bool) -> int:
+    from stack.processes import start_stack
+
+    started = time.monotonic()
+    prepare(settings)
+    stack = start_stack(settings)
+    log.info("serving and the runner are up (%.0f s since start)", time.monotonic() - started)
+    try:
+        if demo:
+            return play_demo(stack.settings, started)
+        if _has_slack(settings):
+            log.info("Slack credentials found: starting the Slack app")
+            return subprocess.run(
+                [sys.executable, "-m", "bot"], env=stack.env, check=False
+            ).returncode
+        from bot.console import run_console
+
+        return run_console(stack.settings)
+    finally:
+        stack.stop()
+
+
+def play_demo(settings: Settings, started: float) -> int:
+    from bot.console import Console
+    from stack.demo import Demo
+
+    console = Console(settings)
+    try:
+        seen = Demo(console).play()
+    finally:
+        console.close()
+    from bot.console import blocks_text
+
+    answered = blocks_text(seen["classified"].get("blocks") or []).splitlines()[-1].strip()
+    console.say(
+        f"\ndemo finished in {time.monotonic() - started:.0f} s: job {seen['job_id']} trained, "
+        f"evaluated, approved and served ({answered}), then rolled back to the base model. "
+        "(The tiny model has random weights and trains for seconds: its answers show the flow, "
+        "not a classifier; set BASE_MODEL for a real one.)"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", nargs="?", default="up", choices=["up"])
-    parser.parse_args(argv)
+    parser.add_argument("command", nargs="?", default="up", choices=["up", "prepare"])
+    parser.add_argument("--demo", action="store_true", help="play the whole flow and exit")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    up(Settings())
-    return 0
+    for noisy in ("httpx", "alembic"):  # a request line per Slack call; migration chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = Settings()
+    if args.command == "prepare":
+        prepare(settings)
+        return 0
+    return up(settings, demo=args.demo)
 
 
 if __name__ == "__main__":
