@@ -86,6 +86,7 @@ class Console:
             time.sleep(0.05)
         self.buttons: list[tuple[str, str, str, str]] = []  # action, value, message ts, label
         self._printed = 0
+        self._print_lock = threading.Lock()
         self._files = itertools.count(1)
 
     def close(self) -> None:
@@ -169,10 +170,11 @@ class Console:
                 last, quiet_since = now, time.monotonic()
             elif time.monotonic() - quiet_since > settle:
                 break
-        calls = self.standin.calls[self._printed :]
-        self._printed += len(calls)
-        for call in calls:
-            self._render(call.method, call.params)
+        with self._print_lock:
+            calls = self.standin.calls[self._printed :]
+            self._printed += len(calls)
+            for call in calls:
+                self._render(call.method, call.params)
 
     def _render(self, method: str, params: dict[str, Any]) -> None:
         text = blocks_text(params["blocks"]) if params.get("blocks") else params.get("text", "")
@@ -209,11 +211,19 @@ def run_console(settings: Settings) -> int:
         "finetune-bot console: type Slack commands (`/finetune help`), `upload PATH`, "
         "a button number, or `quit`."
     )
+    stop = threading.Event()
+
+    def follow() -> None:  # what arrives while nobody types: job progress, reports, uploads
+        while not stop.wait(1.0):
+            console.show_new(settle=0.3)
+
+    threading.Thread(target=follow, daemon=True).start()
     try:
         for line in sys.stdin:
             if not console.handle(line):
                 break
             console.show_new()
     finally:
+        stop.set()
         console.close()
     return 0
