@@ -167,15 +167,20 @@ def queue_job(
             requested_by=user,
             channel_id=channel,
         )
-        posted = client.chat_postMessage(
-            channel=channel,
-            text=f"Fine-tuning job {job.id} queued",
-            blocks=job_header_blocks(job, dataset),
-        )
-        job.thread_ts = posted["ts"]
-        session.add(job)
-        session.commit()
-        return job
+        return _post_root(session, client, job, dataset, "Fine-tuning job")
+
+
+def _post_root(session: Any, client: Any, job: Job, dataset: Dataset | None, noun: str) -> Job:
+    """Post a queued job's root message; its ts becomes the job's thread."""
+    posted = client.chat_postMessage(
+        channel=job.channel_id,
+        text=f"{noun} {job.id} queued",
+        blocks=job_header_blocks(job, dataset),
+    )
+    job.thread_ts = posted["ts"]
+    session.add(job)
+    session.commit()
+    return job
 
 
 def _find_job(session: Any, command: dict, args: list[str]) -> Job:
@@ -345,14 +350,7 @@ def _export(ctx: BotContext, command: dict, args: list[str], respond: Any, clien
             channel_id=channel,
         )
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-        posted = client.chat_postMessage(
-            channel=channel,
-            text=f"Export job {job.id} queued",
-            blocks=job_header_blocks(job, dataset),
-        )
-        job.thread_ts = posted["ts"]
-        session.add(job)
-        session.commit()
+        _post_root(session, client, job, dataset, "Export job")
 
 
 SUBCOMMANDS: dict[str, Callable[..., None]] = {

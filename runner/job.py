@@ -62,22 +62,8 @@ def _run(
     try:
         spec, dataset = _prepare(session, store, settings, job, owner)
         result = train(spec, _hooks(session, store, job, owner))
-    except FinetuneError as exc:
-        set_job_state(
-            session, job_id=job_id, owner=owner, status=JobStatus.failed, error=exc.message
-        )
-        return JobStatus.failed
-    except Exception:
-        error_id = uuid.uuid4().hex[:8]
-        log.exception("job %d failed with an internal error (error id %s)", job_id, error_id)
-        set_job_state(
-            session,
-            job_id=job_id,
-            owner=owner,
-            status=JobStatus.failed,
-            error=f"internal error (error id {error_id}; the runner's log has the details)",
-        )
-        return JobStatus.failed
+    except Exception as exc:
+        return _fail(session, job_id, owner, exc)
     curve = store.put_bytes(_loss_curve(result.losses, job_id))
     summary: dict[str, Any] = {
         "steps": result.step,
@@ -121,6 +107,19 @@ def _run(
     return JobStatus.succeeded
 
 
+def _fail(session: Any, job_id: int, owner: str, exc: Exception) -> JobStatus:
+    """End the job ``failed``: a ``FinetuneError``'s message is for the user as it stands; any
+    other error is logged with an id the user is shown instead of its details."""
+    if isinstance(exc, FinetuneError):
+        error = exc.message
+    else:
+        error_id = uuid.uuid4().hex[:8]
+        log.exception("job %d failed with an internal error (error id %s)", job_id, error_id)
+        error = f"internal error (error id {error_id}; the runner's log has the details)"
+    set_job_state(session, job_id=job_id, owner=owner, status=JobStatus.failed, error=error)
+    return JobStatus.failed
+
+
 def _run_export(
     session: Any, store: ArtifactStore, settings: Settings, job: Job, owner: str
 ) -> JobStatus:
@@ -145,22 +144,8 @@ def _run_export(
             shard_size=config.get("shard_size", "5GB"),
             on_status=status,
         )
-    except FinetuneError as exc:
-        set_job_state(
-            session, job_id=job_id, owner=owner, status=JobStatus.failed, error=exc.message
-        )
-        return JobStatus.failed
-    except Exception:
-        error_id = uuid.uuid4().hex[:8]
-        log.exception("export job %d failed with an internal error (error id %s)", job_id, error_id)
-        set_job_state(
-            session,
-            job_id=job_id,
-            owner=owner,
-            status=JobStatus.failed,
-            error=f"internal error (error id {error_id}; the runner's log has the details)",
-        )
-        return JobStatus.failed
+    except Exception as exc:
+        return _fail(session, job_id, owner, exc)
     set_job_state(
         session,
         job_id=job_id,
