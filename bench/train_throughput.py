@@ -147,6 +147,7 @@ def run_ours(
         (", per-layer compile" if compile_layers else "")
         + (", CUDA graphs" if cuda_graphs else "")
         + (" unfused" if cuda_graphs and not fused_kernels else "")
+        + (" per layer" if cuda_graphs and _per_layer() else "")
         + (", grad ckpt" if gradient_checkpointing else "")
     )
     return {
@@ -161,6 +162,12 @@ def run_ours(
         "final_loss": result.losses[-1],
         "losses": result.losses,
     }
+
+
+def _per_layer() -> bool:
+    import runner.train.graphs as graphs
+
+    return graphs.PER_LAYER
 
 
 def _indices(spec: TrainSpec, step: int) -> list[int]:
@@ -333,7 +340,8 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         default="baseline,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
-        help="comma list of: baseline, ours4, graphs4, graphs4-unfused, ours16, graphs16, "
+        help="comma list of: baseline, ours4, graphs4, graphs4-unfused, graphs4-perlayer, "
+        "ours16, graphs16, "
         "compile4, compile16, qlora",
     )
     parser.add_argument(
@@ -371,6 +379,7 @@ def main() -> None:
         ("ours4", 2, 2, False, False),
         ("graphs4", 2, 2, False, True),
         ("graphs4-unfused", 2, 2, False, True),
+        ("graphs4-perlayer", 2, 2, False, True),
         ("ours16", 4, 4, False, False),
         ("graphs16", 4, 4, False, True),
         ("compile4", 2, 2, True, False),
@@ -378,6 +387,9 @@ def main() -> None:
     ]
     for name, batch, accum, compiled, graphed in plan:
         if name in runs:
+            import runner.train.graphs as graphs
+
+            graphs.PER_LAYER = name.endswith("perlayer")
             row = run_ours(
                 args.model,
                 examples,

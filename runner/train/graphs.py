@@ -1,7 +1,7 @@
 """CUDA graphs over the decoder layers of a packed training step.
 
 At the tutorial's 4 samples per optimizer step a step is ~1,000 tokens and a 7B LoRA step launches
-~6,000 kernels: the GPU waits on the CPU. Capturing each decoder layer's forward and backward as CUDA
+~6,000 kernels: the GPU waits on the CPU. Capturing the decoder stack's forward and backward as CUDA
 graphs (``torch.cuda.make_graphed_callables``) replays them with one launch each. Graphs need fixed
 shapes, so a packed step is padded to a *bucket* (a multiple of 128 tokens, coarser for long steps)
 with a trailing padding sequence of its own: ``cu_seqlens`` keeps the real samples apart from it,
@@ -10,7 +10,7 @@ computes the same loss and gradients as the unpadded one. ``cu_seqlens`` has a f
 (unused slots repeat the end: empty sequences).
 
 The embedding, final norm, LM head, loss and optimizer stay eager (a few dozen launches). One graph
-set is captured per bucket the job meets (lazily, ~0.5 s each); all share one memory pool, which is
+pair is captured per bucket the job meets (lazily, ~0.3 s each on a 7B); all share one memory pool, which is
 safe because a step replays only its own bucket's graphs, forward then backward, before the next.
 Only for LoRA on CUDA without gradient checkpointing; anything else trains eagerly.
 """
@@ -35,6 +35,9 @@ MAX_GRAPHS = 16  # distinct buckets captured per job; steps beyond run eagerly
 # Longer steps are not launch-bound (a 16-sample step of ~4,000 tokens ran no faster graphed), and
 # each bucket's capture costs ~0.5 s: they run eagerly.
 MAX_GRAPH_TOKENS = 2048
+# One graph pair per decoder layer instead of one for the whole stack (diagnostics: the bench
+# compares the two).
+PER_LAYER = False
 
 
 def bucket_of(tokens: int) -> int:
@@ -139,6 +142,23 @@ class _LayerCall(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class _StackCall(torch.nn.Module):
+    """Every decoder layer in one callable: one forward and one backward graph per bucket, so a
+    bucket costs two captures (each of which synchronises and empties the allocator's cache)
+    instead of two per layer, and a step replays two graphs."""
+
+    def __init__(self, layers: list[_LayerCall]) -> None:
+        super().__init__()
+        self.calls = torch.nn.ModuleList(layers)
+
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
+    ) -> torch.Tensor:
+        for call in self.calls:
+            hidden = call(hidden, cos, sin, cu)
+        return hidden
+
+
 class _Bucket:
     """The graphed layers of one bucket and the static tensors every layer reads."""
 
@@ -199,7 +219,8 @@ class GraphedDecoder:
     def _capture(
         self, size: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: Any
     ) -> _Bucket:
-        layers = [_LayerCall(layer, size) for layer in self.backbone.layers]
+        per_layer = [_LayerCall(layer, size) for layer in self.backbone.layers]
+        layers: list[torch.nn.Module] = list(per_layer) if PER_LAYER else [_StackCall(per_layer)]
         static = _Bucket(layers, cos.clone(), sin.clone(), cu.clone())
         width = hidden.shape[-1]
         first = hidden.detach().clone()
@@ -219,7 +240,7 @@ class GraphedDecoder:
         seconds = time.perf_counter() - started
         self.capture_seconds += seconds
         log.info(
-            "captured CUDA graphs for %d-token steps (%d layers) in %.2f s (%.1f s in all)",
+            "captured CUDA graphs for %d-token steps (%d callables) in %.2f s (%.1f s in all)",
             size,
             len(layers),
             seconds,
