@@ -151,10 +151,36 @@ def export_checkpoint(
     base_dir = model_dir_for(settings, checkpoint.base_model)
     assert base_dir is not None
     check_disk(store, base_dir, bits)
-    adapter_dir = store.path(checkpoint.path)
-    prompts, labels, max_new = _eval_prompts(session, store, checkpoint, base_dir)
     started = time.perf_counter()
     name = export_name(checkpoint_id, bits)
+    try:
+        report = _write_export(
+            session, store, checkpoint, base_dir, name, bits, shard_size, on_status, started
+        )
+    except OSError:
+        if store.path(name).exists():  # another export of this checkpoint finished first
+            raise Conflict(
+                f"checkpoint {checkpoint_id} was exported by another job meanwhile, at {name}"
+            ) from None
+        raise
+    log.info("exported checkpoint %d to %s (%d bytes)", checkpoint_id, name, report["bytes"])
+    return report
+
+
+def _write_export(
+    session: Session,
+    store: ArtifactStore,
+    checkpoint: Checkpoint,
+    base_dir: Path,
+    name: str,
+    bits: int | None,
+    shard_size: str,
+    on_status: Callable[[str], None],
+    started: float,
+) -> dict[str, Any]:
+    checkpoint_id = checkpoint.id
+    adapter_dir = store.path(checkpoint.path)
+    prompts, labels, max_new = _eval_prompts(session, store, checkpoint, base_dir)
     with store.staged_dir(name) as staging:
         merged_dir = staging if bits is None else store.tmp / f"{staging.name}-merged"
         try:
@@ -196,7 +222,6 @@ def export_checkpoint(
             "bytes": sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()),
         }
         (staging / "meta.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
-    log.info("exported checkpoint %d to %s (%d bytes)", checkpoint_id, name, report["bytes"])
     return report
 
 

@@ -69,6 +69,8 @@ def up(settings: Settings, *, demo: bool) -> int:
     prepare(settings)
     stack = start_stack(settings)
     log.info("serving and the runner are up (%.0f s since start)", time.monotonic() - started)
+    # From here the terminal is the conversation: only warnings from the processes' loggers.
+    logging.getLogger().setLevel(logging.WARNING)
     try:
         if demo:
             return play_demo(stack.settings, started)

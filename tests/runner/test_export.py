@@ -184,3 +184,24 @@ def test_a_killed_export_leaves_nothing_under_its_final_name(
     assert not store.path(export_name(checkpoint.id, None)).exists()
     assert store.sweep_tmp() >= 1  # what it left is only under tmp/, and the sweep removes it
     assert not any(store.tmp.iterdir())
+
+
+def test_an_export_finished_meanwhile_by_another_job_is_a_conflict_not_a_crash(
+    engine, eval_settings, checkpoint, monkeypatch
+) -> None:
+    import runner.export as export
+
+    store = ArtifactStore(eval_settings.artifact_dir)
+    final = store.path(export_name(checkpoint.id, None))
+    save_tokenizer = export._save_tokenizer
+
+    def another_job_finishes_first(base_dir, out):
+        final.mkdir(parents=True)
+        (final / "meta.json").write_text("{}")
+        save_tokenizer(base_dir, out)
+
+    monkeypatch.setattr(export, "_save_tokenizer", another_job_finishes_first)
+    with new_session(engine) as session, pytest.raises(Conflict, match="by another job meanwhile"):
+        export_checkpoint(session, store, eval_settings, checkpoint_id=checkpoint.id)
+    assert [p.name for p in final.iterdir()] == ["meta.json"]  # the other export is untouched
+    assert not any(store.tmp.iterdir())  # ours was cleaned up
