@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     serving_max_model_len: int = Field(2048, ge=128)
     serving_max_new_tokens: int = Field(256, ge=1, description="Longest answer /classify makes.")
     serving_max_text_chars: int = Field(2000, ge=1, description="Longest text /classify takes.")
+    serving_sync_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How often serving checks storage for a promotion or rollback made through "
+        "another replica, and follows it (0: never).",
+    )
     modelscope_endpoint: str | None = Field(
         None, description="ModelScope hub URL (default: the public hub)."
     )

@@ -75,6 +75,7 @@ class AdapterRegistry:
         self.swaps = 0
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self._unservable: set[int | None] = set()  # promoted elsewhere, refused here: not retried
 
     # Validation ------------------------------------------------------------------------------
 
@@ -206,6 +207,37 @@ class AdapterRegistry:
                 by,
             )
             return target
+
+    async def sync(self) -> bool:
+        """Follow a promotion or rollback made through another replica: serve what storage says
+        is current, without recording anything. True when this replica switched."""
+        if self._storage_target() == self._current_id():
+            return False
+        async with self._lock:  # re-read under the lock: our own promote may be mid-way
+            target = self._storage_target()
+            if target == self._current_id() or target in self._unservable:
+                return False
+            try:
+                adapter = await self._load(target) if target is not None else None
+            except (AdapterRefused, NotFound) as exc:
+                self._unservable.add(target)
+                log.error("cannot follow the promotion of checkpoint %s: %s", target, exc)
+                return False
+            await self._switch(adapter)
+        log.info(
+            "following a change made through another replica: now serving %s",
+            f"checkpoint {target}" if target is not None else "the base model",
+            extra={"event": "sync", "checkpoint_id": target},
+        )
+        return True
+
+    def _storage_target(self) -> int | None:
+        with new_session(self.db) as session:
+            promotion = current_promotion(session)
+        return promotion.checkpoint_id if promotion is not None else None
+
+    def _current_id(self) -> int | None:
+        return self.current.checkpoint_id if self.current is not None else None
 
     async def restore(self) -> None:
         """At start: serve what storage says is promoted."""

@@ -194,6 +194,21 @@ def _options(settings: Settings, model_dir: Any) -> EngineOptions:
     )
 
 
+async def _follow(state: State, every: float) -> None:
+    """Keep this replica on what storage says is promoted (another replica may have changed it)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if await state.registry.sync():
+                current = state.registry.current
+                state.metrics.adapter.set(current.checkpoint_id if current else 0)
+                state.metrics.swaps.inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("checking storage for promotions failed; trying again in %.0f s", every)
+
+
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -226,7 +241,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             built.backend,
             registry.current.name if registry.current else "none (base)",
         )
+        follower = (
+            asyncio.create_task(_follow(state, settings.serving_sync_seconds))
+            if settings.serving_sync_seconds > 0
+            else None
+        )
         yield
+        if follower is not None:
+            follower.cancel()
         await built.shutdown()
         db.dispose()
 

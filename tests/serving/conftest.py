@@ -157,6 +157,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         "SERVING_MAX_LORA_RANK": "64",
         "SERVING_MAX_NEW_TOKENS": "8",
         "SERVING_CPU_KV_CACHE_MIB": "128",
+        "SERVING_SYNC_SECONDS": "0.5",
     }
     deployment = Deployment(root, env, ids)
     start(deployment)

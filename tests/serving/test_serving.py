@@ -181,3 +181,28 @@ def test_the_transformers_fallback_serves_the_same_api(deployment) -> None:
     finally:
         stop(fallback)
     _serve(deployment, "A")
+
+
+def test_a_promotion_made_through_another_replica_is_followed(deployment) -> None:
+    import time
+
+    from storage.db import make_engine, new_session
+    from storage.promotions import record_promotion
+
+    a, b = deployment.checkpoints["A"], deployment.checkpoints["B"]
+    _serve(deployment, "A")
+    engine = make_engine(deployment.env["DATABASE_URL"])
+    with new_session(engine) as session:  # what another replica's promote writes
+        record_promotion(
+            session, checkpoint_id=b, previous_checkpoint_id=a, action="promote", decided_by="U9"
+        )
+    engine.dispose()
+    with deployment.client() as client:
+        deadline = time.monotonic() + 30
+        while client.get("/healthz").json()["current"]["checkpoint_id"] != b:
+            assert time.monotonic() < deadline, "serving did not follow the promotion"
+            time.sleep(0.2)
+        answer = classify(client)
+        assert answer["label"] == "财经" and answer["model"]["checkpoint_id"] == b
+        history = client.get("/v1/adapters").json()["history"]
+    assert history[0]["by"] == "U9" and history[1]["by"] != "U9"  # following recorded nothing
