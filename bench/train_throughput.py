@@ -116,7 +116,6 @@ def run_ours(
     *,
     compile_layers: bool,
     cuda_graphs: bool = False,
-    fused_kernels: bool = True,
     method: str = "lora",
     base: object = None,
     max_steps: int = 0,
@@ -132,7 +131,6 @@ def run_ours(
         base=base if base is not None else model_config(shape),
         compile_layers=compile_layers,
         cuda_graphs=cuda_graphs,
-        fused_kernels=fused_kernels,
         gradient_checkpointing=gradient_checkpointing,
     )
     started = time.perf_counter()
@@ -146,8 +144,6 @@ def run_ours(
     extras = (
         (", per-layer compile" if compile_layers else "")
         + (", CUDA graphs" if cuda_graphs else "")
-        + (" unfused" if cuda_graphs and not fused_kernels else "")
-        + (" per layer" if cuda_graphs and _per_layer() else "")
         + (", grad ckpt" if gradient_checkpointing else "")
     )
     return {
@@ -162,12 +158,6 @@ def run_ours(
         "final_loss": result.losses[-1],
         "losses": result.losses,
     }
-
-
-def _per_layer() -> bool:
-    import runner.train.graphs as graphs
-
-    return graphs.PER_LAYER
 
 
 def _indices(spec: TrainSpec, step: int) -> list[int]:
@@ -340,9 +330,8 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         default="baseline,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
-        help="comma list of: baseline, ours4, graphs4, graphs4-unfused, graphs4-perlayer, "
-        "ours16, graphs16, "
-        "compile4, compile16, qlora",
+        help="comma list of: baseline, ours4, graphs4, ours16, graphs16, compile4, compile16, "
+        "qlora",
     )
     parser.add_argument(
         "--label", default="", help="appended to each path name (e.g. 'warm cache')"
@@ -378,8 +367,6 @@ def main() -> None:
     plan = [
         ("ours4", 2, 2, False, False),
         ("graphs4", 2, 2, False, True),
-        ("graphs4-unfused", 2, 2, False, True),
-        ("graphs4-perlayer", 2, 2, False, True),
         ("ours16", 4, 4, False, False),
         ("graphs16", 4, 4, False, True),
         ("compile4", 2, 2, True, False),
@@ -387,17 +374,8 @@ def main() -> None:
     ]
     for name, batch, accum, compiled, graphed in plan:
         if name in runs:
-            import runner.train.graphs as graphs
-
-            graphs.PER_LAYER = name.endswith("perlayer")
             row = run_ours(
-                args.model,
-                examples,
-                batch,
-                accum,
-                compile_layers=compiled,
-                cuda_graphs=graphed,
-                fused_kernels=not name.endswith("unfused"),
+                args.model, examples, batch, accum, compile_layers=compiled, cuda_graphs=graphed
             )
             row["path"] += f" {args.label}".rstrip()
             record(row)

@@ -95,7 +95,7 @@ class Console:
         self.server.should_exit = True
         self.standin.stop()
 
-    def _post(self, body: str, content_type: str = "application/x-www-form-urlencoded") -> None:
+    def post(self, body: str, content_type: str = "application/x-www-form-urlencoded") -> None:
         response = httpx.post(
             self.url,
             content=body,
@@ -123,14 +123,14 @@ class Console:
                 self.say(f"No button {line}.")
                 return True
             action, value, ts, _ = self.buttons[index]
-            self._post(
+            self.post(
                 block_action_body(
                     action, value, user_id=self.user, channel_id=CHANNEL, message_ts=ts
                 )
             )
         elif line.startswith("/"):
             command, _, text = line.partition(" ")
-            self._post(
+            self.post(
                 slash_command_body(
                     command,
                     text,
@@ -153,7 +153,7 @@ class Console:
                 "channel_id": CHANNEL,
                 "event_ts": str(time.time()),
             }
-            self._post(event_body(event, event_id=f"Ev{file_id}"), "application/json")
+            self.post(event_body(event, event_id=f"Ev{file_id}"), "application/json")
         else:
             self.say(__doc__ or "")
         return True

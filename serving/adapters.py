@@ -159,7 +159,7 @@ class AdapterRegistry:
             if self.current is not None and self.current.checkpoint_id == checkpoint_id:
                 raise Conflict(f"checkpoint {checkpoint_id} is already serving")
             adapter = await self._load(checkpoint_id)
-            previous = self.current.checkpoint_id if self.current else None
+            previous = self._current_id()
             await self._switch(adapter)
             with new_session(self.db) as session:
                 record_promotion(
@@ -191,7 +191,7 @@ class AdapterRegistry:
                 raise Conflict("nothing to roll back: no promotion has been made")
             target_id = promotion.previous_checkpoint_id
             target = await self._load(target_id) if target_id is not None else None
-            current = self.current.checkpoint_id if self.current else None
+            current = self._current_id()
             await self._switch(target)
             with new_session(self.db) as session:
                 record_promotion(
@@ -211,7 +211,8 @@ class AdapterRegistry:
     async def sync(self) -> bool:
         """Follow a promotion or rollback made through another replica: serve what storage says
         is current, without recording anything. True when this replica switched."""
-        if self._storage_target() == self._current_id():
+        # A database round trip every few seconds: off the event loop, which serves requests.
+        if await asyncio.to_thread(self._storage_target) == self._current_id():
             return False
         async with self._lock:  # re-read under the lock: our own promote may be mid-way
             target = self._storage_target()

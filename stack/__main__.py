@@ -56,12 +56,6 @@ def prepare(settings: Settings) -> None:
     log.info("ready: database %s, artifacts in %s", settings.database_url, settings.artifact_dir)
 
 
-def _has_slack(settings: Settings) -> bool:
-    return bool(
-        settings.slack_bot_token and (settings.slack_signing_secret or settings.slack_app_token)
-    )
-
-
 def up(settings: Settings, *, demo: bool) -> int:
     from stack.processes import start_stack
 
@@ -69,16 +63,16 @@ def up(settings: Settings, *, demo: bool) -> int:
     prepare(settings)
     stack = start_stack(settings)
     log.info("serving and the runner are up (%.0f s since start)", time.monotonic() - started)
-    # From here the terminal is the conversation: only warnings from the processes' loggers.
-    logging.getLogger().setLevel(logging.WARNING)
     try:
-        if demo:
-            return play_demo(stack.settings, started)
-        if _has_slack(settings):
+        if settings.slack_configured and not demo:
             log.info("Slack credentials found: starting the Slack app")
             return subprocess.run(
                 [sys.executable, "-m", "bot"], env=stack.env, check=False
             ).returncode
+        # From here the terminal is the conversation: only warnings from in-process loggers.
+        logging.getLogger().setLevel(logging.WARNING)
+        if demo:
+            return play_demo(stack.settings, started)
         from bot.console import run_console
 
         return run_console(stack.settings)

@@ -133,7 +133,7 @@ class Demo:
         )
         ephemeral, updates = len(self.calls("chat.postEphemeral")), len(self.calls("chat.update"))
         self.console.say(f"» <{user}> clicks “{button['text']['text']}”")
-        self.console._post(
+        self.console.post(
             block_action_body(
                 action,
                 button["value"],

@@ -6,6 +6,7 @@ runs, and both report whether each answer ended (end of sequence) or hit ``max_n
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -61,9 +62,8 @@ class TransformersPredictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        quantized = (model_dir / "config.json").exists() and "quantization_config" in (
-            model_dir / "config.json"
-        ).read_text(encoding="utf-8")
+        config = model_dir / "config.json"
+        quantized = config.exists() and "quantization_config" in json.loads(config.read_text())
         kwargs: dict[str, Any] = {"device_map": {"": self.device.index or 0}} if quantized else {}
         model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
         if adapter_dir is not None:

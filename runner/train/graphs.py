@@ -35,9 +35,6 @@ MAX_GRAPHS = 16  # distinct buckets captured per job; steps beyond run eagerly
 # Longer steps are not launch-bound (a 16-sample step of ~4,000 tokens ran no faster graphed), and
 # each bucket's capture costs ~0.5 s: they run eagerly.
 MAX_GRAPH_TOKENS = 2048
-# One graph pair per decoder layer instead of one for the whole stack (diagnostics: the bench
-# compares the two).
-PER_LAYER = False
 
 
 def bucket_of(tokens: int) -> int:
@@ -118,68 +115,55 @@ def pad_batch(
     return ids, positions, torch.cat([batch.cu_seqlens, tail])
 
 
-class _LayerCall(torch.nn.Module):
-    """One decoder layer with tensor-only arguments, as ``make_graphed_callables`` needs."""
+class _Stack(torch.nn.Module):
+    """The decoder layers as one callable with tensor-only arguments, as
+    ``make_graphed_callables`` needs: one forward and one backward graph per bucket. (One graph
+    pair per layer measured the same, run 7 in docs/benchmarks.md: capture costs running the step
+    under capture, not the number of graphs.)"""
 
-    def __init__(self, layer: torch.nn.Module, max_len: int) -> None:
+    def __init__(self, layers: torch.nn.ModuleList, max_len: int) -> None:
         super().__init__()
-        self.layer = layer
+        self.layers = layers
         self.max_len = max_len
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
     ) -> torch.Tensor:
-        out = self.layer(
-            hidden,
-            attention_mask=None,
-            position_embeddings=(cos, sin),
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=self.max_len,
-            max_length_k=self.max_len,
-            use_cache=False,
-        )
-        return out[0] if isinstance(out, tuple) else out
-
-
-class _StackCall(torch.nn.Module):
-    """Every decoder layer in one callable: one forward and one backward graph per bucket, so a
-    bucket costs two captures (each of which synchronises and empties the allocator's cache)
-    instead of two per layer, and a step replays two graphs."""
-
-    def __init__(self, layers: list[_LayerCall]) -> None:
-        super().__init__()
-        self.calls = torch.nn.ModuleList(layers)
-
-    def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
-    ) -> torch.Tensor:
-        for call in self.calls:
-            hidden = call(hidden, cos, sin, cu)
+        for layer in self.layers:
+            out = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=(cos, sin),
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=self.max_len,
+                max_length_k=self.max_len,
+                use_cache=False,
+            )
+            hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
 
 class _Bucket:
-    """The graphed layers of one bucket and the static tensors every layer reads."""
+    """The graphed stack of one bucket and the static tensors it reads (a step copies its
+    cos/sin/cu into them, so the graph's own input copies find them in place)."""
 
-    def __init__(self, layers: list[Any], cos: torch.Tensor, sin: torch.Tensor, cu: Any):
-        self.layers = layers
+    def __init__(self, stack: Any, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor):
+        self.stack = stack
         self.cos, self.sin, self.cu = cos, sin, cu
 
 
 class GraphedDecoder:
-    """Runs a (PEFT-wrapped) Qwen2-style causal LM over packed batches with graphed layers."""
+    """Runs a (PEFT-wrapped) Qwen2-style causal LM over packed batches with a graphed stack."""
 
-    def __init__(self, model: torch.nn.Module, max_sequences: int, fuse: bool = True) -> None:
-        if fuse:
-            log.info("fused kernels: %s", fuse_kernels(model))
+    def __init__(self, model: torch.nn.Module, max_sequences: int) -> None:
+        log.info("fused kernels: %s", fuse_kernels(model))
         inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
         self.backbone = inner.model
         self.lm_head = inner.lm_head
         self.slots = max_sequences + 2  # boundaries of the samples, the padding sequence, the end
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        self.eager_steps = 0
         self.capture_seconds = 0.0
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
@@ -191,18 +175,15 @@ class GraphedDecoder:
             or size > MAX_GRAPH_TOKENS
             or (size not in self.buckets and len(self.buckets) >= MAX_GRAPHS)
         ):
-            self.eager_steps += 1
             return self._eager(batch)
-        ids, positions, cu = self._pad(batch, size)
+        ids, positions, cu = pad_batch(batch, size, self.slots)
         hidden = self.backbone.embed_tokens(ids)
         cos, sin = self.backbone.rotary_emb(hidden, positions)
         bucket = self.buckets.get(size) or self._capture(size, hidden, cos, sin, cu)
-        # Every layer reads the bucket's static cos/sin/cu: one copy per step, not one per layer.
         bucket.cos.copy_(cos)
         bucket.sin.copy_(sin)
         bucket.cu.copy_(cu)
-        for layer in bucket.layers:
-            hidden = layer(hidden, bucket.cos, bucket.sin, bucket.cu)
+        hidden = bucket.stack(hidden, bucket.cos, bucket.sin, bucket.cu)
         hidden = self.backbone.norm(hidden)
         return self.lm_head(hidden[0, batch.logit_positions])
 
@@ -211,27 +192,19 @@ class GraphedDecoder:
         out = self.backbone(**inputs)
         return self.lm_head(out.last_hidden_state[0, batch.logit_positions])
 
-    def _pad(
-        self, batch: PackedBatch, size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return pad_batch(batch, size, self.slots)
-
     def _capture(
-        self, size: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: Any
+        self,
+        size: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu: torch.Tensor,
     ) -> _Bucket:
-        per_layer = [_LayerCall(layer, size) for layer in self.backbone.layers]
-        layers: list[torch.nn.Module] = list(per_layer) if PER_LAYER else [_StackCall(per_layer)]
-        static = _Bucket(layers, cos.clone(), sin.clone(), cu.clone())
-        width = hidden.shape[-1]
-        first = hidden.detach().clone()
-        args = [(first, static.cos, static.sin, static.cu)]
-        for _ in layers[1:]:
-            sample = torch.randn(1, size, width, device=hidden.device, dtype=hidden.dtype)
-            args.append((sample.requires_grad_(True), static.cos, static.sin, static.cu))
+        static = _Bucket(None, cos.clone(), sin.clone(), cu.clone())
         started = time.perf_counter()
-        graphed = torch.cuda.make_graphed_callables(
-            tuple(layers),
-            tuple(args),
+        static.stack = torch.cuda.make_graphed_callables(
+            _Stack(self.backbone.layers, size),
+            (hidden.detach().clone(), static.cos, static.sin, static.cu),
             # Warm-up settles lazy initialisation (cuBLAS handles, workspaces) outside a capture:
             # needed once per job, not once per bucket (~0.3 s each).
             num_warmup_iters=0 if self.buckets else 2,
@@ -240,12 +213,10 @@ class GraphedDecoder:
         seconds = time.perf_counter() - started
         self.capture_seconds += seconds
         log.info(
-            "captured CUDA graphs for %d-token steps (%d callables) in %.2f s (%.1f s in all)",
+            "captured CUDA graphs for %d-token steps in %.2f s (%.1f s in all)",
             size,
-            len(layers),
             seconds,
             self.capture_seconds,
         )
-        static.layers = list(graphed)
         self.buckets[size] = static
         return static

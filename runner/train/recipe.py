@@ -65,7 +65,6 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     compile_layers: bool = False  # torch.compile each decoder layer (GPU; fewer launches)
     cuda_graphs: bool = False  # replay decoder layers as CUDA graphs (GPU LoRA; see graphs.py)
-    fused_kernels: bool = True  # with cuda_graphs: fused RMSNorm and LoRA addmm forwards
 
 
 @dataclass
@@ -154,7 +153,7 @@ def setup_graphs(
         return None
     from runner.train.graphs import GraphedDecoder
 
-    return GraphedDecoder(model, spec.config.samples_per_step, fuse=spec.fused_kernels).logits
+    return GraphedDecoder(model, spec.config.samples_per_step).logits
 
 
 def decoder_layers(model: torch.nn.Module) -> Any:
