@@ -10,6 +10,7 @@ bench/train_throughput.py.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,14 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument(
+        "--profile-capture",
+        action="store_true",
+        help="with --cuda-graphs: cProfile each bucket's capture and print where its time goes",
+    )
     args = parser.parse_args()
+    if args.profile_capture:
+        profile_captures()
     examples = make_examples(300, SHAPES[args.model]["vocab_size"])
     batch = 2 if args.samples_per_step >= 2 else 1
     config = parse_train_args(
@@ -84,6 +92,7 @@ def main() -> None:
     )
     with profiler:
         result = train(spec, TrainHooks(should_stop=tick))
+    print("step ms:", [round((b - a) * 1000) for a, b in itertools.pairwise(marks)])
     steps = marks[warm - 1 : warm - 1 + args.profile_steps + 1]
     step_ms = (steps[-1] - steps[0]) / (len(steps) - 1) * 1000 if len(steps) > 1 else float("nan")
     events = profiler.key_averages()
@@ -98,6 +107,32 @@ def main() -> None:
     )
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def profile_captures() -> None:
+    """Wrap ``GraphedDecoder._capture`` in cProfile and print, per capture, its seconds and the
+    functions that took them (the capture's cost is host time: the GPU only records)."""
+    import cProfile
+    import io
+    import pstats
+
+    from runner.train import graphs
+
+    original = graphs.GraphedDecoder._capture
+
+    def profiled(self, size, *args):  # type: ignore[no-untyped-def]
+        profile = cProfile.Profile()
+        started = time.perf_counter()
+        bucket = profile.runcall(original, self, size, *args)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(28)
+        print(f"== capture of the {size}-token bucket: {seconds:.3f} s", flush=True)
+        print(text.getvalue()[-6000:], flush=True)
+        return bucket
+
+    graphs.GraphedDecoder._capture = profiled  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

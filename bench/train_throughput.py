@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.protocol import TrainingExample
 from runner.config import parse_train_args
+from runner.train import graphs
 from runner.train.recipe import TrainSpec, train
 
 PEAK_FLOPS = 790e12
@@ -330,7 +331,7 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         default="baseline,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
-        help="comma list of: baseline, ours4, graphs4, ours16, graphs16, compile4, compile16, "
+        help="comma list of: baseline, ours4, graphs4, graphs4-layers, ours16, graphs16, compile4, compile16, "
         "qlora",
     )
     parser.add_argument(
@@ -372,11 +373,17 @@ def main() -> None:
         ("compile4", 2, 2, True, False),
         ("compile16", 4, 4, True, False),
     ]
+    if "graphs4-layers" in runs:  # the previous graphed path: transformers' layers, unfused
+        plan.append(("graphs4-layers", 2, 2, False, True))
     for name, batch, accum, compiled, graphed in plan:
         if name in runs:
+            graphs.FUSE_LAYERS = not name.endswith("-layers")
             row = run_ours(
                 args.model, examples, batch, accum, compile_layers=compiled, cuda_graphs=graphed
             )
+            graphs.FUSE_LAYERS = True
+            if name.endswith("-layers"):
+                row["path"] = row["path"].replace(")", ", transformers layers)")
             row["path"] += f" {args.label}".rstrip()
             record(row)
     print(loss_agreement(rows), flush=True)

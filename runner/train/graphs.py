@@ -21,11 +21,14 @@ import logging
 import math
 import time
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from runner.train import kernels
+from runner.train.attention import attend
 from runner.train.packing import PackedBatch
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ MAX_GRAPHS = 16  # distinct buckets captured per job; steps beyond run eagerly
 # Longer steps are not launch-bound (a 16-sample step of ~4,000 tokens ran no faster graphed), and
 # each bucket's capture costs ~0.5 s: they run eagerly.
 MAX_GRAPH_TOKENS = 2048
+FUSE_LAYERS = True  # graph ``FusedLayer``s where the layers allow (False: transformers' layers)
 
 
 def bucket_of(tokens: int) -> int:
@@ -46,6 +50,46 @@ def bucket_of(tokens: int) -> int:
     """
     step = max(MIN_BUCKET, 2 ** max(0, math.floor(math.log2(max(tokens, 1))) - 3))
     return -(-tokens // step) * step
+
+
+# One capture costs about as much as this many padded tokens over the job's steps (7B on an H200:
+# ~0.25 s per capture against ~0.06 ms per token of a step; docs/benchmarks.md run 9).
+CAPTURE_TOKENS = 4000
+ALIGN = 32  # planned buckets are multiples of this
+
+
+def plan_buckets(sizes: Sequence[int], capture_tokens: int = CAPTURE_TOKENS) -> list[int]:
+    """Bucket sizes for a job whose graphed micro-batches have ``sizes`` tokens (the schedule
+    knows them all before the first step): the set that minimises captures × ``capture_tokens``
+    plus the padding of every step, each step padded to the smallest bucket that holds it.
+
+    >>> plan_buckets([1000, 1010, 1020, 1030])
+    [1056]
+    >>> plan_buckets([100] * 50 + [1000] * 50)
+    [128, 1024]
+    >>> plan_buckets([100, 1000], capture_tokens=10**6)
+    [1024]
+    """
+    ordered = sorted(s for s in sizes if 0 < s <= MAX_GRAPH_TOKENS)
+    if not ordered:
+        return []
+    rounded = [-(-s // ALIGN) * ALIGN for s in ordered]
+    prefix = [0]
+    for s in ordered:
+        prefix.append(prefix[-1] + s)
+    # A bucket covers a run of the sorted sizes; runs end only where the rounded size changes.
+    ends = [i for i in range(1, len(ordered)) if rounded[i] != rounded[i - 1]] + [len(ordered)]
+    best: dict[int, tuple[int, list[int]]] = {0: (0, [])}
+    for end in ends:
+        top = rounded[end - 1]
+        best[end] = min(
+            (
+                cost + capture_tokens + top * (end - start) - (prefix[end] - prefix[start]),
+                [*chosen, top],
+            )
+            for start, (cost, chosen) in best.items()
+        )
+    return best[len(ordered)][1][:MAX_GRAPHS]
 
 
 def _fused_rms_norm(self: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,20 +159,89 @@ def pad_batch(
     return ids, positions, torch.cat([batch.cu_seqlens, tail])
 
 
+class FusedLayer:
+    """A Qwen2/Llama-style decoder layer computed from its own modules' weights with the fused
+    pieces of ``kernels``: q/k/v as one LoRA GEMM, RoPE and the v split in one kernel, o with the
+    residual as its accumulator, gate/up as one GEMM, SiLU·mul in one kernel, down with the
+    residual. The same maths as the transformers layer (held to it by the tests)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attn: Any = layer.self_attn
+        mlp: Any = layer.mlp
+        config = attn.config
+        if getattr(attn, "sliding_window", None) or getattr(config, "attention_dropout", 0.0):
+            raise ValueError("fused layers need full causal attention without dropout")
+        if getattr(config, "hidden_act", None) != "silu":
+            raise ValueError("fused layers need a SiLU MLP")
+        members = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        members += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        for member in members:  # refuse before any weight is fused
+            kernels.lora_adapter(member)
+            kernels._base_linear(member)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.head_dim = attn.head_dim
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.qkv = kernels.LoRAGroup(members[:3])
+        self.o = kernels.LoRAGroup(members[3:4])
+        self.gate_up = kernels.LoRAGroup(members[4:6])
+        self.down = kernels.LoRAGroup(members[6:])
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu: torch.Tensor,
+        max_len: int,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        q, k, v = kernels.qkv_rope(
+            self.qkv(_rms(self.norms[0], hidden)), cos, sin, self.heads, self.kv_heads
+        )
+        out = attend(q, k, v, cu, max_len, self.scaling)
+        hidden = self.o(out.reshape(tokens, -1), residual=hidden)
+        return self.down(
+            kernels.silu_mul(self.gate_up(_rms(self.norms[1], hidden))), residual=hidden
+        )
+
+
+def _rms(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
+def fused_layers(layers: torch.nn.ModuleList) -> list[FusedLayer] | None:
+    """Every layer as a ``FusedLayer``, or None where one cannot be (the reason is logged)."""
+    try:
+        return [FusedLayer(layer) for layer in layers]
+    except (AttributeError, ValueError) as exc:
+        log.info("decoder layers not fused (%s): graphing transformers' layers", exc)
+        return None
+
+
 class _Stack(torch.nn.Module):
     """The decoder layers as one callable with tensor-only arguments, as
     ``make_graphed_callables`` needs: one forward and one backward graph per bucket. (One graph
     pair per layer measured the same, run 7 in docs/benchmarks.md: capture costs running the step
     under capture, not the number of graphs.)"""
 
-    def __init__(self, layers: torch.nn.ModuleList, max_len: int) -> None:
+    def __init__(
+        self, layers: torch.nn.ModuleList, max_len: int, fused: list[FusedLayer] | None = None
+    ) -> None:
         super().__init__()
         self.layers = layers
         self.max_len = max_len
+        self.fused = fused
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor
     ) -> torch.Tensor:
+        if self.fused is not None:
+            flat = hidden[0]
+            for fused in self.fused:
+                flat = fused(flat, cos[0], sin[0], cu, self.max_len)
+            return flat.unsqueeze(0)
         for layer in self.layers:
             out = layer(
                 hidden,
@@ -161,15 +274,39 @@ class GraphedDecoder:
         inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
         self.backbone = inner.model
         self.lm_head = inner.lm_head
+        self.fused = fused_layers(self.backbone.layers) if FUSE_LAYERS else None
+        if self.fused:
+            config = self.backbone.config
+            first = self.fused[0]
+            seconds = kernels.warm_up(
+                first.heads,
+                first.kv_heads,
+                first.head_dim,
+                config.intermediate_size,
+                self.backbone.embed_tokens.weight.device,
+                self.backbone.embed_tokens.weight.dtype,
+            )
+            log.info("fused kernels compiled or loaded in %.2f s", seconds)
         self.slots = max_sequences + 2  # boundaries of the samples, the padding sequence, the end
         self.buckets: dict[int, _Bucket] = {}
+        self.planned: list[int] = []
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
+
+    def plan(self, sizes: Sequence[int]) -> list[int]:
+        """Choose the buckets from the micro-batch sizes the job will run (``plan_buckets``);
+        a step no planned bucket holds falls back to ``bucket_of``."""
+        self.planned = plan_buckets(sizes)
+        log.info("planned CUDA graph buckets: %s", self.planned)
+        return self.planned
+
+    def bucket(self, tokens: int) -> int:
+        return next((b for b in self.planned if b >= tokens), None) or bucket_of(tokens)
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """Logits at ``batch.logit_positions``, (A, vocab): what the eager model would give."""
         n = batch.cu_seqlens.numel() - 1
-        size = bucket_of(batch.tokens)
+        size = self.bucket(batch.tokens)
         if (
             n + 2 > self.slots
             or size > MAX_GRAPH_TOKENS
@@ -188,9 +325,17 @@ class GraphedDecoder:
         return self.lm_head(hidden[0, batch.logit_positions])
 
     def _eager(self, batch: PackedBatch) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
-        out = self.backbone(**inputs)
-        return self.lm_head(out.last_hidden_state[0, batch.logit_positions])
+        """A step no graph covers (over ``MAX_GRAPH_TOKENS``, too many samples, too many
+        buckets), unpadded: the fused layers where there are some, else the transformers model."""
+        if self.fused is None:
+            inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
+            hidden = self.backbone(**inputs).last_hidden_state
+        else:
+            hidden = self.backbone.embed_tokens(batch.input_ids)
+            cos, sin = self.backbone.rotary_emb(hidden, batch.position_ids)
+            stack = _Stack(self.backbone.layers, batch.max_len, self.fused)
+            hidden = self.backbone.norm(stack(hidden, cos, sin, batch.cu_seqlens))
+        return self.lm_head(hidden[0, batch.logit_positions])
 
     def _capture(
         self,
@@ -203,11 +348,11 @@ class GraphedDecoder:
         static = _Bucket(None, cos.clone(), sin.clone(), cu.clone())
         started = time.perf_counter()
         static.stack = torch.cuda.make_graphed_callables(
-            _Stack(self.backbone.layers, size),
+            _Stack(self.backbone.layers, size, self.fused),
             (hidden.detach().clone(), static.cos, static.sin, static.cu),
-            # Warm-up settles lazy initialisation (cuBLAS handles, workspaces) outside a capture:
-            # needed once per job, not once per bucket (~0.3 s each).
-            num_warmup_iters=0 if self.buckets else 2,
+            # Warm-up settles lazy initialisation (cuBLAS handles, workspaces, kernel loading)
+            # outside a capture: needed once per job, not once per bucket.
+            num_warmup_iters=0 if self.buckets else 1,
             pool=self.pool,
         )
         seconds = time.perf_counter() - started

@@ -130,13 +130,26 @@ def pack(examples: Sequence[TrainingExample]) -> PackedBatch:
 def pack_step(examples: Sequence[TrainingExample], token_budget: int) -> list[PackedBatch]:
     """The samples of one optimizer step as packed micro-batches of at most ``token_budget``
     tokens each (a sample longer than the budget gets a micro-batch of its own)."""
-    batches: list[list[TrainingExample]] = [[]]
+    groups = _groups([len(e.input_ids) for e in examples], token_budget)
+    return [pack([examples[i] for i in group]) for group in groups]
+
+
+def micro_batch_sizes(lengths: Sequence[int], token_budget: int) -> list[int]:
+    """The token counts of the micro-batches ``pack_step`` makes from samples of ``lengths``.
+
+    >>> micro_batch_sizes([300, 300, 300], 700)
+    [600, 300]
+    """
+    return [sum(lengths[i] for i in group) for group in _groups(lengths, token_budget)]
+
+
+def _groups(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    groups: list[list[int]] = [[]]
     used = 0
-    for example in examples:
-        n = len(example.input_ids)
-        if batches[-1] and used + n > token_budget:
-            batches.append([])
+    for i, n in enumerate(lengths):
+        if groups[-1] and used + n > token_budget:
+            groups.append([])
             used = 0
-        batches[-1].append(example)
+        groups[-1].append(i)
         used += n
-    return [pack(group) for group in batches if group]
+    return [group for group in groups if group]

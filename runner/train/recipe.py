@@ -27,7 +27,7 @@ from core.errors import FinetuneError
 from core.protocol import TrainingExample
 from runner.config import TrainConfig
 from runner.train import attention
-from runner.train.packing import PackedBatch, Schedule, pack_step, truncate
+from runner.train.packing import PackedBatch, Schedule, micro_batch_sizes, pack_step, truncate
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,9 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
     return trainable
 
 
-def setup_graphs(
-    spec: TrainSpec, model: torch.nn.Module, device: torch.device
-) -> Callable[[PackedBatch], torch.Tensor] | None:
-    """The CUDA-graphed forward where it applies (LoRA on CUDA, no checkpointing or compile)."""
+def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> Any:
+    """The CUDA-graphed decoder (``graphs.GraphedDecoder``) where it applies (LoRA on CUDA, no
+    checkpointing or compile), else None."""
     if not spec.cuda_graphs:
         return None
     if (
@@ -153,7 +152,7 @@ def setup_graphs(
         return None
     from runner.train.graphs import GraphedDecoder
 
-    return GraphedDecoder(model, spec.config.samples_per_step).logits
+    return GraphedDecoder(model, spec.config.samples_per_step)
 
 
 def decoder_layers(model: torch.nn.Module) -> Any:
@@ -366,7 +365,8 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         config.max_steps,
     )
     model = setup_model(spec, device, dtype)
-    logits_of = setup_graphs(spec, model, device)
+    graphed = setup_graphs(spec, model, device)
+    logits_of = graphed.logits if graphed is not None else None
     named = trainable_parameters(model)
     masters = MasterWeights([p for _, p in named])
     optimizer = setup_optimizer(named, masters, config, device)
@@ -377,6 +377,16 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
             spec.resume_from, optimizer=optimizer, scheduler=scheduler, masters=masters, named=named
         )
         log.info("resumed from %s at step %d", spec.resume_from, step)
+    if graphed is not None:  # the schedule knows every step's size: choose the graphs' buckets
+        graphed.plan(
+            [
+                size
+                for at in range(step, schedule.total_steps)
+                for size in micro_batch_sizes(
+                    [len(examples[i].input_ids) for i in schedule.indices(at)], spec.token_budget
+                )
+            ]
+        )
     model.train()
 
     def checkpoint(at: int, final: bool) -> Path | None:

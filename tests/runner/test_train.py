@@ -57,7 +57,8 @@ def test_packed_step_gives_the_gradient_of_the_unpacked_mean(tiny_model_dir, tok
     assert len(micro) >= 2
     step_loss(model, micro)
     for ours, ref in zip((p.grad for p in params), reference, strict=True):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)
+        # float32 summation order differs: tolerance scaled to each gradient's magnitude
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 def test_a_sample_sees_nothing_of_the_sample_packed_before_it(tiny_model_dir, tokenizer) -> None:
