@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=18, help="kernels listed by GPU time")
     parser.add_argument(
         "--profile-capture",
         action="store_true",
@@ -105,7 +106,11 @@ def main() -> None:
         f"{result.tokens_per_second:,.0f} tokens/s over {result.step} steps",
         flush=True,
     )
-    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    print(
+        events.table(
+            sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=90
+        )
+    )
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
 
 

@@ -2,17 +2,21 @@
 
 At the tutorial's 4 samples per optimizer step a step is ~1,000 tokens and a 7B LoRA step launches
 ~6,000 kernels: the GPU waits on the CPU. Capturing the decoder stack's forward and backward as CUDA
-graphs (``torch.cuda.make_graphed_callables``) replays them with one launch each. Graphs need fixed
-shapes, so a packed step is padded to a *bucket* (a multiple of 128 tokens, coarser for long steps)
-with a trailing padding sequence of its own: ``cu_seqlens`` keeps the real samples apart from it,
-causal attention keeps them from seeing it, and the LM head never reads it, so the padded step
-computes the same loss and gradients as the unpadded one. ``cu_seqlens`` has a fixed length too
-(unused slots repeat the end: empty sequences).
+graphs (``torch.cuda.make_graphed_callables``) replays them with one launch each. Graphs need
+fixed shapes, so a packed step is padded to a *bucket* with a trailing padding sequence of its
+own: ``cu_seqlens`` keeps the real samples apart from it, causal attention keeps them from seeing
+it, and the LM head never reads it, so the padded step computes the same loss and gradients as
+the unpadded one. ``cu_seqlens`` has a fixed length too (unused slots repeat the end: empty
+sequences). The buckets are planned before the first step from the sizes the schedule will run
+(``plan_buckets``: captures against padding).
 
-The embedding, final norm, LM head, loss and optimizer stay eager (a few dozen launches). One graph
-pair is captured per bucket the job meets (lazily, ~0.3 s each on a 7B); all share one memory pool, which is
-safe because a step replays only its own bucket's graphs, forward then backward, before the next.
-Only for LoRA on CUDA without gradient checkpointing; anything else trains eagerly.
+Inside the graphs each layer is a ``FusedLayer`` where the model allows it (q/k/v and gate/up as
+one LoRA GEMM each, RoPE and SiLU·mul as Triton kernels: runner/train/kernels.py), else the
+transformers layer. The embedding, final norm, LM head, loss and optimizer stay eager (a few dozen
+launches). One graph pair is captured per bucket (~0.2 s each on a 7B); all share one memory
+pool, which is safe because a step replays only its own bucket's graphs, forward then backward,
+before the next. Only for LoRA on CUDA without gradient checkpointing; anything else trains
+eagerly.
 """
 
 from __future__ import annotations
@@ -162,8 +166,8 @@ def pad_batch(
 class FusedLayer:
     """A Qwen2/Llama-style decoder layer computed from its own modules' weights with the fused
     pieces of ``kernels``: q/k/v as one LoRA GEMM, RoPE and the v split in one kernel, o with the
-    residual as its accumulator, gate/up as one GEMM, SiLU·mul in one kernel, down with the
-    residual. The same maths as the transformers layer (held to it by the tests)."""
+    residual as its accumulator, gate/up as one GEMM, SiLU·mul (with the gate/up adapters'
+    products) in one kernel, down with the residual. The same maths as the transformers layer (held to it by the tests)."""
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn: Any = layer.self_attn
@@ -202,9 +206,7 @@ class FusedLayer:
         )
         out = attend(q, k, v, cu, max_len, self.scaling)
         hidden = self.o(out.reshape(tokens, -1), residual=hidden)
-        return self.down(
-            kernels.silu_mul(self.gate_up(_rms(self.norms[1], hidden))), residual=hidden
-        )
+        return self.down(self.gate_up.silu_mul(_rms(self.norms[1], hidden)), residual=hidden)
 
 
 def _rms(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -222,9 +224,9 @@ def fused_layers(layers: torch.nn.ModuleList) -> list[FusedLayer] | None:
 
 class _Stack(torch.nn.Module):
     """The decoder layers as one callable with tensor-only arguments, as
-    ``make_graphed_callables`` needs: one forward and one backward graph per bucket. (One graph
-    pair per layer measured the same, run 7 in docs/benchmarks.md: capture costs running the step
-    under capture, not the number of graphs.)"""
+    ``make_graphed_callables`` needs: one forward and one backward graph per bucket. (One graph pair per layer measured the same, run 7 in
+    docs/benchmarks.md: capture costs running the step under capture, not the number of
+    graphs.)"""
 
     def __init__(
         self, layers: torch.nn.ModuleList, max_len: int, fused: list[FusedLayer] | None = None
@@ -276,15 +278,13 @@ class GraphedDecoder:
         self.lm_head = inner.lm_head
         self.fused = fused_layers(self.backbone.layers) if FUSE_LAYERS else None
         if self.fused:
-            config = self.backbone.config
             first = self.fused[0]
             seconds = kernels.warm_up(
                 first.heads,
                 first.kv_heads,
                 first.head_dim,
-                config.intermediate_size,
+                first.gate_up,
                 self.backbone.embed_tokens.weight.device,
-                self.backbone.embed_tokens.weight.dtype,
             )
             log.info("fused kernels compiled or loaded in %.2f s", seconds)
         self.slots = max_sequences + 2  # boundaries of the samples, the padding sequence, the end
@@ -320,8 +320,7 @@ class GraphedDecoder:
         bucket.cos.copy_(cos)
         bucket.sin.copy_(sin)
         bucket.cu.copy_(cu)
-        hidden = bucket.stack(hidden, bucket.cos, bucket.sin, bucket.cu)
-        hidden = self.backbone.norm(hidden)
+        hidden = self.backbone.norm(bucket.stack(hidden, bucket.cos, bucket.sin, bucket.cu))
         return self.lm_head(hidden[0, batch.logit_positions])
 
     def _eager(self, batch: PackedBatch) -> torch.Tensor:

@@ -44,12 +44,7 @@ def triton_enabled(tensor: torch.Tensor) -> bool:
 
 
 def warm_up(
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    intermediate: int,
-    device: torch.device,
-    dtype: torch.dtype,
+    heads: int, kv_heads: int, head_dim: int, gate_up: LoRAGroup, device: torch.device
 ) -> float:
     """Compile (or load from Triton's disk cache) the kernels for a model of these dimensions, so
     that no compilation lands inside a training step or a CUDA graph capture; returns seconds.
@@ -57,15 +52,19 @@ def warm_up(
     if not triton_enabled(torch.empty(0, device=device)):
         return 0.0
     started = time.perf_counter()
+    dtype = gate_up.weight.dtype
     tokens = 2
     qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
-    gate_up = torch.zeros(tokens, 2 * intermediate, device=device, dtype=dtype)
-    qkv.requires_grad_(True)
-    gate_up.requires_grad_(True)
+    x = torch.zeros(tokens, gate_up.weight.shape[1], device=device, dtype=dtype)
+    gate_up_out = torch.zeros(tokens, gate_up.weight.shape[0], device=device, dtype=dtype)
+    for t in (qkv, x, gate_up_out):
+        t.requires_grad_(True)
     cos = torch.ones(tokens, head_dim, device=device, dtype=dtype)
-    q, k, v = qkv_rope(qkv, cos, torch.zeros_like(cos), heads, kv_heads)
-    h = silu_mul(gate_up)
-    torch.autograd.backward([q, k, v, h], [torch.ones_like(t) for t in (q, k, v, h)])
+    outs = [*qkv_rope(qkv, cos, torch.zeros_like(cos), heads, kv_heads)]
+    outs += [silu_mul(gate_up_out), gate_up.silu_mul(x)]
+    torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+    for adapter in gate_up.adapters:  # the warm-up's gradients are not the job's
+        adapter.grad = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started
@@ -113,22 +112,98 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, low, weight, a_all, *b = ctx.saved_tensors
-        layout = ctx.layout
         d = grad.reshape(-1, weight.shape[0])
-        pieces, d_b = [], []
-        r0 = 0
-        for (col, width, scale), b_i in zip(layout, b, strict=True):
-            r = b_i.shape[1]
-            d_out_i = d[:, col : col + width]
-            pieces.append(torch.mm(d_out_i, b_i).mul_(scale))
-            d_b.append(torch.mm(d_out_i.t(), low[:, r0 : r0 + r]).mul_(scale))
-            r0 += r
-        d_low = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        d_x = torch.mm(d, weight).addmm_(d_low, a_all)
-        d_a_all = torch.mm(d_low.t(), flat)
-        d_a = list(d_a_all.split([b_i.shape[1] for b_i in b])) if len(b) > 1 else [d_a_all]
+        d_x, d_a, d_b = _lora_grads(d, flat, low, weight, a_all, b, ctx.layout)
         d_residual = grad if ctx.has_residual else None
         return (d_x.view(ctx.x_shape), d_residual, None, None, None, *d_a, *d_b)
+
+
+def _lora_grads(
+    d: torch.Tensor,
+    flat: torch.Tensor,
+    low: torch.Tensor,
+    weight: torch.Tensor,
+    a_all: torch.Tensor,
+    b: Sequence[torch.Tensor],
+    layout: tuple[tuple[int, int, float], ...],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Input and adapter gradients of ``out = x Wᵀ + Σ s_i (x A_iᵀ) B_iᵀ`` given ``d`` = dL/dout:
+    the adapters' share of the input gradient is added into the base one in place."""
+    pieces, d_b = [], []
+    r0 = 0
+    for (col, width, scale), b_i in zip(layout, b, strict=True):
+        r = b_i.shape[1]
+        d_out_i = d[:, col : col + width]
+        pieces.append(torch.mm(d_out_i, b_i).mul_(scale))
+        d_b.append(torch.mm(d_out_i.t(), low[:, r0 : r0 + r]).mul_(scale))
+        r0 += r
+    d_low = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+    d_x = torch.mm(d, weight).addmm_(d_low, a_all)
+    d_a_all = torch.mm(d_low.t(), flat)
+    d_a = list(d_a_all.split([b_i.shape[1] for b_i in b])) if len(b) > 1 else [d_a_all]
+    return d_x, d_a, d_b
+
+
+class _LoRASiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused gate/up LoRA pair whose adapters have one rank: the
+    adapters' products are added inside the SiLU·mul kernel (saving a read and a write of both
+    (T, I) outputs per layer) and recomputed by its backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        layout: tuple[tuple[int, int, float], ...],
+        a_gate: torch.Tensor,
+        a_up: torch.Tensor,
+        b_gate: torch.Tensor,
+        b_up: torch.Tensor,
+    ) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        base = flat @ weight.t()
+        a_all = torch.cat((a_gate, a_up))
+        low = flat @ a_all.t()
+        tokens, width = base.shape[0], base.shape[1] // 2
+        out = base.new_empty(tokens, width)
+        rank = a_gate.shape[0]
+        grid = (triton.cdiv(tokens, _LORA_ROWS), triton.cdiv(width, _LORA_BLOCK))
+        scales = (layout[0][2], layout[1][2])
+        _lora_silu_mul_fwd[grid](
+            base, low, b_gate, b_up, out, tokens, width, *scales, rank, _LORA_ROWS, _LORA_BLOCK
+        )
+        ctx.layout = layout
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(flat, base, low, weight, a_all, b_gate, b_up)
+        return out.view(*x.shape[:-1], width)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, base, low, weight, a_all, b_gate, b_up = ctx.saved_tensors
+        tokens, width = base.shape[0], base.shape[1] // 2
+        d_out = d_out.reshape(tokens, width).contiguous()
+        d_base = torch.empty_like(base)
+        grid = (triton.cdiv(tokens, _LORA_ROWS), triton.cdiv(width, _LORA_BLOCK))
+        scales = (ctx.layout[0][2], ctx.layout[1][2])
+        _lora_silu_mul_bwd[grid](
+            d_out,
+            base,
+            low,
+            b_gate,
+            b_up,
+            d_base,
+            tokens,
+            width,
+            *scales,
+            b_gate.shape[1],
+            _LORA_ROWS,
+            _LORA_BLOCK,
+        )
+        d_x, d_a, d_b = _lora_grads(d_base, flat, low, weight, a_all, (b_gate, b_up), ctx.layout)
+        return (d_x.view(ctx.x_shape), None, None, *d_a, *d_b)
+
+
+_LORA_ROWS, _LORA_BLOCK = 16, 128
 
 
 class LoRAGroup:
@@ -157,6 +232,23 @@ class LoRAGroup:
         self.layout = tuple(layout)
         self.adapters = (*a, *b)
         self.widths = [base.out_features for base in bases]
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a gate/up group: one Triton kernel adds the adapters inside
+        SiLU·mul where it can (two adapters of one power-of-2 rank up to 64, no bias), else the
+        group's output goes through ``silu_mul``."""
+        ranks = {a.shape[0] for a in self.adapters[: len(self.layout)]}
+        if (
+            len(self.layout) == 2
+            and len(self.widths) == 2
+            and self.bias is None
+            and triton_enabled(x)
+            and len(ranks) == 1
+            and (rank := ranks.pop()) <= 64
+            and rank & (rank - 1) == 0
+        ):
+            return _LoRASiluMul.apply(x, self.weight, self.layout, *self.adapters)  # type: ignore[no-any-return]
+        return silu_mul(self(x))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not self.layout:
@@ -386,6 +478,91 @@ if triton is not None:
         up = tl.load(gate_up + row * 2 * width + width + cols, mask=mask).to(tl.float32)
         h = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out + row * width + cols, h.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lora_gate_up(  # type: ignore[no-untyped-def]
+        base,
+        low,
+        b_gate,
+        b_up,
+        rows,
+        cols,
+        tokens,
+        width,
+        scale_gate,
+        scale_up,
+        RANK: tl.constexpr,
+    ):
+        """A (ROWS, BLOCK) tile of gate and up: the base GEMM's output plus each adapter's
+        rank-RANK product, in fp32."""
+        row_ok = rows < tokens
+        col_ok = cols < width
+        mask = row_ok[:, None] & col_ok[None, :]
+        at = rows[:, None] * 2 * width + cols[None, :]
+        gate = tl.load(base + at, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(base + at + width, mask=mask, other=0.0).to(tl.float32)
+        for r in tl.static_range(RANK):
+            low_g = tl.load(low + rows * 2 * RANK + r, mask=row_ok, other=0.0).to(tl.float32)
+            low_u = tl.load(low + rows * 2 * RANK + RANK + r, mask=row_ok, other=0.0).to(tl.float32)
+            b_g = tl.load(b_gate + cols * RANK + r, mask=col_ok, other=0.0).to(tl.float32)
+            b_u = tl.load(b_up + cols * RANK + r, mask=col_ok, other=0.0).to(tl.float32)
+            gate += scale_gate * low_g[:, None] * b_g[None, :]
+            up += scale_up * low_u[:, None] * b_u[None, :]
+        return gate, up, mask
+
+    @triton.jit(do_not_specialize=["tokens"])
+    def _lora_silu_mul_fwd(  # type: ignore[no-untyped-def]
+        base,
+        low,
+        b_gate,
+        b_up,
+        out,
+        tokens,
+        width,
+        scale_gate,
+        scale_up,
+        RANK: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        gate, up, mask = _lora_gate_up(
+            base, low, b_gate, b_up, rows, cols, tokens, width, scale_gate, scale_up, RANK
+        )
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out + rows[:, None] * width + cols[None, :], h.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["tokens"])
+    def _lora_silu_mul_bwd(  # type: ignore[no-untyped-def]
+        d_out,
+        base,
+        low,
+        b_gate,
+        b_up,
+        d_base,
+        tokens,
+        width,
+        scale_gate,
+        scale_up,
+        RANK: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        gate, up, mask = _lora_gate_up(
+            base, low, b_gate, b_up, rows, cols, tokens, width, scale_gate, scale_up, RANK
+        )
+        d = tl.load(d_out + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        d = d.to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        d_up = d * gate * sig
+        d_gate = d * up * sig * (1.0 + gate * (1.0 - sig))
+        at = rows[:, None] * 2 * width + cols[None, :]
+        dtype = d_base.dtype.element_ty
+        tl.store(d_base + at, d_gate.to(dtype), mask=mask)
+        tl.store(d_base + at + width, d_up.to(dtype), mask=mask)
 
     @triton.jit
     def _silu_mul_bwd(d_out, gate_up, d_gate_up, width, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]

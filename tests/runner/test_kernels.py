@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runner.config import parse_train_args
-from runner.train import kernels
+from runner.train import graphs, kernels
 from runner.train.graphs import _Stack, fused_layers, pad_batch
 from runner.train.packing import pack
 from runner.train.recipe import TrainSpec, setup_model, trainable_parameters
@@ -45,7 +45,12 @@ def _stack_output_and_grads(model, stack_of, batch, weights):
     return out.detach(), grads
 
 
-def test_fused_layers_give_transformers_outputs_and_lora_gradients(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("kernel_build", ["pytorch", "triton-interpreted"])
+def test_fused_layers_give_transformers_outputs_and_lora_gradients(
+    tiny_model_dir, tokenizer, kernel_build, request, monkeypatch
+):
+    if kernel_build == "triton-interpreted":  # the Triton kernels themselves, on the CPU
+        monkeypatch.setattr(graphs, "kernels", request.getfixturevalue("interpreted"))
     batch = pack(examples(tokenizer, synthetic(1)[:4]))
     plain = _lora_model(tiny_model_dir)
     fused = copy.deepcopy(plain)
@@ -154,9 +159,11 @@ def test_triton_silu_mul_matches_its_reference(interpreted, dtype):
         torch.testing.assert_close(g, w, **tol)
 
 
-def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted):
+def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted, tiny_model_dir):
+    mlp = _lora_model(tiny_model_dir).get_base_model().model.layers[0].mlp
+    gate_up = interpreted.LoRAGroup([mlp.gate_proj, mlp.up_proj])
     calls = []
-    for name in ("_QKVRope", "_SiluMul"):
+    for name in ("_QKVRope", "_SiluMul", "_LoRASiluMul"):
         function = getattr(interpreted, name)
         original = function.forward
 
@@ -165,6 +172,35 @@ def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted):
             return _original(ctx, *args)
 
         function.forward = staticmethod(spy)
-    seconds = interpreted.warm_up(4, 2, 16, 48, torch.device("cpu"), torch.float32)
+    seconds = interpreted.warm_up(4, 2, 16, gate_up, torch.device("cpu"))
     assert seconds > 0
-    assert calls == [("_QKVRope", (2, 128)), ("_SiluMul", (2, 96))]
+    assert calls == [("_QKVRope", (2, 128)), ("_SiluMul", (2, 512)), ("_LoRASiluMul", (2, 128))]
+    assert all(adapter.grad is None for adapter in gate_up.adapters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gate_up_adapters_inside_silu_mul_match_the_unfused_group(
+    interpreted, tiny_model_dir, dtype
+):
+    mlp = _lora_model(tiny_model_dir).to(dtype).get_base_model().model.layers[0].mlp
+    gate_up = interpreted.LoRAGroup([mlp.gate_proj, mlp.up_proj])
+    x = torch.randn(21, gate_up.weight.shape[1], generator=torch.Generator().manual_seed(5))
+    x = x.to(dtype)
+    params = list(gate_up.adapters)
+
+    def run(fn):
+        for p in params:
+            p.grad = None
+        inputs = x.clone().requires_grad_(True)
+        out = fn(inputs)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+        (out.float() * weights).sum().backward()
+        return [out.detach(), inputs.grad] + [p.grad.clone() for p in params]
+
+    got = run(gate_up.silu_mul)  # the fused kernel (21 tokens: a partial row tile)
+    want = run(lambda t: interpreted.silu_mul_reference(gate_up(t)))
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().sum() > 0
+        scale = float(w.abs().max())
+        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale)
