@@ -2,10 +2,11 @@
 
 At the tutorial's 4 samples per optimizer step a step is ~1,000 tokens and a 7B LoRA step launches
 ~6,000 kernels: the GPU waits on the CPU. Capturing the decoder stack's forward and backward as CUDA
-graphs replays them with one launch each. Graphs need fixed shapes, so a packed step is padded to
-a *bucket* with a trailing padding sequence of its own: ``cu_seqlens`` keeps the real samples
-apart from it, causal attention keeps them from seeing it, and the LM head never reads it, so the
-padded step computes the same loss and gradients as the unpadded one. ``cu_seqlens`` has a fixed length too (unused slots repeat the end: empty
+graphs (``torch.cuda.make_graphed_callables``) replays them with one launch each. Graphs need
+fixed shapes, so a packed step is padded to a *bucket* with a trailing padding sequence of its
+own: ``cu_seqlens`` keeps the real samples apart from it, causal attention keeps them from seeing
+it, and the LM head never reads it, so the padded step computes the same loss and gradients as
+the unpadded one. ``cu_seqlens`` has a fixed length too (unused slots repeat the end: empty
 sequences). The buckets are planned before the first step from the sizes the schedule will run
 (``plan_buckets``: captures against padding).
 
@@ -166,8 +167,7 @@ class FusedLayer:
     """A Qwen2/Llama-style decoder layer computed from its own modules' weights with the fused
     pieces of ``kernels``: q/k/v as one LoRA GEMM, RoPE and the v split in one kernel, o with the
     residual as its accumulator, gate/up as one GEMM, SiLU·mul (with the gate/up adapters'
-    products) in one kernel, down with the
-    residual. The same maths as the transformers layer (held to it by the tests)."""
+    products) in one kernel, down with the residual. The same maths as the transformers layer (held to it by the tests)."""
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn: Any = layer.self_attn
@@ -223,8 +223,8 @@ def fused_layers(layers: torch.nn.ModuleList) -> list[FusedLayer] | None:
 
 
 class _Stack(torch.nn.Module):
-    """The decoder layers as one callable with tensor-only arguments: one forward and one
-    backward graph per bucket. (One graph pair per layer measured the same, run 7 in
+    """The decoder layers as one callable with tensor-only arguments, as
+    ``make_graphed_callables`` needs: one forward and one backward graph per bucket. (One graph pair per layer measured the same, run 7 in
     docs/benchmarks.md: capture costs running the step under capture, not the number of
     graphs.)"""
 
@@ -260,80 +260,12 @@ class _Stack(torch.nn.Module):
 
 
 class _Bucket:
-    """One bucket's graphs: the decoder stack's forward, and the backward that computes the
-    adapters' gradients, captured into the decoder's shared memory pool, with the static tensors
-    they read and write (a step copies its inputs into them and replays).
+    """The graphed stack of one bucket and the static tensors it reads (a step copies its
+    cos/sin/cu into them, so the graph's own input copies find them in place)."""
 
-    ``torch.cuda.make_graphed_callables`` did this before; capturing directly skips its
-    ``empty_cache`` and parameter walks per capture, and hands the gradients to the parameters
-    as they are instead of through autograd's accumulation (a copy of each of ~400 tensors per
-    step)."""
-
-    def __init__(
-        self,
-        stack: _Stack,
-        params: list[torch.nn.Parameter],
-        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        pool: Any,
-        stream: torch.cuda.Stream,
-        warm_up: bool,
-    ) -> None:
-        self.hidden, self.cos, self.sin, self.cu = (t.detach().clone() for t in inputs)
-        self.params = params
-        self.forward_graph = torch.cuda.CUDAGraph()
-        self.backward_graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            if warm_up:  # lazy initialisation (cuBLAS workspaces of this stream) outside a capture
-                out = stack(self.hidden, self.cos, self.sin, self.cu)
-                torch.autograd.grad(out, params, torch.ones_like(out))
-                del out
-            self.forward_graph.capture_begin(pool=pool)
-            out = stack(self.hidden, self.cos, self.sin, self.cu)
-            self.forward_graph.capture_end()
-            self.grad_out = torch.empty_like(out)
-            self.backward_graph.capture_begin(pool=pool)
-            self.grads = torch.autograd.grad(out, params, self.grad_out)
-            self.backward_graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.out = out.detach()
-
-    def backward(self, grad: torch.Tensor) -> None:
-        """Replay the backward for ``grad`` (dL/d output) and hand the adapters their gradients:
-        the static tensors themselves when a parameter has none yet (the optimizer step reads
-        them before the next replay), added to what is there otherwise."""
-        first = self.params[0]
-        if first.grad is not None and first.grad is self.grads[0]:
-            for param in self.params:  # this bucket ran twice in one step: keep the first's
-                param.grad = param.grad.clone() if param.grad is not None else None
-        self.grad_out.copy_(grad)
-        self.backward_graph.replay()
-        for param, g in zip(self.params, self.grads, strict=True):
-            if param.grad is None:
-                param.grad = g
-            else:
-                param.grad.add_(g)
-
-
-class _Replay(torch.autograd.Function):
-    """The graphed stack as an autograd node: forward replays the forward graph, backward the
-    backward graph. ``anchor`` (an empty tensor that requires grad) only makes autograd call
-    backward: the gradients go to the parameters directly (``_Bucket.backward``)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, anchor: torch.Tensor, bucket: _Bucket, hidden: torch.Tensor
-    ) -> torch.Tensor:  # type: ignore[override]
-        bucket.hidden.copy_(hidden)
-        bucket.forward_graph.replay()
-        ctx.bucket = bucket
-        return bucket.out.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
-        ctx.bucket.backward(grad)
-        return None, None, None
+    def __init__(self, stack: Any, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor):
+        self.stack = stack
+        self.cos, self.sin, self.cu = cos, sin, cu
 
 
 class GraphedDecoder:
@@ -359,10 +291,6 @@ class GraphedDecoder:
         self.buckets: dict[int, _Bucket] = {}
         self.planned: list[int] = []
         self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()
-        self.params = [p for p in self.backbone.layers.parameters() if p.requires_grad]
-        device = self.backbone.embed_tokens.weight.device
-        self.anchor = torch.empty(0, device=device, requires_grad=True)
         self.capture_seconds = 0.0
 
     def plan(self, sizes: Sequence[int]) -> list[int]:
@@ -392,7 +320,7 @@ class GraphedDecoder:
         bucket.cos.copy_(cos)
         bucket.sin.copy_(sin)
         bucket.cu.copy_(cu)
-        hidden = self.backbone.norm(_Replay.apply(self.anchor, bucket, hidden))
+        hidden = self.backbone.norm(bucket.stack(hidden, bucket.cos, bucket.sin, bucket.cu))
         return self.lm_head(hidden[0, batch.logit_positions])
 
     def _eager(self, batch: PackedBatch) -> torch.Tensor:
@@ -416,17 +344,15 @@ class GraphedDecoder:
         sin: torch.Tensor,
         cu: torch.Tensor,
     ) -> _Bucket:
-        if not self.params:
-            raise ValueError("nothing to train in the decoder layers")
+        static = _Bucket(None, cos.clone(), sin.clone(), cu.clone())
         started = time.perf_counter()
-        static = _Bucket(
+        static.stack = torch.cuda.make_graphed_callables(
             _Stack(self.backbone.layers, size, self.fused),
-            self.params,
-            (hidden, cos, sin, cu),
-            self.pool,
-            self.stream,
-            # Lazy initialisation is settled by one eager pass: once per job, not per bucket.
-            warm_up=not self.buckets,
+            (hidden.detach().clone(), static.cos, static.sin, static.cu),
+            # Warm-up settles lazy initialisation (cuBLAS handles, workspaces, kernel loading)
+            # outside a capture: needed once per job, not once per bucket.
+            num_warmup_iters=0 if self.buckets else 1,
+            pool=self.pool,
         )
         seconds = time.perf_counter() - started
         self.capture_seconds += seconds
