@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     )
     runner_cuda_graphs: bool = Field(
         True,
-        description="Replay each decoder layer of a LoRA step as CUDA graphs on GPU (steps "
-        "padded to 128-token buckets; see runner/train/graphs.py and docs/benchmarks.md).",
+        description="Replay the decoder layers of a LoRA step as CUDA graphs on GPU (steps "
+        "padded to buckets planned from the job's step sizes; see runner/train/graphs.py and "
+        "docs/benchmarks.md).",
     )
     eval_backend: str = Field(
         "auto",
