@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.protocol import TrainingExample
 from runner.config import parse_train_args
-from runner.train import graphs
+from runner.train import graphs, recipe
 from runner.train.recipe import TrainSpec, train
 
 PEAK_FLOPS = 790e12
@@ -387,11 +387,13 @@ def main() -> None:
             row["path"] += f" {args.label}".rstrip()
             record(row)
     print(loss_agreement(rows), flush=True)
-    if "qlora" in runs:
+    qlora_runs = [r for r in args.runs.split(",") if r.startswith("qlora")]
+    if qlora_runs:  # "qlora-unchunked": the loss over all answer positions at once (as before)
         with tempfile.TemporaryDirectory() as tmp:
             base = save_random_model(args.model, Path(tmp) / "model")
-            record(
-                run_ours(
+            for name in qlora_runs:
+                recipe.LOSS_CHUNK = 0 if name == "qlora-unchunked" else 256
+                row = run_ours(
                     args.model,
                     examples,
                     2,
@@ -402,7 +404,10 @@ def main() -> None:
                     max_steps=30,
                     gradient_checkpointing=True,
                 )
-            )
+                if name == "qlora-unchunked":
+                    row["path"] = row["path"].replace(")", ", loss unchunked)")
+                record(row)
+            recipe.LOSS_CHUNK = 256
     print(table(rows, baseline), flush=True)
     (args.out / "train_throughput.md").write_text(table(rows, baseline) + "\n")
 

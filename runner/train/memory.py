@@ -13,6 +13,7 @@ from typing import Any
 from runner.config import TrainConfig
 
 GiB = 1024**3
+LOSS_CHUNK = 256  # answer positions per loss chunk under gradient checkpointing
 
 
 @dataclass(frozen=True)
@@ -87,5 +88,8 @@ def estimate_training_memory(
         step_tokens * per_token_layer * stored_layers
         + (step_tokens * h * 2 * layers if gradient_checkpointing else 0)
     )
-    logits = answer_tokens * model_config.vocab_size * (2 + 4 + 4)
+    # bf16 logits, their float32 copy and log-softmax; with checkpointing the loss runs over
+    # LOSS_CHUNK answer positions at a time (recipe.chunked_cross_entropy).
+    rows = min(answer_tokens, LOSS_CHUNK) if gradient_checkpointing else answer_tokens
+    logits = rows * model_config.vocab_size * (2 + 4 + 4)
     return MemoryEstimate(int(total * weight_bytes), optimizer, activations, logits)

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from core.errors import FinetuneError
 from core.protocol import TrainingExample
 from runner.config import TrainConfig
-from runner.train import attention
+from runner.train import attention, memory
 from runner.train.packing import PackedBatch, Schedule, micro_batch_sizes, pack_step, truncate
 
 log = logging.getLogger(__name__)
@@ -264,11 +265,14 @@ def step_loss(
     model: torch.nn.Module,
     batches: Sequence[PackedBatch],
     logits_of: Callable[[PackedBatch], torch.Tensor] | None = None,
+    *,
+    loss_chunk: int = 0,
 ) -> tuple[float, int]:
     """Forward and backward over the micro-batches of one optimizer step; returns the step's
     mean per-answer-token loss and its answer-token count. ``logits_of`` gives a micro-batch's
-    logits at its answer positions (default: the model's own forward)."""
-    total, answer_tokens = _step_loss(model, batches, logits_of)
+    logits at its answer positions (default: the model's own forward). ``loss_chunk`` > 0 computes
+    the LM head and loss over that many answer positions at a time (``chunked_cross_entropy``)."""
+    total, answer_tokens = _step_loss(model, batches, logits_of, loss_chunk=loss_chunk)
     return float(total), answer_tokens
 
 
@@ -276,6 +280,8 @@ def _step_loss(
     model: torch.nn.Module,
     batches: Sequence[PackedBatch],
     logits_of: Callable[[PackedBatch], torch.Tensor] | None,
+    *,
+    loss_chunk: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """``step_loss`` with the loss left on the device: reading it back waits for the GPU, so the
     loop reads a window of losses at once instead of once per step."""
@@ -284,11 +290,59 @@ def _step_loss(
     if answer_tokens == 0:
         return total, 0
     for batch in batches:
-        logits = logits_of(batch) if logits_of else model(**batch.model_inputs()).logits[0]
-        loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum") / answer_tokens
+        if loss_chunk > 0 and logits_of is None:
+            summed = chunked_cross_entropy(
+                answer_hidden(model, batch), output_head(model), batch.targets, loss_chunk
+            )
+        else:
+            logits = logits_of(batch) if logits_of else model(**batch.model_inputs()).logits[0]
+            summed = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+        loss = summed / answer_tokens
         loss.backward()
         total += loss.detach()
     return total, answer_tokens
+
+
+LOSS_CHUNK = memory.LOSS_CHUNK  # answer positions per LM-head chunk under checkpointing
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, ``chunk`` rows at a time,
+    each chunk's logits recomputed in the backward instead of kept: a 7B's float32 logits over
+    ~700 answer tokens are ~1.3 GB with their gradients, a 256-row chunk's ~0.2 GB. Costs one
+    more LM-head GEMM per step; used with gradient checkpointing (QLoRA), which makes the same
+    trade."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part = checkpoint(
+            _cross_entropy_sum,
+            hidden[start : start + chunk],
+            head,
+            targets[start : start + chunk],
+            use_reentrant=False,
+        )
+        total = total + part
+    return total
+
+
+def _cross_entropy_sum(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor
+) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def answer_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The final hidden states (after the last norm) at ``batch.logit_positions``, (A, hidden)."""
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
+    return inner.model(**inputs).last_hidden_state[0, batch.logit_positions]  # type: ignore[no-any-return]
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+    return inner.lm_head  # type: ignore[no-any-return]
 
 
 def save_checkpoint(
@@ -366,6 +420,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     )
     model = setup_model(spec, device, dtype)
     graphed = setup_graphs(spec, model, device)
+    loss_chunk = LOSS_CHUNK if spec.gradient_checkpointing else 0
     logits_of = graphed.logits if graphed is not None else None
     named = trainable_parameters(model)
     masters = MasterWeights([p for _, p in named])
@@ -421,7 +476,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         batch_examples = [examples[i] for i in schedule.indices(step)]
         batches = [b.to(device) for b in pack_step(batch_examples, spec.token_budget)]
         try:
-            loss, _ = _step_loss(model, batches, logits_of)
+            loss, _ = _step_loss(model, batches, logits_of, loss_chunk=loss_chunk)
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(
                 f"out of GPU memory at step {step + 1} ({sum(b.tokens for b in batches)} tokens "
