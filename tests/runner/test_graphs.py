@@ -8,22 +8,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from runner.config import parse_train_args
 from runner.train.graphs import bucket_of, fuse_kernels, pad_batch
 from runner.train.packing import pack
-from runner.train.recipe import TrainSpec, setup_model, trainable_parameters
-from tests.runner.train_helpers import examples, synthetic
-
-
-def _lora_model(tiny_model_dir):
-    config = parse_train_args(["lora_rank=8", "lora_target=all"])
-    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
-    model = setup_model(spec, torch.device("cpu"), torch.float32)
-    with torch.no_grad():  # non-zero B: the adapters take part in the forward
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+from runner.train.recipe import trainable_parameters
+from tests.runner.train_helpers import examples, lora_model, synthetic
 
 
 def _loss_and_grads(model, batch):
@@ -38,7 +26,7 @@ def test_fused_forwards_give_the_plain_models_logits_and_gradients(
     tiny_model_dir, tokenizer
 ) -> None:
     batch = pack(examples(tokenizer, synthetic(1)[:4]))
-    plain = _lora_model(tiny_model_dir)
+    plain = lora_model(tiny_model_dir)
     fused = copy.deepcopy(plain)
     counts = fuse_kernels(fused)
     layers = plain.config.num_hidden_layers
@@ -55,7 +43,7 @@ def test_fused_forwards_give_the_plain_models_logits_and_gradients(
 def test_a_step_padded_to_its_bucket_gives_the_same_answer_logits(
     tiny_model_dir, tokenizer
 ) -> None:
-    model = _lora_model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     model.eval()
     batch = pack(examples(tokenizer, synthetic(1)[:3]))
     size = bucket_of(batch.tokens)

@@ -11,23 +11,11 @@ import sys
 import pytest
 import torch
 
-from runner.config import parse_train_args
 from runner.train import graphs, kernels
 from runner.train.graphs import _Stack, fused_layers, pad_batch
 from runner.train.packing import pack
-from runner.train.recipe import TrainSpec, setup_model, trainable_parameters
-from tests.runner.train_helpers import examples, synthetic
-
-
-def _lora_model(tiny_model_dir, *args: str):
-    config = parse_train_args(["lora_rank=8", "lora_target=all", *args])
-    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
-    model = setup_model(spec, torch.device("cpu"), torch.float32)
-    with torch.no_grad():  # non-zero B: the adapters take part in the forward
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+from runner.train.recipe import trainable_parameters
+from tests.runner.train_helpers import examples, lora_model, synthetic
 
 
 def _stack_output_and_grads(model, stack_of, batch, weights):
@@ -52,7 +40,7 @@ def test_fused_layers_give_transformers_outputs_and_lora_gradients(
     if kernel_build == "triton-interpreted":  # the Triton kernels themselves, on the CPU
         monkeypatch.setattr(graphs, "kernels", request.getfixturevalue("interpreted"))
     batch = pack(examples(tokenizer, synthetic(1)[:4]))
-    plain = _lora_model(tiny_model_dir)
+    plain = lora_model(tiny_model_dir)
     fused = copy.deepcopy(plain)
     layers = fused_layers(fused.get_base_model().model.layers)
     assert layers is not None and len(layers) == plain.config.num_hidden_layers
@@ -77,7 +65,7 @@ def test_fusing_keeps_the_modules_weights_as_views_and_the_model_unchanged(
     tiny_model_dir, tokenizer
 ):
     batch = pack(examples(tokenizer, synthetic(1)[:2]))
-    model = _lora_model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     model.eval()
     with torch.no_grad():
         before = model(**batch.model_inputs()).logits
@@ -93,7 +81,7 @@ def test_fusing_keeps_the_modules_weights_as_views_and_the_model_unchanged(
 
 
 def test_layers_that_cannot_be_fused_are_left_to_transformers(tiny_model_dir):
-    model = _lora_model(tiny_model_dir, "lora_dropout=0.1")
+    model = lora_model(tiny_model_dir, "lora_dropout=0.1")
     layers = model.get_base_model().model.layers
     weight = layers[0].self_attn.q_proj.base_layer.weight
     ptr = weight.data_ptr()
@@ -160,7 +148,7 @@ def test_triton_silu_mul_matches_its_reference(interpreted, dtype):
 
 
 def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted, tiny_model_dir):
-    mlp = _lora_model(tiny_model_dir).get_base_model().model.layers[0].mlp
+    mlp = lora_model(tiny_model_dir).get_base_model().model.layers[0].mlp
     gate_up = interpreted.LoRAGroup([mlp.gate_proj, mlp.up_proj])
     calls = []
     for name in ("_QKVRope", "_SiluMul", "_LoRASiluMul"):
@@ -182,7 +170,7 @@ def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted, tiny_m
 def test_triton_gate_up_adapters_inside_silu_mul_match_the_unfused_group(
     interpreted, tiny_model_dir, dtype
 ):
-    mlp = _lora_model(tiny_model_dir).to(dtype).get_base_model().model.layers[0].mlp
+    mlp = lora_model(tiny_model_dir).to(dtype).get_base_model().model.layers[0].mlp
     gate_up = interpreted.LoRAGroup([mlp.gate_proj, mlp.up_proj])
     x = torch.randn(21, gate_up.weight.shape[1], generator=torch.Generator().manual_seed(5))
     x = x.to(dtype)

@@ -7,8 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from core.protocol import Message, render_training_example
-from runner.train.recipe import TrainHooks
+from runner.config import parse_train_args
+from runner.train.recipe import TrainHooks, TrainSpec, setup_model
 
 KEYWORDS = {
     "体育": ["球队", "比赛", "冠军", "进球"],
@@ -40,3 +43,16 @@ def dir_hooks(root: Path, **kwargs) -> TrainHooks:
         yield directory
 
     return TrainHooks(checkpoint_dir=checkpoint_dir, **kwargs)
+
+
+def lora_model(tiny_model_dir: Path, *args: str) -> torch.nn.Module:
+    """The tiny model with rank-8 adapters on every linear layer (fp32, CPU) and non-zero B, so
+    that the adapters take part in the forward."""
+    config = parse_train_args(["lora_rank=8", "lora_target=all", *args])
+    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
+    model = setup_model(spec, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
