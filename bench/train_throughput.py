@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.protocol import TrainingExample
 from runner.config import parse_train_args
-from runner.train import graphs, recipe
+from runner.train import graphs, memory
 from runner.train.recipe import TrainSpec, train
 
 PEAK_FLOPS = 790e12
@@ -389,10 +389,11 @@ def main() -> None:
     print(loss_agreement(rows), flush=True)
     qlora_runs = [r for r in args.runs.split(",") if r.startswith("qlora")]
     if qlora_runs:  # "qlora-unchunked": the loss over all answer positions at once (as before)
+        chunk = memory.LOSS_CHUNK
         with tempfile.TemporaryDirectory() as tmp:
             base = save_random_model(args.model, Path(tmp) / "model")
             for name in qlora_runs:
-                recipe.LOSS_CHUNK = 0 if name == "qlora-unchunked" else 256
+                memory.LOSS_CHUNK = 0 if name == "qlora-unchunked" else chunk
                 row = run_ours(
                     args.model,
                     examples,
@@ -407,7 +408,7 @@ def main() -> None:
                 if name == "qlora-unchunked":
                     row["path"] = row["path"].replace(")", ", loss unchunked)")
                 record(row)
-            recipe.LOSS_CHUNK = 256
+            memory.LOSS_CHUNK = chunk
     print(table(rows, baseline), flush=True)
     (args.out / "train_throughput.md").write_text(table(rows, baseline) + "\n")
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from runner.train import kernels
 from runner.train.attention import attend
 from runner.train.packing import PackedBatch
+from runner.train.recipe import causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class FusedLayer:
         members += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         for member in members:  # refuse before any weight is fused
             kernels.lora_adapter(member)
-            kernels._base_linear(member)
+            kernels.base_linear(member)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
@@ -273,7 +274,7 @@ class GraphedDecoder:
 
     def __init__(self, model: torch.nn.Module, max_sequences: int) -> None:
         log.info("fused kernels: %s", fuse_kernels(model))
-        inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+        inner = causal_lm(model)
         self.backbone = inner.model
         self.lm_head = inner.lm_head
         self.fused = fused_layers(self.backbone.layers) if FUSE_LAYERS else None

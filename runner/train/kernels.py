@@ -56,12 +56,11 @@ def warm_up(
     tokens = 2
     qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
     x = torch.zeros(tokens, gate_up.weight.shape[1], device=device, dtype=dtype)
-    gate_up_out = torch.zeros(tokens, gate_up.weight.shape[0], device=device, dtype=dtype)
-    for t in (qkv, x, gate_up_out):
+    for t in (qkv, x):
         t.requires_grad_(True)
     cos = torch.ones(tokens, head_dim, device=device, dtype=dtype)
     outs = [*qkv_rope(qkv, cos, torch.zeros_like(cos), heads, kv_heads)]
-    outs += [silu_mul(gate_up_out), gate_up.silu_mul(x)]
+    outs.append(gate_up.silu_mul(x))  # whichever SiLU·mul kernel the layers will run
     torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
     for adapter in gate_up.adapters:  # the warm-up's gradients are not the job's
         adapter.grad = None
@@ -212,7 +211,7 @@ class LoRAGroup:
     the members that have one."""
 
     def __init__(self, members: Sequence[torch.nn.Module]) -> None:
-        bases = [_base_linear(m) for m in members]
+        bases = [base_linear(m) for m in members]
         biases = [base.bias for base in bases]
         if any(bias is None for bias in biases) and not all(bias is None for bias in biases):
             raise ValueError("fused projections must all have a bias or none")
@@ -231,22 +230,23 @@ class LoRAGroup:
             col += base.out_features
         self.layout = tuple(layout)
         self.adapters = (*a, *b)
-        self.widths = [base.out_features for base in bases]
+        ranks = {a_i.shape[0] for a_i in a}
+        rank = ranks.pop() if len(ranks) == 1 else 0
+        # The adapters can go inside the SiLU·mul kernel: a gate/up pair, both adapted, one
+        # power-of-2 rank up to 64 (the kernel unrolls it), no bias.
+        self.fused_silu = (
+            len(members) == 2
+            and len(layout) == 2
+            and self.bias is None
+            and triton_enabled(self.weight)
+            and 0 < rank <= 64
+            and rank & (rank - 1) == 0
+        )
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of a gate/up group: one Triton kernel adds the adapters inside
-        SiLU·mul where it can (two adapters of one power-of-2 rank up to 64, no bias), else the
-        group's output goes through ``silu_mul``."""
-        ranks = {a.shape[0] for a in self.adapters[: len(self.layout)]}
-        if (
-            len(self.layout) == 2
-            and len(self.widths) == 2
-            and self.bias is None
-            and triton_enabled(x)
-            and len(ranks) == 1
-            and (rank := ranks.pop()) <= 64
-            and rank & (rank - 1) == 0
-        ):
+        """``silu(gate) * up`` of a gate/up group: the adapters added inside one Triton kernel
+        where ``fused_silu``, else the group's output through ``silu_mul``."""
+        if self.fused_silu:
             return _LoRASiluMul.apply(x, self.weight, self.layout, *self.adapters)  # type: ignore[no-any-return]
         return silu_mul(self(x))
 
@@ -257,7 +257,7 @@ class LoRAGroup:
         return _LoRALinear.apply(x, residual, self.weight, self.bias, self.layout, *self.adapters)  # type: ignore[no-any-return]
 
 
-def _base_linear(module: torch.nn.Module) -> torch.nn.Linear:
+def base_linear(module: torch.nn.Module) -> torch.nn.Linear:
     base = getattr(module, "base_layer", module)
     if type(base) is not torch.nn.Linear:
         raise ValueError(f"not a plain linear layer: {type(base).__name__}")

@@ -156,10 +156,14 @@ def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) 
     return GraphedDecoder(model, spec.config.samples_per_step)
 
 
+def causal_lm(model: torch.nn.Module) -> Any:
+    """The transformers causal LM inside a (possibly PEFT-wrapped) model."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
+
+
 def decoder_layers(model: torch.nn.Module) -> Any:
     """The decoder layer list of a (possibly PEFT-wrapped) causal LM."""
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    return inner.model.layers
+    return causal_lm(model).model.layers
 
 
 def apply_method(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
@@ -292,7 +296,7 @@ def _step_loss(
     for batch in batches:
         if loss_chunk > 0 and logits_of is None:
             summed = chunked_cross_entropy(
-                answer_hidden(model, batch), output_head(model), batch.targets, loss_chunk
+                answer_hidden(model, batch), causal_lm(model).lm_head, batch.targets, loss_chunk
             )
         else:
             logits = logits_of(batch) if logits_of else model(**batch.model_inputs()).logits[0]
@@ -301,9 +305,6 @@ def _step_loss(
         loss.backward()
         total += loss.detach()
     return total, answer_tokens
-
-
-LOSS_CHUNK = memory.LOSS_CHUNK  # answer positions per LM-head chunk under checkpointing
 
 
 def chunked_cross_entropy(
@@ -335,14 +336,8 @@ def _cross_entropy_sum(
 
 def answer_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """The final hidden states (after the last norm) at ``batch.logit_positions``, (A, hidden)."""
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
-    return inner.model(**inputs).last_hidden_state[0, batch.logit_positions]  # type: ignore[no-any-return]
-
-
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    inner: Any = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
-    return inner.lm_head  # type: ignore[no-any-return]
+    return causal_lm(model).model(**inputs).last_hidden_state[0, batch.logit_positions]  # type: ignore[no-any-return]
 
 
 def save_checkpoint(
@@ -420,7 +415,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     )
     model = setup_model(spec, device, dtype)
     graphed = setup_graphs(spec, model, device)
-    loss_chunk = LOSS_CHUNK if spec.gradient_checkpointing else 0
+    loss_chunk = memory.LOSS_CHUNK if spec.gradient_checkpointing else 0
     logits_of = graphed.logits if graphed is not None else None
     named = trainable_parameters(model)
     masters = MasterWeights([p for _, p in named])

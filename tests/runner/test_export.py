@@ -23,6 +23,7 @@ from runner.eval.predict import TransformersPredictor, vllm_available
 from runner.export import export_checkpoint, export_name, quantization_unavailable
 from runner.job import run_job
 from runner.models import load_tokenizer
+from stack.processes import process_env
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events
@@ -157,13 +158,7 @@ def test_a_killed_export_leaves_nothing_under_its_final_name(
     engine, eval_settings, checkpoint
 ) -> None:
     store = ArtifactStore(eval_settings.artifact_dir)
-    env = {
-        **os.environ,
-        "DATABASE_URL": eval_settings.database_url,
-        "ARTIFACT_DIR": str(eval_settings.artifact_dir),
-        "BASE_MODEL": eval_settings.base_model,
-        "EVAL_BACKEND": "transformers",
-    }
+    env = {**process_env(eval_settings), "EVAL_BACKEND": "transformers"}
     process = subprocess.Popen(
         [sys.executable, "-m", "runner", "export", str(checkpoint.id), "--shard-size", "1MB"],
         cwd=REPO,

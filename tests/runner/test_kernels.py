@@ -162,7 +162,8 @@ def test_warm_up_runs_every_kernel_for_the_models_dimensions(interpreted, tiny_m
         function.forward = staticmethod(spy)
     seconds = interpreted.warm_up(4, 2, 16, gate_up, torch.device("cpu"))
     assert seconds > 0
-    assert calls == [("_QKVRope", (2, 128)), ("_SiluMul", (2, 512)), ("_LoRASiluMul", (2, 128))]
+    assert gate_up.fused_silu  # the tiny model's rank-8 pair: the adapters go inside SiLU·mul
+    assert calls == [("_QKVRope", (2, 128)), ("_LoRASiluMul", (2, 128))]
     assert all(adapter.grad is None for adapter in gate_up.adapters)
 
 
@@ -172,6 +173,7 @@ def test_triton_gate_up_adapters_inside_silu_mul_match_the_unfused_group(
 ):
     mlp = lora_model(tiny_model_dir).to(dtype).get_base_model().model.layers[0].mlp
     gate_up = interpreted.LoRAGroup([mlp.gate_proj, mlp.up_proj])
+    assert gate_up.fused_silu  # else both sides below would be the unfused path
     x = torch.randn(21, gate_up.weight.shape[1], generator=torch.Generator().manual_seed(5))
     x = x.to(dtype)
     params = list(gate_up.adapters)

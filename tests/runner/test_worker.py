@@ -21,6 +21,7 @@ from core.settings import Settings
 from runner.datasets.ingest import IngestOptions, ingest_dataset
 from runner.job import run_job
 from runner.worker import Runner
+from stack.processes import process_env
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events, request_cancel
@@ -171,13 +172,7 @@ def test_a_killed_runners_job_is_resumed_by_another_runner(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
     )
-    env = {
-        **os.environ,
-        "DATABASE_URL": runner_settings.database_url,
-        "ARTIFACT_DIR": str(runner_settings.artifact_dir),
-        "BASE_MODEL": runner_settings.base_model,
-        "RUNNER_LEASE_SECONDS": "2",
-    }
+    env = {**process_env(runner_settings), "RUNNER_LEASE_SECONDS": "2"}
     first = subprocess.Popen(
         [sys.executable, "-m", "runner"],
         cwd=REPO,
