@@ -40,7 +40,12 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
     def tell(text: str) -> None:
         client.chat_postEphemeral(channel=channel, user=user, text=text)
 
-    if not ctx.approvers.allows(user):
+    try:
+        allowed = ctx.approvers.allows(user)
+    except FinetuneError as exc:
+        tell(f":warning: {exc.message}")
+        return
+    if not allowed:
         tell(":lock: Only approvers can promote or reject a checkpoint; nothing was changed.")
         return
     with new_session(ctx.db) as session:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Column, Index, UniqueConstraint
+from sqlalchemy import Column, Index, Text, text
 from sqlmodel import Field, SQLModel
 
 from core.enums import CheckpointStatus, JobKind, JobStatus
@@ -24,10 +24,22 @@ def _when(nullable: bool = False, **kw: Any) -> Any:
 
 
 class Dataset(SQLModel, table=True):
-    """An ingested upload: normalised train/eval splits stored as artifacts, and the report."""
+    """An ingested upload: normalised train/eval splits stored as artifacts, and the report.
+
+    Names are scoped: a dataset uploaded in a channel belongs to that channel (its versions count
+    up there alone); one ingested without a channel (the CLI, the demo) belongs to the deployment
+    and every channel sees it, as does a channel's dataset marked ``shared``."""
 
     __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_datasets_name_version"),)
+    __table_args__ = (
+        Index(
+            "uq_datasets_scope_name_version",
+            text("coalesce(channel_id, '')"),
+            "name",
+            "version",
+            unique=True,
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=100, index=True)
@@ -42,6 +54,7 @@ class Dataset(SQLModel, table=True):
     prompt_frame: dict[str, Any] = _json(default_factory=dict)
     report: dict[str, Any] = _json(default_factory=dict)
     channel_id: str | None = Field(default=None, max_length=32, index=True)
+    shared: bool = Field(default=False, description="a channel's dataset every channel may use")
     uploaded_by: str | None = Field(default=None, max_length=32)
     created_at: datetime = _when()
 
@@ -61,7 +74,12 @@ class Job(SQLModel, table=True):
     requested_by: str | None = Field(default=None, max_length=32)
     channel_id: str | None = Field(default=None, max_length=32)
     thread_ts: str | None = Field(default=None, max_length=32)
-    lease_owner: str | None = Field(default=None, max_length=100)
+    # Why the notifier gave up on the job's thread (the channel is archived, the bot was removed).
+    thread_error: str | None = Field(default=None, max_length=300)
+    lease_owner: str | None = Field(default=None, max_length=100, description="host:pid, shown")
+    # The fencing token of the current claim: every write of an attempt checks it, so an attempt
+    # whose claim was taken over (its lease expired, the job was claimed again) changes nothing.
+    lease_token: str | None = Field(default=None, max_length=64)
     lease_expires_at: datetime | None = _when(nullable=True)
     attempts: int = 0
     cancel_requested: bool = False
@@ -73,7 +91,8 @@ class Job(SQLModel, table=True):
 
 
 class JobEvent(SQLModel, table=True):
-    """The outbox: what happened to a job, relayed to Slack by the notifier exactly once."""
+    """The outbox: what happened to a job, relayed to Slack by the notifier
+    (at least once: see bot/notifier.py)."""
 
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_undelivered", "delivered_at", "id"),)
@@ -84,6 +103,8 @@ class JobEvent(SQLModel, table=True):
     payload: dict[str, Any] = _json(default_factory=dict)
     created_at: datetime = _when()
     delivered_at: datetime | None = _when(nullable=True)
+    # Set when the event was given up on (delivered_at is set too): the Slack error or the reason.
+    delivery_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class Checkpoint(SQLModel, table=True):

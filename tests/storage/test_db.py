@@ -122,3 +122,16 @@ def test_dataset_name_and_version_are_unique(engine) -> None:
         session.add(Dataset(version=1, **_dataset_fields("news")))
         with pytest.raises(IntegrityError):
             session.commit()
+
+
+def test_dataset_names_are_unique_per_channel_not_across_channels(engine) -> None:
+    from storage.models import Dataset
+
+    with new_session(engine) as session:
+        session.add(Dataset(version=1, **_dataset_fields("news", "C1")))
+        session.add(Dataset(version=1, **_dataset_fields("news", "C2")))
+        session.add(Dataset(version=1, **_dataset_fields("news")))  # the deployment's own
+        session.commit()
+        session.add(Dataset(version=1, **_dataset_fields("news", "C1")))
+        with pytest.raises(IntegrityError):
+            session.commit()
