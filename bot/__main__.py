@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
             from bot.app import create_app, start_notifier
 
-            app = create_app(settings)
-            start_notifier(settings, app.client)
+            app = create_app(settings, socket_mode=True)
+            start_notifier(settings)
             SocketModeHandler(app, settings.slack_app_token.get_secret_value()).start()
     except FinetuneError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -11,13 +11,16 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, process_before_response: bool = False) -> Any:
-    """``process_before_response`` is bolt's FaaS mode (listeners finish before the HTTP
-    response); only bench/bot_ack.py turns it on, as the baseline."""
+def create_app(
+    settings: Settings, *, socket_mode: bool = False, process_before_response: bool = False
+) -> Any:
+    """``socket_mode``: requests arrive over the Socket Mode websocket (``SLACK_APP_TOKEN``),
+    unsigned, so no signing secret is needed; otherwise over HTTP, each verified against
+    ``SLACK_SIGNING_SECRET``. ``process_before_response`` is bolt's FaaS mode (listeners finish
+    before the HTTP response); only bench/bot_ack.py turns it on, as the baseline."""
     from concurrent.futures import ThreadPoolExecutor
 
     from slack_bolt import App
-    from slack_sdk import WebClient
 
     from bot import actions, commands, events
     from bot.auth import Approvers
@@ -25,15 +28,24 @@ def create_app(settings: Settings, *, process_before_response: bool = False) -> 
     from storage.db import make_engine
     from storage.migrate import check_schema
 
-    if settings.slack_bot_token is None or settings.slack_signing_secret is None:
+    if settings.slack_bot_token is None:
         raise ConfigError(
-            "SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET must be set for Slack "
-            "(without them, use `python -m bot console`)"
+            "SLACK_BOT_TOKEN must be set for Slack (without it, use `python -m bot console`)"
         )
-    token = settings.slack_bot_token.get_secret_value()
-    client = WebClient(token=token, base_url=settings.slack_api_url)
+    if socket_mode and settings.slack_app_token is None:
+        raise ConfigError("Socket Mode needs SLACK_APP_TOKEN (an app-level xapp- token)")
+    if not socket_mode and settings.slack_signing_secret is None:
+        raise ConfigError(
+            "HTTP mode needs SLACK_SIGNING_SECRET to verify Slack's requests (Socket Mode, with "
+            "SLACK_APP_TOKEN set and without --http, does not)"
+        )
+    client = listener_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
+    # Socket Mode requests are not signed: bolt's RequestVerification lets them through, and
+    # with an empty secret it refuses any HTTP request (its verifier will not take "") instead
+    # of accepting it unverified. Passing "" also keeps bolt from reading the environment.
+    secret = settings.slack_signing_secret
     app = App(
-        signing_secret=settings.slack_signing_secret.get_secret_value(),
+        signing_secret=secret.get_secret_value() if secret is not None else "",
         client=client,
         name="finetune-bot",
         process_before_response=process_before_response,
@@ -57,17 +69,38 @@ def create_app(settings: Settings, *, process_before_response: bool = False) -> 
     return app
 
 
-def start_notifier(settings: Settings, client: Any) -> Any:
-    """The outbox relay in a daemon thread; returns the event that stops it."""
+def listener_client(token: str, base_url: str) -> Any:
+    """The client listeners answer through: a reset connection is retried once, and a 429 is
+    waited out (Retry-After) and retried once, inside the listener's own thread."""
+    from slack_sdk import WebClient
+    from slack_sdk.http_retry.builtin_handlers import (
+        ConnectionErrorRetryHandler,
+        RateLimitErrorRetryHandler,
+    )
+
+    return WebClient(
+        token=token,
+        base_url=base_url,
+        retry_handlers=[ConnectionErrorRetryHandler(), RateLimitErrorRetryHandler()],
+    )
+
+
+def start_notifier(settings: Settings) -> Any:
+    """The outbox relay, with a Slack client of its own, in a daemon thread; returns the event
+    that stops it (and lets go of the relay lock)."""
     import threading
 
-    from bot.notifier import Notifier
+    from bot.notifier import Notifier, relay_client
     from storage.artifacts import ArtifactStore
     from storage.db import make_engine
 
+    if settings.slack_bot_token is None:
+        raise ConfigError("SLACK_BOT_TOKEN must be set for the notifier to post to Slack")
     stop = threading.Event()
     notifier = Notifier(
-        make_engine(settings.database_url), client, ArtifactStore(settings.artifact_dir)
+        make_engine(settings.database_url),
+        relay_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url),
+        ArtifactStore(settings.artifact_dir),
     )
     threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()
     return stop
@@ -85,7 +118,7 @@ def create_http_app(
     from starlette.routing import Route
 
     app = create_app(settings, process_before_response=process_before_response)
-    stop = start_notifier(settings, app.client) if notifier else None
+    stop = start_notifier(settings) if notifier else None
 
     async def events(request: Request) -> Response:
         # bolt's sync dispatch waits for ack(): run it off the event loop, or concurrent

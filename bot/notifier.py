@@ -1,11 +1,40 @@
-"""Relay the job-event outbox to Slack.
+"""Relay the job-event outbox to Slack threads.
 
 Per job, in event order: milestones become thread replies (the loss curve and the confusion
-matrix uploaded with them, the eval report with its buttons), progress events are coalesced into one
-``chat.update`` of the root message's header. Writes to a channel are paced (one a second by
-default, Slack's limit). A 429 pauses that channel for ``Retry-After`` seconds; connection errors
-and 5xx leave the event for the next round. An event, and each part of it, is marked delivered only
-after Slack accepted it, so a retry never posts the same thing twice and a restart loses nothing.
+matrix uploaded with them, the eval report with its buttons), progress events are coalesced into
+one ``chat.update`` of the root message's header.
+
+Delivery is **at least once**. An event, and each part of it (``_delivered_parts`` in its
+payload), is marked delivered only after Slack accepted it, so nothing is lost; but a crash or a
+lost answer between Slack's acceptance and our commit posts that part again (a reset connection
+is retried by slack_sdk's ``ConnectionErrorRetryHandler`` and then by the next round, and Slack
+may have posted the first try).
+
+What Slack's answers do (``slack_problem`` sorts them):
+
+- ``RetryLater``: 429 (that channel pauses for Retry-After; others go on), 5xx and Slack's
+  transient codes, network errors. The event waits; a network error or a 5xx holds that job for
+  the round.
+- ``RootGone``: ``message_not_found`` / ``thread_not_found``: the job's root message was
+  deleted. A fresh root is posted, the job's ``thread_ts`` moves to it (a ``thread_moved`` event
+  records it) and delivery goes on there.
+- ``ThreadUnwritable``: the channel cannot be written (archived, deleted, the bot removed): the
+  job's thread is given up (``jobs.thread_error``), its events are settled with
+  ``job_events.delivery_error``, later ones too, without calling Slack.
+- ``TokenRefused``: the bot's token is refused (``invalid_auth``, ``token_revoked``, …): every
+  channel would fail alike, so the whole relay pauses and nothing is given up.
+- ``Rejected``: anything else concerns that one write (``invalid_blocks``, ``msg_too_long``, a
+  missing plot): a plain-text fallback where that keeps people informed, else that part is given
+  up; ``delivery_error`` records it. Nothing is retried forever.
+
+A bug (any other exception) is logged with an error id and, after ``MAX_BUG_ROUNDS`` rounds, the
+event is given up with that id. A database outage ends the round; the next one retries.
+
+No job stalls another: a round takes each job's oldest events (a bounded number of jobs and of
+events per job, paused channels left out), serves channels in parallel workers, each paced to one
+write per ``channel_interval`` and at most ``writes_per_round`` writes, and a failure stops only
+the job it concerns. One process relays at a time (``storage.outbox.relay_lock``); another
+notifier stands by until that one exits.
 """
 
 from __future__ import annotations
@@ -14,26 +43,94 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from http.client import HTTPException
 from typing import Any
 
+from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlmodel import Session
 
 from bot.blocks import eval_report_blocks, job_header_blocks, milestone_text
+from bot.slack_errors import (
+    Rejected,
+    RetryLater,
+    RootGone,
+    RoundSpent,
+    ThreadUnwritable,
+    TokenRefused,
+    slack_problem,
+)
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import Dataset, Job, JobEvent
-from storage.types import utcnow
+from storage.outbox import (
+    RelayLock,
+    give_up_thread,
+    jobs_with_pending_events,
+    mark_delivered,
+    move_thread,
+    pending_events,
+    previous_progress,
+    relay_lock,
+)
 
 log = logging.getLogger(__name__)
 
 HEADER_ONLY = {"queued", "claimed", "progress", "checkpoint", "evaluating", "succeeded"}
+DB_OUTAGE = (OperationalError, InterfaceError, PoolTimeout)
+MAX_BUG_ROUNDS = 3
+TOKEN_PAUSE_S = 60.0
+FALLBACK_CHARS = 3_000  # a plain-text fallback's length (a section's limit, readable)
 
 
-class Paused(Exception):
-    """Slack asked us to wait (429) or is unreachable: try this channel again later."""
+def relay_client(token: str, base_url: str) -> WebClient:
+    """The notifier's own client: a reset connection is retried once at once; a 429 is not
+    slept on here (that would stall every channel) but pauses its channel."""
+    return WebClient(token=token, base_url=base_url, retry_handlers=[ConnectionErrorRetryHandler()])
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# One round's state ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Channel:
+    """A channel's share of a round: its worker's session and the writes it made."""
+
+    id: str
+    session: Session
+    writes: int = 0
+
+
+@dataclass
+class _JobRun:
+    """One job's delivery in a round; ``current`` are the events a failure is blamed on."""
+
+    channel: _Channel
+    job: Job
+    current: list[JobEvent] = field(default_factory=list)
+    settled: int = 0
+
+    @property
+    def session(self) -> Session:
+        return self.channel.session
+
+    @property
+    def thread(self) -> str:
+        assert self.job.thread_ts is not None
+        return self.job.thread_ts
 
 
 class Notifier:
@@ -45,197 +142,391 @@ class Notifier:
         *,
         channel_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        lock: RelayLock | None = None,
+        jobs_per_round: int = 200,
+        events_per_job: int = 100,
+        writes_per_round: int = 10,
+        workers: int = 8,
     ) -> None:
         self.db = db
         self.client = client
         self.store = store
         self.channel_interval = channel_interval
         self.clock = clock
+        self.lock = lock if lock is not None else relay_lock(db)
+        self.jobs_per_round = jobs_per_round
+        self.events_per_job = events_per_job
+        self.writes_per_round = writes_per_round
+        self.workers = workers
         self._last_write: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
-
-    # Slack writes, paced per channel -----------------------------------------------------------
-
-    def _write(self, channel: str, call: Callable[[], Any]) -> Any:
-        wait = self._last_write.get(channel, -math.inf) + self.channel_interval - self.clock()
-        if wait > 0:
-            time.sleep(wait)
-        try:
-            return call()
-        except SlackApiError as exc:
-            if exc.response.status_code == 429:
-                retry = float(exc.response.headers.get("Retry-After", "1"))
-                self._paused_until[channel] = self.clock() + retry
-                raise Paused(f"rate limited for {retry} s") from exc
-            if exc.response.status_code >= 500:
-                raise Paused(f"Slack answered {exc.response.status_code}") from exc
-            raise
-        except OSError as exc:  # connection refused, reset, timeout
-            raise Paused(str(exc)) from exc
-        finally:
-            self._last_write[channel] = self.clock()
+        self._token_paused_until = -math.inf
+        self._bug_rounds: dict[int, int] = {}
+        self._relaying: bool | None = None
 
     # The round ------------------------------------------------------------------------------
 
-    def deliver_pending(self, limit: int = 500) -> int:
-        """One round over undelivered events; returns how many were delivered."""
+    def deliver_pending(self) -> int:
+        """One round over undelivered events; returns how many were settled."""
+        if not self._hold_relay() or self._token_paused_until > self.clock():
+            return 0
+        now = self.clock()
+        paused = [channel for channel, until in self._paused_until.items() if until > now]
         with new_session(self.db) as session:
-            events = session.exec(
-                select(JobEvent)
-                .where(col(JobEvent.delivered_at).is_(None))
-                .order_by(col(JobEvent.id))
-                .limit(limit)
-            ).all()
-            by_job: dict[int, list[JobEvent]] = {}
-            for event in events:
-                by_job.setdefault(event.job_id, []).append(event)
-            delivered = 0
-            for job_id, job_events in by_job.items():
-                job = session.get(Job, job_id)
-                if job is None or not job.channel_id or not job.thread_ts:
-                    delivered += self._mark(session, job_events)  # nothing in Slack to update
-                    continue
-                if self._paused_until.get(job.channel_id, -math.inf) > self.clock():
-                    continue
+            jobs = jobs_with_pending_events(
+                session, limit=self.jobs_per_round, skip_channels=paused
+            )
+        by_channel: dict[str, list[int]] = {}
+        for job_id, channel in jobs:
+            by_channel.setdefault(channel or "", []).append(job_id)
+        if len(by_channel) <= 1:
+            return sum(self._deliver_channel(c, ids) for c, ids in by_channel.items())
+        with ThreadPoolExecutor(
+            max_workers=min(self.workers, len(by_channel)), thread_name_prefix="notifier"
+        ) as pool:
+            rounds = [pool.submit(self._deliver_channel, c, ids) for c, ids in by_channel.items()]
+        return sum(done.result() for done in rounds)  # re-raises a database outage
+
+    def _hold_relay(self) -> bool:
+        held = self.lock.acquire()
+        if held != self._relaying:
+            if held:
+                log.info("this bot process relays the outbox (%s)", self.lock.describe())
+            else:
+                log.warning(
+                    "another bot process relays the outbox (it holds the %s); this one stands by",
+                    self.lock.describe(),
+                )
+            self._relaying = held
+        return held
+
+    def _deliver_channel(self, channel_id: str, job_ids: list[int]) -> int:
+        settled = 0
+        with new_session(self.db) as session:
+            channel = _Channel(channel_id, session)
+            for job_id in job_ids:
+                if self._paused_until.get(channel_id, -math.inf) > self.clock():
+                    break
                 try:
-                    delivered += self._deliver_job(session, job, job_events)
-                except Paused as exc:
-                    log.warning("channel %s: %s; job %d events wait", job.channel_id, exc, job_id)
-            return delivered
+                    settled += self._deliver_job(channel, job_id)
+                except RoundSpent:
+                    break
+                except RetryLater as exc:
+                    log.warning("job %d: %s; its messages wait for the next round", job_id, exc)
+                except TokenRefused as exc:
+                    self._token_paused_until = self.clock() + TOKEN_PAUSE_S
+                    log.error(
+                        "Slack refuses the bot token (%s): the outbox waits, nothing is given "
+                        "up; fix SLACK_BOT_TOKEN (retrying in %.0f s)",
+                        exc.reason,
+                        TOKEN_PAUSE_S,
+                    )
+                    break
+        return settled
 
-    def _mark(self, session: Session, events: list[JobEvent]) -> int:
-        now = utcnow()
-        for event in events:
-            event.delivered_at = now
-            session.add(event)
-        session.commit()
-        return len(events)
+    def _deliver_job(self, channel: _Channel, job_id: int) -> int:
+        session = channel.session
+        job = session.get(Job, job_id, populate_existing=True)
+        events = pending_events(session, job_id=job_id, limit=self.events_per_job)
+        if job is None or not events:
+            return 0
+        if not job.channel_id or not job.thread_ts:
+            return mark_delivered(session, events)  # a job started outside Slack: no thread
+        if job.thread_error:
+            return mark_delivered(session, events, error=f"thread given up: {job.thread_error}")
+        run = _JobRun(channel, job, current=list(events))
+        try:
+            self._deliver_into_thread(run, events)
+        except (RetryLater, TokenRefused, *DB_OUTAGE):
+            raise
+        except Exception as exc:  # a bug, or an answer we did not foresee here
+            session.rollback()
+            self._bug(run, exc)
+        return run.settled
 
-    def _deliver_job(self, session: Session, job: Job, events: list[JobEvent]) -> int:
-        assert job.channel_id is not None and job.thread_ts is not None
-        channel, thread = job.channel_id, job.thread_ts
-        delivered = 0
+    def _deliver_into_thread(self, run: _JobRun, events: list[JobEvent]) -> None:
+        reposted = False
+        while True:
+            try:
+                self._deliver_events(run, events)
+                return
+            except RootGone as gone:
+                if reposted:
+                    raise RetryLater(
+                        f"the fresh root message is gone too ({gone.reason})"
+                    ) from gone
+                self._post_fresh_root(run, gone.reason)
+                reposted = True
+                events = pending_events(
+                    run.session, job_id=run.job.id or 0, limit=self.events_per_job
+                )
+            except ThreadUnwritable as exc:
+                reason = f"{exc.reason} (channel {run.job.channel_id})"
+                run.settled += give_up_thread(run.session, job_id=run.job.id or 0, reason=reason)
+                log.warning("job %d: Slack answered %s; its thread is given up", run.job.id, reason)
+                return
+
+    def _bug(self, run: _JobRun, exc: Exception) -> None:
+        """A failure we did not foresee: logged with an error id; the events it happened on are
+        given up after MAX_BUG_ROUNDS rounds, and the other jobs go on meanwhile."""
+        error_id = uuid.uuid4().hex[:8]
+        blamed = [event for event in run.current if event.id is not None]
+        log.error(
+            "job %d: delivering events %s failed (error id %s)",
+            run.job.id,
+            [event.id for event in blamed],
+            error_id,
+            exc_info=exc,
+        )
+        if not blamed:
+            return
+        key = blamed[0].id or 0
+        rounds = self._bug_rounds[key] = self._bug_rounds.get(key, 0) + 1
+        if rounds >= MAX_BUG_ROUNDS:
+            self._bug_rounds.pop(key, None)
+            reason = f"internal error (error id {error_id}): {type(exc).__name__}, {rounds} rounds"
+            run.settled += mark_delivered(run.session, blamed, error=reason)
+
+    # One job's events ----------------------------------------------------------------------
+
+    def _deliver_events(self, run: _JobRun, events: list[JobEvent]) -> None:
         coalesced: list[JobEvent] = []
         for event in events:
+            run.current = [event]
             if event.kind == "progress":
-                epoch = self._epoch_crossed(session, event)
+                epoch = self._epoch_crossed(run.session, event)
                 if epoch is not None:
-                    text = milestone_text("epoch", {**event.payload, "epoch": epoch})
-
-                    def post_epoch(text: str | None = text) -> Any:
-                        return self._write(
-                            channel,
-                            lambda: self.client.chat_postMessage(
-                                channel=channel, thread_ts=thread, text=text
-                            ),
-                        )
-
-                    self._part(session, event, "epoch", post_epoch)
+                    text = milestone_text("epoch", {**event.payload, "epoch": epoch}) or ""
+                    self._part(run, event, "epoch", partial(self._reply, run, text))
                 coalesced.append(event)
-                continue
-            if event.kind in HEADER_ONLY:
+            elif event.kind in HEADER_ONLY:
                 coalesced.append(event)
-                continue
-            self._deliver_milestone(session, event, channel, thread)
-            delivered += self._mark(session, [event])
-        session.refresh(job)
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-        self._write(
-            channel,
-            lambda: self.client.chat_update(
-                channel=channel,
-                ts=thread,
-                text=f"Fine-tuning job {job.id}: {job.status}",
-                blocks=job_header_blocks(job, dataset),
-            ),
-        )
-        return delivered + self._mark(session, coalesced)
+            else:
+                self._deliver_milestone(run, event)
+                self._settle(run, [event])
+        run.current = coalesced
+        problem = self._update_header(run)
+        if problem:
+            for event in coalesced:
+                event.delivery_error = problem
+        self._settle(run, coalesced)
 
-    def _deliver_milestone(
-        self, session: Session, event: JobEvent, channel: str, thread: str
-    ) -> None:
+    def _settle(self, run: _JobRun, events: list[JobEvent]) -> None:
+        for event in events:
+            failed = event.payload.get("_part_errors") or {}
+            parts = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            if parts:
+                event.delivery_error = "; ".join(filter(None, [parts, event.delivery_error]))
+        run.settled += mark_delivered(run.session, events)
+
+    def _deliver_milestone(self, run: _JobRun, event: JobEvent) -> None:
         payload = event.payload
         if event.kind == "trained" and payload.get("loss_curve_sha256"):
-            self._part(
-                session,
+            text = milestone_text("trained", payload) or ""
+            curve = self._part(
+                run,
                 event,
                 "loss_curve",
                 lambda: self._upload(
-                    channel,
-                    thread,
-                    self.store.read_bytes(payload["loss_curve_sha256"]),
+                    run,
+                    self._blob(payload["loss_curve_sha256"], "loss curve"),
                     "loss.png",
                     "Training loss",
-                    milestone_text("trained", payload),
+                    text,
                 ),
             )
+            if not curve:  # the plot is lost, not the news
+                self._part(run, event, "reply", lambda: self._reply(run, text))
             return
         if event.kind == "evaluated":
-            confusion = self.store.path(payload["report_path"]) / "confusion.png"
-            if confusion.exists():
+            if payload.get("accuracy") is not None:  # label scores come with a confusion matrix
                 self._part(
-                    session,
+                    run,
                     event,
                     "confusion",
                     lambda: self._upload(
-                        channel,
-                        thread,
-                        confusion.read_bytes(),
+                        run,
+                        self._report_file(payload["report_path"], "confusion.png"),
                         "confusion.png",
                         "Confusion matrix (rows: reference, columns: predicted)",
                         None,
                     ),
                 )
-            self._part(
-                session,
+            report = self._part(
+                run,
                 event,
                 "report",
-                lambda: self._write(
-                    channel,
-                    lambda: self.client.chat_postMessage(
-                        channel=channel,
-                        thread_ts=thread,
-                        blocks=eval_report_blocks(payload),
-                        text=f"Evaluation of checkpoint {payload['checkpoint_id']}",
-                    ),
+                lambda: self._post(
+                    run,
+                    text=f"Evaluation of checkpoint {payload['checkpoint_id']}",
+                    blocks=eval_report_blocks(payload),
                 ),
             )
+            if not report:
+                refused = (event.payload.get("_part_errors") or {}).get("report", "")
+                self._part(
+                    run, event, "report_text", lambda: self._report_as_text(run, payload, refused)
+                )
             return
-        text = milestone_text(event.kind, payload)
-        if text:
-            self._part(
-                session,
-                event,
-                "reply",
-                lambda: self._write(
-                    channel,
-                    lambda: self.client.chat_postMessage(
-                        channel=channel, thread_ts=thread, text=text
-                    ),
-                ),
-            )
+        reply = milestone_text(event.kind, payload)
+        if reply:
+            self._part(run, event, "reply", partial(self._reply, run, reply))
 
-    def _part(self, session: Session, event: JobEvent, name: str, send: Callable[[], Any]) -> None:
-        """Send one part of an event unless an earlier round already did, then remember it."""
-        done = list(event.payload.get("_delivered_parts", []))
+    def _part(
+        self, run: _JobRun, event: JobEvent, name: str, send: Callable[[], str | None]
+    ) -> bool:
+        """Send one part of an event unless an earlier round already did (or gave it up), then
+        remember it; ``send`` returns a note when it had to fall back. False: given up."""
+        payload = event.payload
+        done = list(payload.get("_delivered_parts", []))
+        errors = dict(payload.get("_part_errors") or {})
         if name in done:
-            return
-        send()
-        event.payload = {**event.payload, "_delivered_parts": [*done, name]}
-        session.add(event)
-        session.commit()
+            return True
+        if name in errors:
+            return False
+        try:
+            note = send()
+        except Rejected as exc:
+            log.warning("job %d event %d: %s given up: %s", event.job_id, event.id, name, exc)
+            errors[name] = exc.reason
+            event.payload = {**payload, "_part_errors": errors}
+            run.session.add(event)
+            run.session.commit()
+            return False
+        event.payload = {
+            **payload,
+            "_delivered_parts": [*done, name],
+            **({"_part_errors": {**errors, name: note}} if note else {}),
+        }
+        run.session.add(event)
+        run.session.commit()
+        return True
+
+    def _update_header(self, run: _JobRun) -> str | None:
+        """Edit the root message to the job's state; the problem if it had to fall back."""
+        run.session.refresh(run.job)
+        job = run.job
+        dataset = run.session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        blocks = job_header_blocks(job, dataset)
+        channel, thread = run.channel.id, run.thread
+        try:
+            self._send(
+                run,
+                lambda: self.client.chat_update(
+                    channel=channel,
+                    ts=thread,
+                    text=f"Fine-tuning job {job.id}: {job.status}",
+                    blocks=blocks,
+                ),
+            )
+            return None
+        except Rejected as exc:
+            plain = _cut(_blocks_text(blocks), FALLBACK_CHARS)
+            try:
+                self._send(
+                    run,
+                    lambda: self.client.chat_update(
+                        channel=channel, ts=thread, text=plain, blocks=[]
+                    ),
+                )
+            except Rejected as again:
+                return f"header: {exc.reason}; as plain text: {again.reason}"
+            return f"header: {exc.reason} (shown as plain text)"
+
+    def _post_fresh_root(self, run: _JobRun, reason: str) -> None:
+        """The root message is gone: post the job's header anew and move the thread there."""
+        job = run.job
+        dataset = run.session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        note = ":warning: This job's first message was deleted; its thread continues here."
+        blocks = [
+            *job_header_blocks(job, dataset),
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]},
+        ]
+        text = f"Fine-tuning job {job.id}: {job.status} (its first message was deleted)"
+        channel = run.channel.id
+        try:
+            posted = self._send(
+                run, lambda: self.client.chat_postMessage(channel=channel, text=text, blocks=blocks)
+            )
+        except Rejected:
+            plain = _cut(_blocks_text(blocks), FALLBACK_CHARS)
+            try:
+                posted = self._send(
+                    run, lambda: self.client.chat_postMessage(channel=channel, text=plain)
+                )
+            except Rejected as exc:
+                raise ThreadUnwritable(
+                    f"the root message is gone ({reason}) and a new one was refused ({exc.reason})"
+                ) from exc
+        old, new = run.thread, str(posted["ts"])
+        assert job.id is not None
+        if move_thread(run.session, job_id=job.id, old_ts=old, new_ts=new, reason=reason):
+            log.warning(
+                "job %d: root message %s is gone (%s); thread moved to %s", job.id, old, reason, new
+            )
+        run.session.refresh(job)
+
+    # Slack writes, paced per channel -----------------------------------------------------------
+
+    def _send(self, run: _JobRun, call: Callable[[], Any]) -> Any:
+        channel = run.channel
+        if self._token_paused_until > self.clock():
+            raise RoundSpent("the relay is paused: Slack refuses the bot token")
+        if channel.writes >= self.writes_per_round:
+            raise RoundSpent(f"channel {channel.id} used its {self.writes_per_round} writes")
+        wait = self._last_write.get(channel.id, -math.inf) + self.channel_interval - self.clock()
+        if wait > 0:
+            time.sleep(wait)
+        channel.writes += 1
+        try:
+            return call()
+        except SlackApiError as exc:
+            problem = slack_problem(exc)
+            if isinstance(problem, RetryLater) and problem.pause_s:
+                self._paused_until[channel.id] = self.clock() + problem.pause_s
+            raise problem from exc
+        except (OSError, HTTPException) as exc:  # refused, reset, timed out
+            raise RetryLater(f"network error: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._last_write[channel.id] = self.clock()
+
+    def _post(self, run: _JobRun, *, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        channel, thread = run.channel.id, run.thread
+        self._send(
+            run,
+            lambda: self.client.chat_postMessage(
+                channel=channel, thread_ts=thread, text=text, blocks=blocks
+            ),
+        )
+
+    def _reply(self, run: _JobRun, text: str) -> str | None:
+        """A plain thread reply; one Slack finds too long goes out cut short."""
+        try:
+            self._post(run, text=text)
+            return None
+        except Rejected as exc:
+            if not exc.reason.startswith("msg_too_long"):
+                raise
+        self._post(run, text=_cut(text, FALLBACK_CHARS))
+        return f"msg_too_long (sent cut to {FALLBACK_CHARS} characters)"
+
+    def _report_as_text(self, run: _JobRun, payload: dict[str, Any], refused: str) -> str:
+        """The eval report without its buttons, saying how to promote without them."""
+        checkpoint = payload["checkpoint_id"]
+        section = eval_report_blocks(payload)[0]["text"]["text"]
+        note = (
+            f"\n_Slack refused the report's buttons ({refused.split(' ')[0]}): an approver can "
+            f"promote it with `/finetune promote {checkpoint}`._"
+        )
+        self._post(run, text=_cut(section, FALLBACK_CHARS - len(note)) + note)
+        return "sent as plain text, without the buttons"
 
     def _upload(
-        self,
-        channel: str,
-        thread: str,
-        content: bytes,
-        filename: str,
-        title: str,
-        comment: str | None,
-    ) -> Any:
-        return self._write(
-            channel,
+        self, run: _JobRun, content: bytes, filename: str, title: str, comment: str | None
+    ) -> None:
+        channel, thread = run.channel.id, run.thread
+        self._send(
+            run,
             lambda: self.client.files_upload_v2(
                 channel=channel,
                 thread_ts=thread,
@@ -246,27 +537,50 @@ class Notifier:
             ),
         )
 
+    # Artifacts and history -----------------------------------------------------------------
+
+    def _blob(self, sha256: str, what: str) -> bytes:
+        try:
+            return self.store.read_bytes(sha256)
+        except FileNotFoundError:
+            raise Rejected(f"artifact missing: the {what} blob {sha256[:12]}… is gone") from None
+
+    def _report_file(self, report_path: str, name: str) -> bytes:
+        try:
+            return (self.store.path(report_path) / name).read_bytes()
+        except FileNotFoundError:
+            raise Rejected(f"artifact missing: {report_path}/{name}") from None
+
     def _epoch_crossed(self, session: Session, event: JobEvent) -> int | None:
         """The epoch number a progress event completed, if it crossed an epoch boundary."""
         epoch = float(event.payload.get("epoch") or 0)
-        before = session.exec(
-            select(JobEvent)
-            .where(
-                JobEvent.job_id == event.job_id,
-                JobEvent.kind == "progress",
-                col(JobEvent.id) < event.id,
-            )
-            .order_by(col(JobEvent.id).desc())
-        ).first()
+        before = previous_progress(session, event)
         previous = float(before.payload.get("epoch") or 0) if before is not None else 0.0
         return int(epoch) if int(epoch) > int(previous) else None
 
     # Background loop ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, interval: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                self.deliver_pending()
-            except Exception:
-                log.exception("notifier round failed; retrying")
-            stop.wait(interval)
+        try:
+            while not stop.is_set():
+                try:
+                    self.deliver_pending()
+                except Exception:
+                    log.exception("notifier round failed; the next round retries")
+                stop.wait(interval)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let go of the relay lock (a standing-by notifier takes over)."""
+        self.lock.release()
+
+
+def _blocks_text(blocks: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if block.get("type") == "section":
+            lines.append(block["text"]["text"])
+        for element in block.get("elements", []) if block.get("type") == "context" else []:
+            lines.append(element.get("text", ""))
+    return "\n".join(lines)

@@ -1,8 +1,20 @@
 """A local stand-in for the Slack Web API, for tests and the console: a real HTTP server on
 loopback that implements the methods the bot uses, records every call with its body, serves
 ``response_url`` posts and private file downloads (an HTML login page without the bot token, as
-Slack does), and fails on request (429 with Retry-After, 500). Plus builders of correctly signed
-slash-command, block-action, view-submission and event requests.
+Slack does), and fails the way Slack does:
+
+- on request (``inject``): 429 with Retry-After, 500, an error code with HTTP 200
+  (``{"ok": false, "error": "invalid_blocks"}``), or a connection reset before or after the call
+  took effect;
+- from its state: a deleted message (``delete_message``) answers ``message_not_found`` to
+  ``chat.update`` and ``thread_not_found`` to replies in its thread; an archived channel
+  (``archive``) answers ``is_archived``, one the bot was removed from (``kick``)
+  ``not_in_channel``, a deleted one (``delete_channel``) ``channel_not_found``;
+- from the message: text over 40,000 characters is ``msg_too_long``; a section text over 3,000
+  characters, or more than 50 blocks, is ``invalid_blocks``; neither text nor blocks is
+  ``no_text``.
+
+Plus builders of correctly signed slash-command, block-action, view-submission and event requests.
 """
 
 from __future__ import annotations
@@ -10,15 +22,23 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from slack_sdk.signature import SignatureVerifier
+
+MAX_TEXT_CHARS = 40_000  # chat.postMessage / chat.update text
+MAX_SECTION_CHARS = 3_000  # a section block's text
+MAX_BLOCKS = 50
+WRITES = ("chat.postMessage", "chat.update", "chat.postEphemeral", "files.completeUploadExternal")
 
 
 @dataclass
@@ -26,7 +46,12 @@ class Call:
     method: str
     params: dict[str, Any]
     at: float = field(default_factory=time.time)
-    status: int = 200  # what the stand-in answered (429/500 when a fault was injected)
+    status: int = 200  # the HTTP status answered (429/500 when a fault was injected; 0: reset)
+    error: str | None = None  # Slack's error code when it answered ok: false
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 200 and self.error is None
 
 
 @dataclass
@@ -35,6 +60,22 @@ class Fault:
     status: int
     retry_after: int | None
     times: int
+    error: str | None = None  # the body's error code
+    reset: bool = False  # close the connection instead of answering
+    after_accept: bool = False  # with reset: the call took effect first (Slack posted it)
+    channel: str | None = None  # only calls naming this channel
+    match: Callable[[dict[str, Any]], bool] | None = None  # only calls whose params match
+
+    def applies(self, method: str, params: dict[str, Any]) -> bool:
+        if self.method not in (method, "*"):
+            return False
+        if self.channel is not None and self.channel != _channel_of(params):
+            return False
+        return self.match is None or self.match(params)
+
+
+def _channel_of(params: dict[str, Any]) -> str:
+    return str(params.get("channel") or params.get("channel_id") or "")
 
 
 @dataclass
@@ -60,6 +101,10 @@ class SlackStandIn:
         self.files: dict[str, StoredFile] = {}
         self.uploads: dict[str, bytes] = {}
         self._faults: deque[Fault] = deque()
+        self.deleted_messages: set[tuple[str, str]] = set()
+        self.archived: set[str] = set()
+        self.kicked: set[str] = set()
+        self.deleted_channels: set[str] = set()
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -102,10 +147,49 @@ class SlackStandIn:
         return f"{self.base_url}/response/{name}"
 
     def inject(
-        self, method: str, *, status: int = 429, retry_after: int | None = 1, times: int = 1
+        self,
+        method: str,
+        *,
+        status: int | None = None,
+        retry_after: int | None = 1,
+        times: int = 1,
+        error: str | None = None,
+        reset: bool = False,
+        after_accept: bool = False,
+        channel: str | None = None,
+        match: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
+        """Fail the next ``times`` calls of ``method`` (in ``channel``, matching ``match``): by
+        default a 429 with Retry-After; ``error="invalid_blocks"`` answers HTTP 200 with that
+        error code (as Slack does); ``reset=True`` drops the connection without an answer, after
+        the call took effect when ``after_accept``."""
+        if status is None:
+            status = 200 if error or reset else 429
+        if error is None and status != 200:
+            error = "ratelimited" if status == 429 else "internal_error"
+        fault = Fault(
+            method, status, retry_after, times, error, reset, after_accept, channel, match
+        )
         with self._lock:
-            self._faults.append(Fault(method, status, retry_after, times))
+            self._faults.append(fault)
+
+    def delete_message(self, channel: str, ts: str) -> None:
+        """Someone deleted the message ``ts``: updates of it and replies under it fail."""
+        with self._lock:
+            self.deleted_messages.add((channel, ts))
+
+    def archive(self, channel: str) -> None:
+        with self._lock:
+            self.archived.add(channel)
+
+    def kick(self, channel: str) -> None:
+        """The bot was removed from ``channel``."""
+        with self._lock:
+            self.kicked.add(channel)
+
+    def delete_channel(self, channel: str) -> None:
+        with self._lock:
+            self.deleted_channels.add(channel)
 
     def add_file(
         self, file_id: str, name: str, content: bytes, *, html_login_page: bool = False
@@ -117,7 +201,7 @@ class SlackStandIn:
             return [
                 c.params
                 for c in self.calls
-                if c.method == method and (c.status == 200 or not accepted_only)
+                if c.method == method and (c.accepted or not accepted_only)
             ]
 
     def wait_for(self, method: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
@@ -178,25 +262,88 @@ class SlackStandIn:
         auth = handler.headers.get("Authorization", "")
         params["_token"] = auth.removeprefix("Bearer ")
         with self._lock:
-            fault = next((f for f in self._faults if f.method in (method, "*")), None)
+            fault = next((f for f in self._faults if f.applies(method, params)), None)
             if fault is not None:
                 fault.times -= 1
                 if fault.times <= 0:
                     self._faults.remove(fault)
-            self.calls.append(Call(method, params, status=fault.status if fault else 200))
-        if fault is not None:
+            refusal = self._refusal(method, params)
+            if fault is not None and not fault.after_accept:
+                status, error = (0, None) if fault.reset else (fault.status, fault.error)
+            elif refusal is not None:
+                status, error = 200, refusal[0]
+            else:
+                status, error = 200, None
+            self.calls.append(Call(method, params, status=status, error=error))
+        if fault is not None and fault.reset and not fault.after_accept:
+            return self._reset(handler)
+        if fault is not None and not fault.after_accept:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
-            error = "ratelimited" if fault.status == 429 else "internal_error"
+            if fault.status == 200:
+                headers = {}
             return self._reply(
                 handler,
                 fault.status,
-                json.dumps({"ok": False, "error": error}).encode(),
+                json.dumps({"ok": False, "error": fault.error}).encode(),
                 headers=headers,
             )
+        if refusal is not None:
+            code, messages = refusal
+            answer: dict[str, Any] = {"ok": False, "error": code}
+            if messages:
+                answer["response_metadata"] = {"messages": messages}
+            return self._reply(handler, 200, json.dumps(answer).encode())
         body = self._answer(method, params)
         if "ts" in body:
             params["_ts"] = body["ts"]  # the ts Slack gave the message, for clicks on it later
+        if fault is not None:  # a reset after the call took effect: Slack posted it, we never hear
+            return self._reset(handler)
         self._reply(handler, 200, json.dumps(body).encode())
+
+    def _reset(self, handler: BaseHTTPRequestHandler) -> None:
+        """Drop the connection with a TCP reset, no answer."""
+        handler.close_connection = True
+        connection = handler.connection
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+
+    def _refusal(self, method: str, params: dict[str, Any]) -> tuple[str, list[str]] | None:
+        """The error Slack would answer this write with, from the channel, the message and the
+        thread it names; None when it would accept it."""
+        if method not in WRITES:
+            return None
+        channel = _channel_of(params)
+        if channel in self.deleted_channels:
+            return "channel_not_found", []
+        if channel in self.archived:
+            return "is_archived", []
+        if channel in self.kicked:
+            return "not_in_channel", []
+        if method == "chat.update" and (channel, str(params.get("ts"))) in self.deleted_messages:
+            return "message_not_found", []
+        thread = params.get("thread_ts")
+        if thread and (channel, str(thread)) in self.deleted_messages:
+            return "thread_not_found", []
+        if method == "files.completeUploadExternal":
+            return None
+        text = params.get("text") or ""
+        blocks = params.get("blocks") or []
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        if len(text) > MAX_TEXT_CHARS:
+            return "msg_too_long", []
+        if len(blocks) > MAX_BLOCKS:
+            return "invalid_blocks", [f"[ERROR] no more than {MAX_BLOCKS} items allowed"]
+        for index, block in enumerate(blocks):
+            section = block.get("text") if block.get("type") == "section" else None
+            if section is not None and len(section.get("text", "")) > MAX_SECTION_CHARS:
+                return "invalid_blocks", [
+                    f"[ERROR] must be less than {MAX_SECTION_CHARS + 1} characters "
+                    f"[json-pointer:/blocks/{index}/text/text]"
+                ]
+        if method != "chat.update" and not text and not blocks:
+            return "no_text", []
+        return None
 
     def _answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         ts = f"{1_700_000_000 + next(self._ts)}.000100"
