@@ -10,7 +10,7 @@ lost answer between Slack's acceptance and our commit posts that part again (a r
 is retried by slack_sdk's ``ConnectionErrorRetryHandler`` and then by the next round, and Slack
 may have posted the first try).
 
-What Slack's answers do (``slack_problem`` sorts them):
+What Slack's answers do (``bot.slack_errors.slack_problem`` sorts them):
 
 - ``RetryLater``: 429 (that channel pauses for Retry-After; others go on), 5xx and Slack's
   transient codes, network errors. The event waits; a network error or a 5xx holds that job for
@@ -81,6 +81,7 @@ from storage.outbox import (
     pending_events,
     previous_progress,
     relay_lock,
+    thread_moves,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ log = logging.getLogger(__name__)
 HEADER_ONLY = {"queued", "claimed", "progress", "checkpoint", "evaluating", "succeeded"}
 DB_OUTAGE = (OperationalError, InterfaceError, PoolTimeout)
 MAX_BUG_ROUNDS = 3
+MAX_FRESH_ROOTS = 3  # root messages posted anew for one job before its thread is given up
 TOKEN_PAUSE_S = 60.0
 FALLBACK_CHARS = 3_000  # a plain-text fallback's length (a section's limit, readable)
 
@@ -245,26 +247,27 @@ class Notifier:
         return run.settled
 
     def _deliver_into_thread(self, run: _JobRun, events: list[JobEvent]) -> None:
-        reposted = False
-        while True:
+        try:
             try:
                 self._deliver_events(run, events)
-                return
             except RootGone as gone:
-                if reposted:
-                    raise RetryLater(
-                        f"the fresh root message is gone too ({gone.reason})"
+                moves = thread_moves(run.session, job_id=run.job.id or 0)
+                if moves >= MAX_FRESH_ROOTS:
+                    raise ThreadUnwritable(
+                        f"{gone.reason}: its root message was deleted {moves + 1} times"
                     ) from gone
                 self._post_fresh_root(run, gone.reason)
-                reposted = True
                 events = pending_events(
                     run.session, job_id=run.job.id or 0, limit=self.events_per_job
                 )
-            except ThreadUnwritable as exc:
-                reason = f"{exc.reason} (channel {run.job.channel_id})"
-                run.settled += give_up_thread(run.session, job_id=run.job.id or 0, reason=reason)
-                log.warning("job %d: Slack answered %s; its thread is given up", run.job.id, reason)
-                return
+                try:
+                    self._deliver_events(run, events)
+                except RootGone as again:
+                    raise RetryLater(f"the fresh root is gone too ({again.reason})") from again
+        except ThreadUnwritable as exc:
+            reason = f"{exc.reason} (channel {run.job.channel_id})"
+            run.settled += give_up_thread(run.session, job_id=run.job.id or 0, reason=reason)
+            log.warning("job %d: Slack answered %s; its thread is given up", run.job.id, reason)
 
     def _bug(self, run: _JobRun, exc: Exception) -> None:
         """A failure we did not foresee: logged with an error id; the events it happened on are
@@ -313,6 +316,7 @@ class Notifier:
 
     def _settle(self, run: _JobRun, events: list[JobEvent]) -> None:
         for event in events:
+            self._bug_rounds.pop(event.id or 0, None)
             failed = event.payload.get("_part_errors") or {}
             parts = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
             if parts:
@@ -415,7 +419,7 @@ class Notifier:
                 lambda: self.client.chat_update(
                     channel=channel,
                     ts=thread,
-                    text=f"Fine-tuning job {job.id}: {job.status}",
+                    text=f"{_noun(job)} {job.id}: {job.status}",
                     blocks=blocks,
                 ),
             )
@@ -442,7 +446,7 @@ class Notifier:
             *job_header_blocks(job, dataset),
             {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]},
         ]
-        text = f"Fine-tuning job {job.id}: {job.status} (its first message was deleted)"
+        text = f"{_noun(job)} {job.id}: {job.status} (its first message was deleted)"
         channel = run.channel.id
         try:
             posted = self._send(
@@ -574,6 +578,10 @@ class Notifier:
     def close(self) -> None:
         """Let go of the relay lock (a standing-by notifier takes over)."""
         self.lock.release()
+
+
+def _noun(job: Job) -> str:
+    return "Export job" if job.kind == "export" else "Fine-tuning job"
 
 
 def _blocks_text(blocks: list[dict[str, Any]]) -> str:

@@ -82,6 +82,15 @@ def previous_progress(session: Session, event: JobEvent) -> JobEvent | None:
     ).first()
 
 
+def thread_moves(session: Session, *, job_id: int) -> int:
+    """How many times the job's thread moved to a fresh root message."""
+    return len(
+        session.exec(
+            select(JobEvent.id).where(JobEvent.job_id == job_id, JobEvent.kind == "thread_moved")
+        ).all()
+    )
+
+
 # Settling -------------------------------------------------------------------------------------
 
 

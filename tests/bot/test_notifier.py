@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlmodel import col, select
 
-from bot.notifier import MAX_BUG_ROUNDS, Notifier, relay_client
+from bot.notifier import MAX_BUG_ROUNDS, MAX_FRESH_ROOTS, Notifier, relay_client
 from core.enums import JobStatus
 from runner.eval.metrics import label_scores
 from runner.plots import confusion_png, loss_curve_png
@@ -378,6 +378,27 @@ def test_a_deleted_root_message_moves_the_thread_to_a_fresh_root(slack, engine, 
     assert (
         len([p for p in slack.standin.calls_to("chat.postMessage") if not p.get("thread_ts")]) == 2
     )
+
+
+def test_a_root_deleted_again_and_again_is_reposted_a_bounded_number_of_times(
+    slack, engine, notifiers
+) -> None:
+    job = _run_a_job(slack, engine)
+    notifier = notifiers()
+    for _ in range(MAX_FRESH_ROOTS + 1):  # someone deletes every root the bot posts
+        slack.standin.delete_message("C0CHAN", _job(engine, job.id).thread_ts)
+        with new_session(engine) as session:
+            add_job_event(session, job_id=job.id, kind="status", message="still going")
+            session.commit()
+        notifier.deliver_pending()
+    roots = [p for p in slack.standin.calls_to("chat.postMessage") if not p.get("thread_ts")]
+    assert len(roots) == 1 + MAX_FRESH_ROOTS  # the first one, then the bounded reposts
+    given_up = _job(engine, job.id)
+    assert given_up.thread_error == (
+        f"thread_not_found: its root message was deleted {MAX_FRESH_ROOTS + 1} times "
+        "(channel C0CHAN)"
+    )
+    assert _pending(engine) == []
 
 
 def test_an_archived_channel_gives_up_the_thread_and_stops_calling_slack(
