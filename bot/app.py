@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import SecretStr
+
 from core.errors import ConfigError
 from core.settings import Settings
 
@@ -28,24 +30,24 @@ def create_app(
     from storage.db import make_engine
     from storage.migrate import check_schema
 
-    if settings.slack_bot_token is None:
+    token, secret = _given(settings.slack_bot_token), _given(settings.slack_signing_secret)
+    if token is None:
         raise ConfigError(
             "SLACK_BOT_TOKEN must be set for Slack (without it, use `python -m bot console`)"
         )
-    if socket_mode and settings.slack_app_token is None:
+    if socket_mode and _given(settings.slack_app_token) is None:
         raise ConfigError("Socket Mode needs SLACK_APP_TOKEN (an app-level xapp- token)")
-    if not socket_mode and settings.slack_signing_secret is None:
+    if not socket_mode and secret is None:
         raise ConfigError(
             "HTTP mode needs SLACK_SIGNING_SECRET to verify Slack's requests (Socket Mode, with "
             "SLACK_APP_TOKEN set and without --http, does not)"
         )
-    client = listener_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url)
-    # Socket Mode requests are not signed: bolt's RequestVerification lets them through, and
-    # with an empty secret it refuses any HTTP request (its verifier will not take "") instead
-    # of accepting it unverified. Passing "" also keeps bolt from reading the environment.
-    secret = settings.slack_signing_secret
+    client = listener_client(token, settings.slack_api_url)
     app = App(
-        signing_secret=secret.get_secret_value() if secret is not None else "",
+        # Socket Mode requests are not signed: bolt's RequestVerification lets them through,
+        # and with an empty secret it refuses any HTTP request (its verifier will not take "")
+        # instead of accepting it unverified. "" also keeps bolt from reading the environment.
+        signing_secret=secret or "",
         client=client,
         name="finetune-bot",
         process_before_response=process_before_response,
@@ -67,6 +69,13 @@ def create_app(
     actions.register(app, context)
     events.register(app, context)
     return app
+
+
+def _given(value: SecretStr | None) -> str | None:
+    """A secret's value, or None when it is unset or blank (``SLACK_SIGNING_SECRET=`` in .env)."""
+    if value is None or not value.get_secret_value().strip():
+        return None
+    return value.get_secret_value()
 
 
 def listener_client(token: str, base_url: str) -> Any:
@@ -94,12 +103,13 @@ def start_notifier(settings: Settings) -> Any:
     from storage.artifacts import ArtifactStore
     from storage.db import make_engine
 
-    if settings.slack_bot_token is None:
+    token = _given(settings.slack_bot_token)
+    if token is None:
         raise ConfigError("SLACK_BOT_TOKEN must be set for the notifier to post to Slack")
     stop = threading.Event()
     notifier = Notifier(
         make_engine(settings.database_url),
-        relay_client(settings.slack_bot_token.get_secret_value(), settings.slack_api_url),
+        relay_client(token, settings.slack_api_url),
         ArtifactStore(settings.artifact_dir),
     )
     threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()

@@ -278,9 +278,8 @@ class SlackStandIn:
         if fault is not None and fault.reset and not fault.after_accept:
             return self._reset(handler)
         if fault is not None and not fault.after_accept:
-            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
-            if fault.status == 200:
-                headers = {}
+            limited = fault.retry_after and fault.status != 200
+            headers = {"Retry-After": str(fault.retry_after)} if limited else {}
             return self._reply(
                 handler,
                 fault.status,

@@ -67,6 +67,10 @@ def test_http_mode_still_needs_the_signing_secret(settings, standin, monkeypatch
     with pytest.raises(ConfigError) as refused:
         create_app(configured)  # --http, or no SLACK_APP_TOKEN
     assert "HTTP mode needs SLACK_SIGNING_SECRET" in refused.value.message
+    blank = _settings(settings, standin, slack_signing_secret="")  # as .env.example ships it
+    with pytest.raises(ConfigError) as refused:
+        create_app(blank)
+    assert "HTTP mode needs SLACK_SIGNING_SECRET" in refused.value.message
     with pytest.raises(ConfigError) as refused:
         create_app(_settings(settings, standin), socket_mode=True)
     assert "Socket Mode needs SLACK_APP_TOKEN" in refused.value.message
