@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.config import parse_train_args
+from runner.train import memory
 from runner.train.graphs import GraphedDecoder
 from runner.train.packing import PackedBatch, pack_step
 from runner.train.recipe import (
@@ -120,3 +121,30 @@ def test_the_stand_in_reproduces_the_aliasing_it_guards_against(tiny_model_dir, 
     got = [p.grad for p in params]
     assert min(_relative_errors(got, want)) > 0.1  # wrong everywhere ...
     assert max(_relative_errors(got, [2 * g for g in last])) < 1e-5  # ... and exactly this way
+
+
+def test_the_kept_gradients_cost_what_the_memory_estimate_counts(tiny_model_dir) -> None:
+    """Between two graphed steps (bf16 weights, fp32 masters) the trainer holds, per trainable
+    weight, exactly the bytes ``memory.TRAINER_BYTES_PER_TRAINABLE`` says."""
+    config = parse_train_args(ARGS)
+    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
+    model = setup_model(spec, torch.device("cpu"), torch.bfloat16)
+    named = trainable_parameters(model)
+    masters = setup_masters(named, graphed=object())  # any graphed decoder: grads kept
+    optimizer = setup_optimizer(named, masters, config, torch.device("cpu"))
+    scheduler = setup_scheduler(optimizer, config, total_steps=10)
+    for _, p in named:
+        p.grad.normal_()  # as a backward leaves them
+    masters.grads_to_masters()
+    optimizer_step(masters, optimizer, scheduler, config.max_grad_norm)
+    trainable = sum(p.numel() for _, p in named)
+    held = sum(p.grad.numel() * p.grad.element_size() for _, p in named)
+    held += sum(m.grad.numel() * m.grad.element_size() for m in masters.masters)
+    held += sum(m.numel() * m.element_size() for m in masters.masters)
+    held += sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0  # the moments, not the step counters
+    )
+    assert held == trainable * memory.TRAINER_BYTES_PER_TRAINABLE
