@@ -47,11 +47,17 @@ def torch_release(version: str) -> tuple[int, int]:
     return int(major), int(re.match(r"\d+", minor).group())  # type: ignore[union-attr]
 
 
+def torch_has_varlen_kernel() -> bool:
+    """Whether this torch's ``varlen_attn`` has the signature ``attend`` calls (no GPU needed:
+    the Dockerfile checks it at build time)."""
+    return _varlen_attn is not None
+
+
 def varlen_kernel_available() -> bool:
     """Whether packed attention runs torch's varlen FlashAttention kernel: CUDA and a torch whose
     ``varlen_attn`` has the signature ``attend`` calls. Without it ``attend`` reads ``cu_seqlens``
     back to the host (per-sample SDPA), which CUDA graph capture forbids."""
-    return _varlen_attn is not None and torch.cuda.is_available()
+    return torch_has_varlen_kernel() and torch.cuda.is_available()
 
 
 def varlen_missing_reason() -> str:

@@ -117,7 +117,7 @@ def test_the_minimum_torch_agrees_with_the_installed_kernel() -> None:
     """The installed torch is past the minimum and its varlen_attn has the signature attend
     calls: the constant is not contradicted by the one torch at hand."""
     assert attention.torch_release(torch.__version__) >= attention.MIN_TORCH_VARLEN
-    assert attention._varlen_attn is not None
+    assert attention.torch_has_varlen_kernel()
     assert attention.torch_release("2.8.0+cu128") < attention.MIN_TORCH_VARLEN
     assert attention.torch_release("2.10.0a0+git1234") < attention.MIN_TORCH_VARLEN
 
