@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 NAME = "packed_varlen"
 
-# The first torch release whose ``varlen_attn`` takes ``scale`` and ``window_size``: torch 2.10
-# shipped it with ``is_causal`` instead; ``window_size`` replaced it in pytorch/pytorch#172238 and
-# #172245 (merged 2026-01-21, after the 2.10 branch cut), first released in 2.11 (the H200 image's
-# torch, where the graphed step was measured; TRAINING-SPEED.md). The signature is still checked at
-# import, not assumed from the version.
+# The first torch release whose ``varlen_attn`` takes ``scale`` and ``window_size``: torch 2.10's
+# took ``is_causal`` instead (TRAINING-SPEED.md); ``window_size`` replaced it in
+# pytorch/pytorch#172238 and #172245 (merged 2026-01-21); torch 2.11 has it (the H200 image's
+# torch, where the graphed step was measured) and so has 2.13 (installed here). The signature is
+# still checked at import, not assumed from the version.
 MIN_TORCH_VARLEN = (2, 11)
 
 try:
