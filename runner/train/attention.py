@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 from typing import Any
 
 import torch
@@ -18,7 +19,14 @@ import torch.nn.functional as F
 
 NAME = "packed_varlen"
 
-try:  # torch ≥ 2.10; the signature changed between releases, so it is checked, not assumed
+# The first torch release whose ``varlen_attn`` takes ``scale`` and ``window_size``: torch 2.10's
+# took ``is_causal`` instead (TRAINING-SPEED.md); ``window_size`` replaced it in
+# pytorch/pytorch#172238 and #172245 (merged 2026-01-21); torch 2.11 has it (the H200 image's
+# torch, where the graphed step was measured) and so has 2.13 (installed here). The signature is
+# still checked at import, not assumed from the version.
+MIN_TORCH_VARLEN = (2, 11)
+
+try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 
     _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
@@ -29,8 +37,42 @@ except ImportError:  # pragma: no cover - older torch
     _VARLEN_PARAMS = set()
 
 
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string.
+
+    >>> torch_release("2.13.0+cpu"), torch_release("2.8.0a0+5228986c39.nv25.05")
+    ((2, 13), (2, 8))
+    """
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(re.match(r"\d+", minor).group())  # type: ignore[union-attr]
+
+
+def torch_has_varlen_kernel() -> bool:
+    """Whether this torch's ``varlen_attn`` has the signature ``attend`` calls (no GPU needed:
+    the Dockerfile checks it at build time)."""
+    return _varlen_attn is not None
+
+
 def varlen_kernel_available() -> bool:
-    return _varlen_attn is not None and torch.cuda.is_available()
+    """Whether packed attention runs torch's varlen FlashAttention kernel: CUDA and a torch whose
+    ``varlen_attn`` has the signature ``attend`` calls. Without it ``attend`` reads ``cu_seqlens``
+    back to the host (per-sample SDPA), which CUDA graph capture forbids."""
+    return torch_has_varlen_kernel() and torch.cuda.is_available()
+
+
+def varlen_missing_reason() -> str:
+    """What to log when a GPU step cannot use the varlen kernel."""
+    if _varlen_attn is not None:
+        have = "has the varlen kernel but no CUDA device"
+    elif _VARLEN_PARAMS:
+        have = "has torch.nn.attention.varlen.varlen_attn without scale/window_size"
+    else:
+        have = "has no torch.nn.attention.varlen"
+    want = ".".join(map(str, MIN_TORCH_VARLEN))
+    return (
+        f"torch {torch.__version__} {have} (torch >= {want} has the kernel): packed attention "
+        "runs per-sample SDPA, so the step trains eagerly (no CUDA graphs, no fused layers)"
+    )
 
 
 def packed_attention(

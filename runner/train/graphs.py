@@ -15,17 +15,23 @@ one LoRA GEMM each, RoPE and SiLU·mul as Triton kernels: runner/train/kernels.p
 transformers layer. The embedding, final norm, LM head, loss and optimizer stay eager (a few dozen
 launches). One graph pair is captured per bucket (~0.2 s each on a 7B); all share one memory
 pool, which is safe because a step replays only its own bucket's graphs, forward then backward,
-before the next. Only for LoRA on CUDA without gradient checkpointing; anything else trains
-eagerly.
+before the next. Only for LoRA on CUDA without gradient checkpointing, with torch's varlen
+attention kernel (``recipe.graphs_off_reason``); anything else trains eagerly.
+
+A graphed backward returns the graph's static gradient buffers (rewritten by every replay) as the
+parameters' gradients; autograd adopts such a tensor as ``param.grad`` when that is None, so the
+recipe keeps the gradients allocated and zeroes them in place (``recipe.MasterWeights``), and every
+micro-batch's gradient is added into a tensor the graph does not own.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -270,14 +276,27 @@ class _Bucket:
 
 
 class GraphedDecoder:
-    """Runs a (PEFT-wrapped) Qwen2-style causal LM over packed batches with a graphed stack."""
+    """Runs a (PEFT-wrapped) Qwen2-style causal LM over packed batches with a graphed stack.
 
-    def __init__(self, model: torch.nn.Module, max_sequences: int) -> None:
+    Its backward hands autograd the graph's static gradient buffers, so the trainable
+    parameters' ``.grad`` must stay allocated across micro-batches (``recipe.setup_masters``).
+    ``make_graphed`` captures one bucket's stack (default: ``torch.cuda.make_graphed_callables``
+    with one memory pool for all buckets; tests pass a CPU stand-in of its gradient return)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        max_sequences: int,
+        *,
+        fuse_layers: bool | None = None,
+        make_graphed: Callable[..., Any] | None = None,
+    ) -> None:
         log.info("fused kernels: %s", fuse_kernels(model))
         inner = causal_lm(model)
         self.backbone = inner.model
         self.lm_head = inner.lm_head
-        self.fused = fused_layers(self.backbone.layers) if FUSE_LAYERS else None
+        fuse = FUSE_LAYERS if fuse_layers is None else fuse_layers
+        self.fused = fused_layers(self.backbone.layers) if fuse else None
         if self.fused:
             first = self.fused[0]
             seconds = kernels.warm_up(
@@ -291,7 +310,11 @@ class GraphedDecoder:
         self.slots = max_sequences + 2  # boundaries of the samples, the padding sequence, the end
         self.buckets: dict[int, _Bucket] = {}
         self.planned: list[int] = []
-        self.pool = torch.cuda.graph_pool_handle()
+        if make_graphed is None:
+            make_graphed = functools.partial(
+                torch.cuda.make_graphed_callables, pool=torch.cuda.graph_pool_handle()
+            )
+        self.make_graphed = make_graphed
         self.capture_seconds = 0.0
 
     def plan(self, sizes: Sequence[int]) -> list[int]:
@@ -347,13 +370,12 @@ class GraphedDecoder:
     ) -> _Bucket:
         static = _Bucket(None, cos.clone(), sin.clone(), cu.clone())
         started = time.perf_counter()
-        static.stack = torch.cuda.make_graphed_callables(
+        static.stack = self.make_graphed(
             _Stack(self.backbone.layers, size, self.fused),
             (hidden.detach().clone(), static.cos, static.sin, static.cu),
             # Warm-up settles lazy initialisation (cuBLAS handles, workspaces, kernel loading)
             # outside a capture: needed once per job, not once per bucket.
             num_warmup_iters=0 if self.buckets else 1,
-            pool=self.pool,
         )
         seconds = time.perf_counter() - started
         self.capture_seconds += seconds

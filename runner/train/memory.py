@@ -14,6 +14,8 @@ from runner.config import TrainConfig
 
 GiB = 1024**3
 LOSS_CHUNK = 256  # answer positions per loss chunk under gradient checkpointing
+# Bytes per trainable weight beyond the weight itself (see estimate_training_memory).
+TRAINER_BYTES_PER_TRAINABLE = 4 + 4 + 8 + 2
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,11 @@ def estimate_training_memory(
     total, trainable = parameter_counts(model_config, train)
     bits = train.effective_quantization_bit
     weight_bytes = {4: 0.55, 8: 1.05}.get(bits or 0, 2.0)
-    # fp32 master + two Adam moments + a bf16 gradient per trainable weight (+ its bf16 copy
+    # Per trainable weight: the fp32 master and its fp32 gradient (kept between steps), two Adam
+    # moments, and the bf16 gradient of the model's copy (live through the backward; kept
+    # allocated between steps under CUDA graphs, recipe.MasterWeights) (+ the bf16 weight itself
     # for full/freeze, already counted in the weights).
-    optimizer = trainable * (4 + 8 + 2)
+    optimizer = trainable * TRAINER_BYTES_PER_TRAINABLE
     h, inter = model_config.hidden_size, model_config.intermediate_size
     layers = model_config.num_hidden_layers
     per_token_layer = 2 * (6 * h + 4 * inter) * 1.2

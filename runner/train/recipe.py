@@ -9,6 +9,7 @@ master copies of the trainable weights (a 5e-6 update vanishes in bf16 rounding)
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -52,6 +53,8 @@ class TrainHooks:
     checkpoint_dir: Callable[[int, bool], AbstractContextManager[Path]] | None = None
     # Called after a checkpoint directory was completed.
     on_checkpoint: Callable[[int, bool, Path], None] = lambda step, final, path: None
+    # Called once before the first step with the step resumed from (None: from the start).
+    on_start: Callable[[int | None], None] = lambda resumed_from_step: None
 
 
 @dataclass
@@ -60,12 +63,27 @@ class TrainSpec:
     examples: Sequence[TrainingExample]
     base: Path | Any  # a model directory, or a transformers config for random weights (benchmarks)
     meta: dict[str, Any] = field(default_factory=dict)  # written into each checkpoint's meta.json
-    resume_from: Path | None = None
+    # Checkpoints to resume from, newest first: the first that loads is used (``load_checkpoint``).
+    # A single Path (or None) is taken as a one-element (empty) list.
+    resume_from: Sequence[Path] | Path | None = ()
     device: str | None = None  # default: cuda when available
     token_budget: int = 16384  # most tokens in one packed micro-batch
     gradient_checkpointing: bool = False
     compile_layers: bool = False  # torch.compile each decoder layer (GPU; fewer launches)
     cuda_graphs: bool = False  # replay decoder layers as CUDA graphs (GPU LoRA; see graphs.py)
+
+    def __post_init__(self) -> None:
+        if self.resume_from is None:
+            self.resume_from = ()
+        elif isinstance(self.resume_from, Path | str):
+            self.resume_from = (Path(self.resume_from),)
+        else:
+            self.resume_from = tuple(Path(p) for p in self.resume_from)
+
+    @property
+    def resume_candidates(self) -> tuple[Path, ...]:
+        assert isinstance(self.resume_from, tuple)  # normalised by __post_init__
+        return self.resume_from
 
 
 @dataclass
@@ -78,6 +96,7 @@ class TrainResult:
     seconds: float
     checkpoint: Path | None
     peak_memory_bytes: int | None = None
+    resumed_from_step: int | None = None  # None: this attempt started from step 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -136,20 +155,34 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
     return trainable
 
 
-def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> Any:
-    """The CUDA-graphed decoder (``graphs.GraphedDecoder``) where it applies (LoRA on CUDA, no
-    checkpointing or compile), else None."""
+def graphs_off_reason(spec: TrainSpec, device: torch.device, *, varlen_kernel: bool) -> str | None:
+    """Why this job trains without the CUDA-graphed decoder (None: it uses it). ``varlen_kernel``:
+    whether torch's varlen attention kernel is there (``attention.varlen_kernel_available``):
+    without it attention reads ``cu_seqlens`` back to the host, which capture forbids."""
     if not spec.cuda_graphs:
-        return None
-    if (
-        device.type != "cuda"
-        or spec.config.method != "lora"
-        or spec.gradient_checkpointing
-        or spec.compile_layers
-    ):
-        log.info(
-            "CUDA graphs apply to method=lora on a GPU without checkpointing: training eagerly"
-        )
+        return "CUDA graphs are turned off (RUNNER_CUDA_GRAPHS=false)"
+    if device.type != "cuda":
+        return f"CUDA graphs need a GPU (training on {device.type})"
+    if spec.config.method != "lora":
+        return f"CUDA graphs apply to method=lora, not method={spec.config.method}"
+    if spec.gradient_checkpointing:
+        return "CUDA graphs do not apply with gradient checkpointing"
+    if spec.compile_layers:
+        return "CUDA graphs do not apply with per-layer torch.compile (RUNNER_COMPILE=true)"
+    if not varlen_kernel:
+        return attention.varlen_missing_reason()
+    return None
+
+
+def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> Any:
+    """The CUDA-graphed decoder (``graphs.GraphedDecoder``: fused layers replayed as CUDA graphs)
+    where it applies, else None (eager steps; the reason is logged)."""
+    varlen = attention.varlen_kernel_available()
+    reason = graphs_off_reason(spec, device, varlen_kernel=varlen)
+    if reason is not None:
+        if spec.cuda_graphs:  # asked for and not possible: say why, once per job
+            degraded = device.type == "cuda" and not varlen  # a GPU stack without the kernel
+            log.log(logging.WARNING if degraded else logging.INFO, "%s: training eagerly", reason)
         return None
     from runner.train.graphs import GraphedDecoder
 
@@ -196,9 +229,17 @@ class MasterWeights:
     """fp32 copies of trainable low-precision parameters: the optimizer steps the copies, the
     model's bf16 weights are refreshed from them. Identity for fp32 parameters. Copies go through
     ``torch._foreach_copy_``: one launch per direction instead of one per tensor (a 7B LoRA has
-    392 adapter tensors)."""
+    392 adapter tensors).
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    ``keep_grads``: the model's gradient tensors are allocated once and zeroed in place between
+    steps, never set to None. CUDA graphs need it (``setup_masters``): a graphed backward returns
+    the graph's own static gradient buffers, and autograd *adopts* such a tensor as ``param.grad``
+    when that is None, so the next replay (the step's next micro-batch in the same bucket)
+    overwrites the gradient before autograd adds its own into it: 2 × the last micro-batch instead
+    of the sum (pytorch/pytorch#181723). Costs a gradient per trainable weight between steps
+    (memory.py counts one): nothing for LoRA; full fine-tuning is never graphed."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, keep_grads: bool = False) -> None:
         self.params = params
         self.masters = [
             p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
@@ -208,8 +249,15 @@ class MasterWeights:
         self._low = [p for _, p in pairs]
         self._high = [m for m, _ in pairs]
         self.mixed = bool(pairs)
+        self.keep_grads = keep_grads
+        if keep_grads:
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
 
     def grads_to_masters(self) -> None:
+        """The step's gradients into the masters' ``.grad``; the model's are cleared for the next
+        step (zeroed in place with ``keep_grads``, else set to None)."""
         if not self.mixed:
             return
         grads = [p.grad for p in self._low]
@@ -221,8 +269,23 @@ class MasterWeights:
                 for master in self._high:
                     master.grad = torch.zeros_like(master)
             torch._foreach_copy_([m.grad for m in self._high], grads)  # type: ignore[misc, arg-type]
-        for param in self._low:
-            param.grad = None
+        if self.keep_grads:
+            torch._foreach_zero_(grads)  # type: ignore[arg-type]  # allocated since __init__
+        else:
+            for param in self._low:
+                param.grad = None
+
+    def zero_grad(self) -> None:
+        """After the optimizer step: the masters' gradients cleared for the next step. Mixed:
+        zeroed in place (the fp32 buffers are reused every step); fp32 parameters (the masters are
+        the parameters): zeroed in place with ``keep_grads``, else set to None."""
+        in_place = self.mixed or self.keep_grads
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        if in_place:
+            torch._foreach_zero_(grads)  # type: ignore[arg-type]
+        else:
+            for master in self.masters:
+                master.grad = None
 
     def masters_to_params(self) -> None:
         if self.mixed:
@@ -232,6 +295,13 @@ class MasterWeights:
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def setup_masters(named: list[tuple[str, torch.nn.Parameter]], graphed: Any) -> MasterWeights:
+    """The master weights; under CUDA graphs (``graphed`` not None) the model's gradients stay
+    allocated and are zeroed in place (``MasterWeights``: a graphed backward must never find
+    ``param.grad`` None)."""
+    return MasterWeights([p for _, p in named], keep_grads=graphed is not None)
 
 
 def setup_optimizer(
@@ -307,6 +377,38 @@ def _step_loss(
     return total, answer_tokens
 
 
+def accumulate_step(
+    model: torch.nn.Module,
+    batches: Sequence[PackedBatch],
+    logits_of: Callable[[PackedBatch], torch.Tensor] | None,
+    masters: MasterWeights,
+    *,
+    loss_chunk: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """One optimizer step's forward and backward (``_step_loss``), its gradient left in the
+    masters' ``.grad`` for ``optimizer_step``; returns the loss (on the device) and the answer
+    tokens."""
+    loss, answer_tokens = _step_loss(model, batches, logits_of, loss_chunk=loss_chunk)
+    masters.grads_to_masters()
+    return loss, answer_tokens
+
+
+def optimizer_step(
+    masters: MasterWeights,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float,
+) -> None:
+    """Clip, step the masters, clear their gradients, refresh the model's weights, advance the
+    learning rate."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(masters.masters, max_grad_norm)
+    optimizer.step()
+    masters.zero_grad()
+    masters.masters_to_params()
+    scheduler.step()
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
@@ -375,6 +477,64 @@ def save_checkpoint(
     )
 
 
+class CheckpointUnusable(Exception):
+    """A checkpoint this job cannot resume from; the message says why."""
+
+
+STATE_KEYS = ("step", "trainable", "optimizer", "scheduler", "losses", "rng")
+
+
+def read_checkpoint(
+    directory: Path, *, masters: MasterWeights, named: list[tuple[str, torch.nn.Parameter]]
+) -> dict[str, Any]:
+    """The training state in ``directory``, checked against this job (file there and whole, every
+    trainable weight with its shape, the weights files readable) before anything is changed."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise CheckpointUnusable(f"{STATE_FILE} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or corrupt file fails in many ways inside torch.load
+        raise CheckpointUnusable(
+            f"{STATE_FILE} does not load ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointUnusable(f"{STATE_FILE} is not a training state (it has {have})")
+    saved = state["trainable"]
+    names = [name for name, _ in named]
+    if set(saved) != set(names):
+        missing, unknown = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+        raise CheckpointUnusable(
+            f"its trainable weights are not this job's ({len(missing)} missing, e.g. "
+            f"{missing[:1]}; {len(unknown)} unknown, e.g. {unknown[:1]})"
+        )
+    for name, master in zip(names, masters.masters, strict=True):
+        if tuple(saved[name].shape) != tuple(master.shape):
+            raise CheckpointUnusable(
+                f"{name} has shape {tuple(saved[name].shape)} there, {tuple(master.shape)} in "
+                "this job"
+            )
+    _check_weight_files(directory)
+    return state
+
+
+def _check_weight_files(directory: Path) -> None:
+    """The model/adapter weights ``save_pretrained`` wrote are there and their headers whole (a
+    truncated safetensors file fails here; the tensors are not read)."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointUnusable("it has no weights file (*.safetensors)")
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointUnusable(f"{file.name} is unreadable ({exc})") from exc
+
+
 def load_checkpoint(
     directory: Path,
     *,
@@ -383,20 +543,70 @@ def load_checkpoint(
     masters: MasterWeights,
     named: list[tuple[str, torch.nn.Parameter]],
 ) -> tuple[int, list[float]]:
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    with torch.no_grad():
+    """Resume from ``directory``: the weights, optimizer, scheduler and RNG states it saved;
+    returns (step, losses so far). Raises ``CheckpointUnusable`` with everything as it was when
+    the checkpoint does not load or does not fit this job."""
+    state = read_checkpoint(directory, masters=masters, named=named)
+    before = (
+        copy.deepcopy(optimizer.state_dict()),
+        copy.deepcopy(scheduler.state_dict()),
+        torch.get_rng_state(),
+        random.getstate(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step, losses = int(state["step"]), [float(x) for x in state["losses"]]
+    except Exception as exc:  # any part that does not fit: put back what was there
+        optimizer.load_state_dict(before[0])
+        scheduler.load_state_dict(before[1])
+        torch.set_rng_state(before[2])
+        random.setstate(before[3])
+        if before[4] is not None:
+            torch.cuda.set_rng_state_all(before[4])
+        raise CheckpointUnusable(
+            f"its optimizer, scheduler or RNG state does not fit this job "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    with torch.no_grad():  # last: the shapes were checked, so nothing here fails half-way
         for (name, param), master in zip(named, masters.masters, strict=True):
-            saved = state["trainable"][name]
-            master.copy_(saved.to(master.device))
+            master.copy_(state["trainable"][name].to(master.device))
             if master is not param:
                 param.copy_(master)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"]), list(state["losses"])
+    return step, losses
+
+
+def resume(
+    candidates: Sequence[Path],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    masters: MasterWeights,
+    named: list[tuple[str, torch.nn.Parameter]],
+) -> tuple[int | None, list[float]]:
+    """The first of ``candidates`` (newest first) that loads: (its step, its losses); (None, [])
+    when none does (the job starts over). Each one skipped is logged with the reason."""
+    for directory in candidates:
+        try:
+            step, losses = load_checkpoint(
+                directory, optimizer=optimizer, scheduler=scheduler, masters=masters, named=named
+            )
+        except CheckpointUnusable as exc:
+            log.warning("not resuming from checkpoint %s: %s", directory, exc)
+            continue
+        log.info("resumed from %s at step %d", directory, step)
+        return step, losses
+    if candidates:
+        log.warning(
+            "none of the %d checkpoints could be resumed from: training from the start",
+            len(candidates),
+        )
+    return None, []
 
 
 def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
@@ -418,15 +628,17 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
     loss_chunk = memory.LOSS_CHUNK if spec.gradient_checkpointing else 0
     logits_of = graphed.logits if graphed is not None else None
     named = trainable_parameters(model)
-    masters = MasterWeights([p for _, p in named])
+    masters = setup_masters(named, graphed)
     optimizer = setup_optimizer(named, masters, config, device)
     scheduler = setup_scheduler(optimizer, config, schedule.total_steps)
-    step, losses = 0, list[float]()
-    if spec.resume_from is not None:
-        step, losses = load_checkpoint(
-            spec.resume_from, optimizer=optimizer, scheduler=scheduler, masters=masters, named=named
-        )
-        log.info("resumed from %s at step %d", spec.resume_from, step)
+    resumed_from, losses = resume(
+        spec.resume_candidates,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        masters=masters,
+        named=named,
+    )
+    step = first_step = resumed_from or 0
     if graphed is not None:  # the schedule knows every step's size: choose the graphs' buckets
         graphed.plan(
             [
@@ -458,6 +670,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         hooks.on_checkpoint(at, final, directory)
         return directory
 
+    hooks.on_start(resumed_from)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = window_start = time.perf_counter()
@@ -471,20 +684,14 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         batch_examples = [examples[i] for i in schedule.indices(step)]
         batches = [b.to(device) for b in pack_step(batch_examples, spec.token_budget)]
         try:
-            loss, _ = _step_loss(model, batches, logits_of, loss_chunk=loss_chunk)
+            loss, _ = accumulate_step(model, batches, logits_of, masters, loss_chunk=loss_chunk)
         except torch.OutOfMemoryError as exc:
             raise TrainingFailed(
                 f"out of GPU memory at step {step + 1} ({sum(b.tokens for b in batches)} tokens "
                 "in the step): lower cutoff_len or batch_size/grad_accum, or use method=qlora"
             ) from exc
         pending.append(loss)
-        masters.grads_to_masters()
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(masters.masters, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not masters.mixed)
-        masters.masters_to_params()
-        scheduler.step()
+        optimizer_step(masters, optimizer, scheduler, config.max_grad_norm)
         step += 1
         step_tokens = sum(b.tokens for b in batches)
         tokens += step_tokens
@@ -506,6 +713,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
                 optimizer,
                 window_tokens / max(now - window_start, 1e-9),
                 now - started,
+                step - first_step,
             )
             window_start, window_tokens, window_losses = now, 0, []
             if not hooks.on_progress(progress):
@@ -524,7 +732,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return TrainResult(status, step, total, losses, tokens, seconds, last_saved, peak)
+    return TrainResult(status, step, total, losses, tokens, seconds, last_saved, peak, resumed_from)
 
 
 def _read_losses(pending: list[torch.Tensor], step: int, lr: float) -> list[float]:
@@ -547,7 +755,10 @@ def _progress(
     optimizer: torch.optim.Optimizer,
     tokens_per_s: float,
     elapsed: float,
+    steps_done: int,
 ) -> dict[str, Any]:
+    """The progress record of ``step``; ``elapsed`` and ``steps_done`` count this attempt only
+    (a resumed job's earlier steps took no time of this attempt)."""
     lrs = {group.get("name", "default"): group["lr"] for group in optimizer.param_groups}
     return {
         "step": step,
@@ -558,5 +769,14 @@ def _progress(
         "lr_lora_b": lrs.get("lora_B"),
         "tokens_per_s": round(tokens_per_s, 1),
         "elapsed_s": round(elapsed, 2),
-        "eta_s": round(elapsed / step * (total - step), 2),
+        "eta_s": round(eta_seconds(elapsed, steps_done, total - step), 2),
     }
+
+
+def eta_seconds(elapsed: float, steps_done: int, steps_left: int) -> float:
+    """Seconds left at this attempt's pace: ``steps_done`` steps took ``elapsed`` seconds.
+
+    >>> eta_seconds(10.0, 5, 5), eta_seconds(0.0, 0, 3)
+    (10.0, 0.0)
+    """
+    return elapsed / steps_done * steps_left if steps_done else 0.0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,7 @@ from runner.train.packing import pack, pack_step
 from runner.train.recipe import (
     MasterWeights,
     TrainSpec,
+    eta_seconds,
     setup_model,
     setup_optimizer,
     step_loss,
@@ -169,42 +174,167 @@ def test_learns_a_headline_to_label_mapping(tiny_model_dir, tokenizer, tmp_path)
     assert correct / len(held_out) >= 0.9
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_model_dir, tokenizer, tmp_path) -> None:
+RESUME_ARGS = [
+    "lr=3e-3",
+    "epochs=3",
+    "bs=2",
+    "grad_accum=2",
+    "save_steps=4",
+    "dropout=0.1",
+    "loraplus=4",
+]
+
+
+@pytest.fixture
+def uninterrupted(tiny_model_dir, tokenizer, tmp_path):
+    """The 18-step job run whole, with checkpoints every 4 steps: (config, examples, result)."""
     batch = examples(tokenizer, synthetic(6))
-    args = [
-        "lr=3e-3",
-        "epochs=3",
-        "bs=2",
-        "grad_accum=2",
-        "save_steps=4",
-        "dropout=0.1",
-        "loraplus=4",
-    ]
-    config = parse_train_args(args)
+    config = parse_train_args(RESUME_ARGS)
     whole = train(
         TrainSpec(config=config, examples=batch, base=tiny_model_dir), dir_hooks(tmp_path / "whole")
     )
-    assert whole.step == 18
+    assert whole.step == 18 and whole.resumed_from_step is None
+    return config, batch, whole
 
+
+def _same_adapter(a_dir, b_dir) -> None:
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(
+    tiny_model_dir, tmp_path, uninterrupted
+) -> None:
+    config, batch, whole = uninterrupted
     calls = iter(range(100))
     stopped = train(
         TrainSpec(config=config, examples=batch, base=tiny_model_dir),
         dir_hooks(tmp_path / "part", should_stop=lambda: next(calls) == 6),
     )
     assert stopped.status == "stopped" and stopped.step == 7
+    started: list[int | None] = []
     resumed = train(
+        # a single Path, as callers passed before resume_from took a list
         TrainSpec(
             config=config, examples=batch, base=tiny_model_dir, resume_from=stopped.checkpoint
         ),
-        dir_hooks(tmp_path / "rest"),
+        dir_hooks(tmp_path / "rest", on_start=started.append),
     )
     assert resumed.status == "completed" and resumed.step == 18
+    assert started == [7] and resumed.resumed_from_step == 7
     assert resumed.losses == whole.losses
-    a = load_file(whole.checkpoint / "adapter_model.safetensors")
-    b = load_file(resumed.checkpoint / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    _same_adapter(whole.checkpoint, resumed.checkpoint)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_truncated(
+    tiny_model_dir, tmp_path, uninterrupted, caplog
+) -> None:
+    config, batch, whole = uninterrupted
+    calls = iter(range(100))
+    stopped = train(
+        TrainSpec(config=config, examples=batch, base=tiny_model_dir),
+        dir_hooks(tmp_path / "part", should_stop=lambda: next(calls) == 8),
+    )
+    assert stopped.step == 9
+    part = tmp_path / "part"
+    state = part / "step-9" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # the host died writing it
+    started: list[int | None] = []
+    with caplog.at_level(logging.INFO, logger="runner.train.recipe"):
+        resumed = train(
+            TrainSpec(
+                config=config,
+                examples=batch,
+                base=tiny_model_dir,
+                resume_from=[part / "step-9", part / "step-8", part / "step-4"],
+            ),
+            dir_hooks(tmp_path / "rest", on_start=started.append),
+        )
+    assert started == [8] and resumed.resumed_from_step == 8
+    assert f"not resuming from checkpoint {part / 'step-9'}: training_state.pt does not load" in (
+        caplog.text
+    )
+    assert f"resumed from {part / 'step-8'} at step 8" in caplog.text
+    assert resumed.status == "completed" and resumed.losses == whole.losses
+    _same_adapter(whole.checkpoint, resumed.checkpoint)
+
+
+def test_resume_starts_over_when_no_checkpoint_fits_leaving_nothing_of_them_behind(
+    tiny_model_dir, tmp_path, uninterrupted, caplog
+) -> None:
+    """Each candidate fails for another reason, one of them only after the optimizer, scheduler
+    and torch RNG were loaded; the job then trains from the start exactly as a fresh one."""
+    config, batch, whole = uninterrupted
+    whole_dir = tmp_path / "whole"
+    bad = tmp_path / "bad"
+    shutil.copytree(whole_dir / "step-8", bad / "no-state")
+    (bad / "no-state" / "training_state.pt").unlink()
+    shutil.copytree(whole_dir / "step-8", bad / "adapter")
+    adapter = bad / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    shutil.copytree(whole_dir / "step-8", bad / "rng")
+    state = torch.load(bad / "rng" / "training_state.pt", weights_only=False)
+    state["rng"]["python"] = "not a random state"
+    torch.save(state, bad / "rng" / "training_state.pt")
+    rank16 = parse_train_args([*RESUME_ARGS, "rank=16", "max_steps=4"])
+    other = train(
+        TrainSpec(config=rank16, examples=batch, base=tiny_model_dir), dir_hooks(bad / "rank16")
+    )
+    candidates = [bad / "no-state", bad / "adapter", bad / "rng", other.checkpoint]
+    started: list[int | None] = []
+    with caplog.at_level(logging.INFO, logger="runner.train.recipe"):
+        fresh = train(
+            TrainSpec(config=config, examples=batch, base=tiny_model_dir, resume_from=candidates),
+            dir_hooks(tmp_path / "fresh", on_start=started.append),
+        )
+    reasons = [r.getMessage() for r in caplog.records if "not resuming" in r.getMessage()]
+    assert len(reasons) == 4
+    assert reasons[0].endswith("training_state.pt is missing")
+    assert "adapter_model.safetensors is unreadable" in reasons[1]
+    assert "optimizer, scheduler or RNG state does not fit this job" in reasons[2]
+    assert "has shape (16, " in reasons[3] and "(8, " in reasons[3]
+    assert "none of the 4 checkpoints could be resumed from: training from the start" in (
+        caplog.text
+    )
+    assert started == [None] and fresh.resumed_from_step is None
+    assert fresh.step == 18 and fresh.losses == whole.losses
+    _same_adapter(whole.checkpoint, fresh.checkpoint)
+
+
+def test_eta_after_a_resume_counts_only_this_attempts_steps(
+    tiny_model_dir, tmp_path, uninterrupted
+) -> None:
+    config, batch, _ = uninterrupted
+    progress: list[dict] = []
+    # The steps of this attempt take at least 0.1 s each (after the first: the stop poll sleeps),
+    # so the 0.01 s rounding of elapsed_s and eta_s is small next to a 4× wrong ETA.
+    resumed = train(
+        TrainSpec(
+            config=config,
+            examples=batch,
+            base=tiny_model_dir,
+            resume_from=[tmp_path / "whole" / "step-8"],
+        ),
+        dir_hooks(
+            tmp_path / "rest",
+            on_progress=lambda p: progress.append(p) or True,
+            should_stop=lambda: time.sleep(0.1) or False,
+        ),
+    )
+    assert resumed.resumed_from_step == 8
+    first = progress[0]
+    assert first["step"] == 10  # two steps of this attempt, eight to go
+    want = first["elapsed_s"] / 2 * 8  # not elapsed / 10 * 8
+    assert first["elapsed_s"] >= 0.1 and abs(first["eta_s"] - want) < 0.03, first
+    assert progress[-1]["eta_s"] == 0
+
+
+def test_eta_is_this_attempts_pace_times_the_steps_left() -> None:
+    assert eta_seconds(30.0, 3, 7) == 70.0  # resumed at 90 of 100: 3 steps in 30 s, 7 to go
+    assert eta_seconds(0.0, 0, 5) == 0.0
 
 
 def test_master_weights_keep_updates_bf16_would_round_away() -> None:
