@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         3, ge=1, description="Attempts (claims) a job gets before an expired lease fails it."
     )
     runner_poll_seconds: float = Field(2.0, gt=0, description="How often an idle runner polls.")
+    job_event_retention_days: float = Field(
+        90,
+        gt=0,
+        description="Delivered job events of finished jobs older than this are deleted (hourly, "
+        "by the runner); jobs, checkpoints, evaluations, promotions and the audit log are kept.",
+    )
     runner_token_budget: int = Field(
         16384, ge=256, description="Most tokens in one packed micro-batch."
     )

@@ -1,14 +1,24 @@
-"""Execute one claimed training job, inside the child process a runner started for it.
+"""Execute one claimed job, inside the child process a runner started for it.
 
-It turns a job row into a ``TrainSpec`` (dataset rendered by the shared protocol, the base model
-resolved, the last checkpoint to resume from), runs the recipe with hooks that write progress to
-the outbox, honour cancel and register checkpoints, and ends the job: succeeded, cancelled or failed
-with a message the user can act on. Every write checks the runner still holds the job's lease.
+A training job becomes a ``TrainSpec`` (dataset rendered by the shared protocol, the base model
+resolved, the last checkpoint to resume from) and runs the recipe with hooks that write progress to
+the outbox, honour cancel and register checkpoints; then the final checkpoint is evaluated and the
+job ends succeeded, cancelled or failed with a message the user can act on. Export and evaluate
+jobs run their one phase. Every write is fenced by the attempt's claim token and survives a
+database outage (runner/jobdb.py).
+
+Stopping: cancel is checked during training (within a second), between evaluation phases and
+between export phases; a job cancelled before its evaluation was reported ends ``cancelled``
+without an Approve button. SIGTERM (the runner shutting down) makes the training loop save a
+checkpoint and the job go back to the queue, its attempt not counted; during evaluation or export
+it interrupts the phase and requeues the job the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,55 +26,161 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlmodel import Session
+
 from core.enums import JobKind, JobStatus
-from core.errors import FinetuneError
+from core.errors import FinetuneError, NotFound
 from core.protocol import PROTOCOL_VERSION, render_training_example
 from core.settings import Settings
 from runner.config import build_train_config
 from runner.datasets.ingest import read_split
+from runner.jobdb import ClaimLost, DatabaseAway, JobDb, fenced
 from runner.models import load_tokenizer, model_dir_for
 from runner.train.recipe import TrainHooks, TrainingFailed, TrainSpec, train
 from storage.artifacts import ArtifactStore
-from storage.db import make_engine, new_session
+from storage.db import make_engine
 from storage.jobs import (
     add_checkpoint,
     add_job_event,
     cancel_requested,
+    holds_lease,
     latest_checkpoint,
     record_progress,
+    requeue_job,
     set_job_state,
 )
-from storage.models import Dataset, Job
+from storage.models import Checkpoint, Dataset, Job
 
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_SECONDS = 1.0
 
 
-def run_job(job_id: int, owner: str, settings: Settings) -> JobStatus:
-    """Run job ``job_id`` to its end; returns the state it ended in."""
-    engine = make_engine(settings.database_url)
+class Stopping(BaseException):
+    """SIGTERM arrived outside the training loop: end the phase now, the job goes back to the
+    queue. A BaseException so that no ``except Exception`` on the way turns it into a failure."""
+
+
+class Cancelled(Exception):
+    """Cancel was requested; raised between phases."""
+
+
+class _StopSignal:
+    """SIGTERM in a job process. In the training loop it only sets a flag (the loop saves a
+    checkpoint and returns); elsewhere it raises ``Stopping``."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.in_training_loop = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested.set()
+        if not self.in_training_loop:
+            raise Stopping()
+
+
+STOP = _StopSignal()
+
+
+def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
+    """Run job ``job_id`` under the claim ``token`` to its end; returns the state it ended in, or
+    None when this attempt did not end it (it was requeued, or another attempt holds it now).
+    Raises DatabaseAway when the database stayed unreachable (the caller asks for a requeue)."""
+    db = JobDb(
+        make_engine(settings.database_url),
+        job_id=job_id,
+        token=token,
+        outage_seconds=settings.runner_lease_seconds,
+    )
     store = ArtifactStore(settings.artifact_dir)
     try:
-        with new_session(engine) as session:
-            return _run(session, store, settings, job_id, owner)
+        job = db.wait(lambda session: session.get(Job, job_id))
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.kind == JobKind.export.value:
+            return _run_export(db, store, settings, job)
+        if job.kind == JobKind.evaluate.value:
+            return _run_evaluate(db, store, settings, job)
+        return _run_training(db, store, settings, job)
+    except ClaimLost:
+        log.warning("job %d: another attempt holds the job now; this one stops", job_id)
+        return None
+    except Stopping:
+        _requeue(db, "its runner was stopped; it resumes from its last checkpoint")
+        return None
     finally:
-        engine.dispose()
+        db.dispose()
 
 
-def _run(
-    session: Any, store: ArtifactStore, settings: Settings, job_id: int, owner: str
-) -> JobStatus:
-    job = session.get(Job, job_id)
-    assert job is not None and job.id is not None
-    if job.kind == JobKind.export.value:
-        return _run_export(session, store, settings, job, owner)
+def _requeue(db: JobDb, reason: str) -> None:
+    done = db.wait(
+        lambda s: requeue_job(
+            s, job_id=db.job_id, token=db.token, reason=reason, refund_attempt=True
+        )
+    )
+    log.info("job %d: %s", db.job_id, reason if done else "already ended or taken over")
+
+
+def _state(db: JobDb, status: JobStatus, **fields: Any) -> bool:
+    return bool(
+        db.wait(
+            lambda s: set_job_state(s, job_id=db.job_id, token=db.token, status=status, **fields)
+        )
+    )
+
+
+def _event(db: JobDb, kind: str, **payload: Any) -> None:
+    def write(session: Session) -> None:
+        if not holds_lease(session, job_id=db.job_id, token=db.token):
+            raise ClaimLost("this attempt's claim on the job was taken over")
+        add_job_event(session, job_id=db.job_id, kind=kind, **payload)
+        session.commit()
+
+    db.wait(write)
+
+
+def _cancel_asked(db: JobDb) -> bool:
+    return bool(db.wait(lambda s: cancel_requested(s, job_id=db.job_id)))
+
+
+def _fail(db: JobDb, exc: Exception) -> JobStatus:
+    """End the job ``failed``: a ``FinetuneError``'s message is for the user as it stands; any
+    other error is logged with an id the user is shown instead of its details."""
+    if isinstance(exc, FinetuneError):
+        error = exc.message
+    else:
+        error_id = uuid.uuid4().hex[:8]
+        log.exception("job %d failed with an internal error (error id %s)", db.job_id, error_id)
+        error = f"internal error (error id {error_id}; the runner's log has the details)"
+    _state(db, JobStatus.failed, error=error)
+    return JobStatus.failed
+
+
+# Training ---------------------------------------------------------------------------------------
+
+
+def _run_training(
+    db: JobDb, store: ArtifactStore, settings: Settings, job: Job
+) -> JobStatus | None:
+    assert job.id is not None
+    hooks = _TrainingHooks(db, store, job)
     try:
-        spec, dataset = _prepare(session, store, settings, job, owner)
-        result = train(spec, _hooks(session, store, job, owner))
+        spec, dataset = _prepare(db, store, settings, job)
+        STOP.in_training_loop = True
+        try:
+            result = train(spec, hooks.hooks())
+        finally:
+            STOP.in_training_loop = False
+        hooks.flush()
+    except (ClaimLost, DatabaseAway):
+        raise
     except Exception as exc:
-        return _fail(session, job_id, owner, exc)
-    curve = store.put_bytes(_loss_curve(result.losses, job_id))
+        hooks.flush_quietly()
+        return _fail(db, exc)
+    curve = store.put_bytes(_loss_curve(result.losses, job.id))
     summary: dict[str, Any] = {
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -75,184 +191,185 @@ def _run(
         "loss_curve_sha256": curve.sha256,
         "dataset": dataset.name,
     }
-    if result.status == "stopped":
-        set_job_state(
-            session,
-            job_id=job_id,
-            owner=owner,
-            status=JobStatus.cancelled,
-            reason="cancelled on request; its last checkpoint is kept",
-            **summary,
+    if result.status == "stopped" and STOP.requested.is_set():
+        _requeue(db, f"its runner was stopped at step {result.step}; it resumes from there")
+        return None
+    if result.status == "stopped" or _cancel_asked(db):
+        reason = (
+            "cancelled on request; its last checkpoint is kept"
+            if result.status == "stopped"
+            else "cancelled on request after training; its checkpoint is kept, not evaluated"
+        )
+        _state(db, JobStatus.cancelled, reason=reason, **summary)
+        return JobStatus.cancelled
+    if not _state(db, JobStatus.evaluating, event="trained", **summary):
+        return None  # another attempt owns the job now
+    try:
+        summary["evaluation"] = _evaluate(db, store, settings, job, dataset)
+    except Cancelled:
+        _state(
+            db,
+            JobStatus.cancelled,
+            reason="cancelled on request during evaluation; its checkpoint is kept, not evaluated",
         )
         return JobStatus.cancelled
-    if not set_job_state(
-        session, job_id=job_id, owner=owner, status=JobStatus.evaluating, event="trained", **summary
-    ):
-        return JobStatus.failed  # the lease was lost: another runner owns the job now
-    try:
-        summary["evaluation"] = _evaluate(session, store, settings, job, dataset)
+    except (ClaimLost, DatabaseAway):
+        raise
     except Exception as exc:
         message = exc.message if isinstance(exc, FinetuneError) else type(exc).__name__
-        log.exception("job %d: evaluation failed", job_id)
-        set_job_state(
-            session,
-            job_id=job_id,
-            owner=owner,
-            status=JobStatus.failed,
+        log.exception("job %d: evaluation failed", job.id)
+        _state(
+            db,
+            JobStatus.failed,
             error=f"training finished and its checkpoint is kept, but the evaluation "
-            f"failed: {message}",
+            f"failed: {message} (`/finetune evaluate` runs it again)",
         )
         return JobStatus.failed
-    set_job_state(session, job_id=job_id, owner=owner, status=JobStatus.succeeded, **summary)
+    _state(db, JobStatus.succeeded, **summary)
     return JobStatus.succeeded
 
 
-def _fail(session: Any, job_id: int, owner: str, exc: Exception) -> JobStatus:
-    """End the job ``failed``: a ``FinetuneError``'s message is for the user as it stands; any
-    other error is logged with an id the user is shown instead of its details."""
-    if isinstance(exc, FinetuneError):
-        error = exc.message
-    else:
-        error_id = uuid.uuid4().hex[:8]
-        log.exception("job %d failed with an internal error (error id %s)", job_id, error_id)
-        error = f"internal error (error id {error_id}; the runner's log has the details)"
-    set_job_state(session, job_id=job_id, owner=owner, status=JobStatus.failed, error=error)
-    return JobStatus.failed
+class _TrainingHooks:
+    """The recipe's hooks for one attempt. Progress and checkpoint registrations that the database
+    could not take are kept and written at the next chance; training never waits for it."""
 
+    def __init__(self, db: JobDb, store: ArtifactStore, job: Job) -> None:
+        assert job.id is not None
+        self.db, self.store, self.job = db, store, job
+        self.pending_progress: dict[str, Any] | None = None
+        self.pending_checkpoints: list[dict[str, Any]] = []
+        self.last_poll = 0.0
 
-def _run_export(
-    session: Any, store: ArtifactStore, settings: Settings, job: Job, owner: str
-) -> JobStatus:
-    """An export job: merge, quantize if asked, verify, publish (runner/export.py)."""
-    from runner.export import export_checkpoint
-
-    assert job.id is not None
-    job_id = job.id
-    config = job.config or {}
-
-    def status(message: str) -> None:
-        add_job_event(session, job_id=job_id, kind="status", message=message)
-        session.commit()
-
-    try:
-        report = export_checkpoint(
-            session,
-            store,
-            settings,
-            checkpoint_id=int(config["checkpoint_id"]),
-            bits=config.get("bits"),
-            shard_size=config.get("shard_size", "5GB"),
-            on_status=status,
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(
+            on_progress=self.on_progress,
+            should_stop=self.should_stop,
+            checkpoint_dir=self.checkpoint_dir,
+            on_checkpoint=self.on_checkpoint,
         )
-    except Exception as exc:
-        return _fail(session, job_id, owner, exc)
-    set_job_state(
-        session,
-        job_id=job_id,
-        owner=owner,
-        status=JobStatus.succeeded,
-        event="exported",
-        path=report["path"],
-        absolute_path=str(store.path(report["path"])),
-        bytes=report["bytes"],
-        bits=report["export"]["bits"],
-        checkpoint_id=report["checkpoint_id"],
-        verification=report["verification"],
-    )
-    return JobStatus.succeeded
 
+    def relpath(self, step: int) -> str:
+        return f"checkpoints/job-{self.job.id}/step-{step:06d}-attempt-{self.job.attempts}"
 
-def _evaluate(
-    session: Any, store: ArtifactStore, settings: Settings, job: Job, dataset: Dataset
-) -> dict[str, Any] | None:
-    """Score the final checkpoint on the eval split (and the base model once per eval set)."""
-    import gc
+    def on_progress(self, progress: dict[str, Any]) -> bool:
+        self._flush_checkpoints(wait=False)
+        return self._write_progress(progress, wait=False)
 
-    from runner.eval.metrics import HEADLINE_KEYS
-    from runner.eval.report import ensure_base_evaluation, evaluate_model
+    def _write_progress(self, progress: dict[str, Any], *, wait: bool) -> bool:
+        db = self.db
 
-    assert job.id is not None
-    gc.collect()
-    _release_gpu_memory()
-    if dataset.eval_sha256 is None:
-        add_job_event(
-            session,
-            job_id=job.id,
-            kind="evaluation_skipped",
-            reason="the dataset has no eval split",
+        def write(session: Session) -> bool:
+            return record_progress(session, job_id=db.job_id, token=db.token, progress=progress)
+
+        go_on: bool | None
+        if wait:
+            ok, go_on = True, db.wait(write)
+        else:
+            ok, go_on = db.try_once(write)
+        if not ok:
+            self.pending_progress = progress  # only the newest matters: the header shows it
+            return True
+        self.pending_progress = None
+        if not go_on and not db.wait(lambda s: holds_lease(s, job_id=db.job_id, token=db.token)):
+            raise ClaimLost("this attempt's claim on the job was taken over")
+        return bool(go_on)  # False: cancel was requested
+
+    def should_stop(self) -> bool:
+        if STOP.requested.is_set():
+            return True
+        now = time.monotonic()
+        if now - self.last_poll < CANCEL_POLL_SECONDS:
+            return False
+        self.last_poll = now
+        if self.pending_progress is not None and not self._write_progress(
+            self.pending_progress, wait=False
+        ):
+            return True
+        self._flush_checkpoints(wait=False)
+        ok, asked = self.db.try_once(lambda s: cancel_requested(s, job_id=self.db.job_id))
+        return bool(ok and asked)
+
+    @contextmanager
+    def checkpoint_dir(self, step: int, final: bool) -> Iterator[Path]:
+        with self.store.staged_dir(self.relpath(step)) as directory:
+            yield directory
+
+    def on_checkpoint(self, step: int, final: bool, directory: Path) -> None:
+        import json
+
+        relpath = self.relpath(step)
+        meta = json.loads((self.store.path(relpath) / "meta.json").read_text())
+        self.pending_checkpoints.append(
+            {
+                "step": step,
+                "final": final,
+                "path": relpath,
+                "base_model": self.job.base_model,
+                "meta": meta,
+            }
         )
-        session.commit()
-        return None
-    checkpoint = latest_checkpoint(session, job_id=job.id)
-    assert checkpoint is not None and checkpoint.final
-    base = ensure_base_evaluation(
-        session, store, settings, dataset=dataset, base_model=job.base_model
-    )
-    evaluation = evaluate_model(
-        session, store, settings, dataset=dataset, base_model=job.base_model, checkpoint=checkpoint
-    )
-    metrics = evaluation.metrics
-    payload = {
-        "evaluation_id": evaluation.id,
-        "base_evaluation_id": base.id,
-        "checkpoint_id": checkpoint.id,
-        "report_path": evaluation.report_path,
-        **{key: metrics.get(key) for key in HEADLINE_KEYS},
-        "vs_base": metrics.get("vs_base"),
-        "vs_promoted": metrics.get("vs_promoted"),
-        "backend": metrics.get("backend"),
-        "samples_per_second": metrics.get("predict_samples_per_second"),
-    }
-    add_job_event(session, job_id=job.id, kind="evaluated", **payload)
-    session.commit()
-    return payload
+        self._flush_checkpoints(wait=False)
 
+    def _flush_checkpoints(self, *, wait: bool) -> None:
+        db = self.db
+        while self.pending_checkpoints:
+            fields = self.pending_checkpoints[0]
 
-def _release_gpu_memory() -> None:
-    import torch
+            def write(session: Session, fields: dict[str, Any] = fields) -> Checkpoint | None:
+                return add_checkpoint(session, job_id=db.job_id, token=db.token, **fields)
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+            if wait:
+                registered = db.wait(write)
+            else:
+                ok, registered = db.try_once(write)
+                if not ok:
+                    return
+            fenced(registered)
+            self.pending_checkpoints.pop(0)
 
+    def flush(self) -> None:
+        """Write what the database could not take during training; waits for it."""
+        if self.pending_progress is not None:
+            self._write_progress(self.pending_progress, wait=True)
+        self._flush_checkpoints(wait=True)
 
-def _loss_curve(losses: list[float], job_id: int) -> bytes:
-    from runner.plots import loss_curve_png
-
-    return loss_curve_png(losses, title=f"job {job_id}: training loss")
+    def flush_quietly(self) -> None:
+        """``flush`` before the job is failed: a checkpoint saved before the failure is kept."""
+        try:
+            self.flush()
+        except (ClaimLost, DatabaseAway):
+            raise
+        except Exception:
+            log.exception("job %d: writing pending progress failed", self.db.job_id)
 
 
 def _prepare(
-    session: Any, store: ArtifactStore, settings: Settings, job: Job, owner: str
+    db: JobDb, store: ArtifactStore, settings: Settings, job: Job
 ) -> tuple[TrainSpec, Dataset]:
     assert job.id is not None
     config = build_train_config(job.config)
-    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
+    dataset = (
+        db.wait(lambda s: s.get(Dataset, job.dataset_id)) if job.dataset_id is not None else None
+    )
     if dataset is None:
         raise TrainingFailed(f"job {job.id} has no dataset (dataset id {job.dataset_id})")
-
-    job_id = job.id
-
-    def status(message: str) -> None:
-        add_job_event(session, job_id=job_id, kind="status", message=message)
-        session.commit()
-
-    model_dir = model_dir_for(settings, job.base_model, on_status=status)
+    model_dir = model_dir_for(
+        settings, job.base_model, on_status=lambda message: _event(db, "status", message=message)
+    )
     assert model_dir is not None
     tokenizer = load_tokenizer(model_dir)
     conversations = read_split(store, dataset.train_sha256)
     examples = [render_training_example(tokenizer, c) for c in conversations]
-    resume = latest_checkpoint(session, job_id=job.id)
+    resume = db.wait(lambda s: latest_checkpoint(s, job_id=db.job_id))
     resume_path = store.path(resume.path) if resume is not None else None
-    add_job_event(
-        session,
-        job_id=job.id,
-        kind="started",
+    _event(
+        db,
+        "started",
         attempt=job.attempts,
-        owner=owner,
+        owner=job.lease_owner,
         samples=len(examples),
         resumed_from_step=resume.step if resume is not None else None,
     )
-    session.commit()
     meta = {
         "protocol_version": PROTOCOL_VERSION,
         "base_model": job.base_model,
@@ -323,47 +440,158 @@ def _check_memory(spec: TrainSpec) -> None:
     )
 
 
-def _hooks(session: Any, store: ArtifactStore, job: Job, owner: str) -> TrainHooks:
-    assert job.id is not None
-    job_id = job.id
-    last_poll = [0.0]
+def _loss_curve(losses: list[float], job_id: int) -> bytes:
+    from runner.plots import loss_curve_png
 
-    def on_progress(progress: dict[str, Any]) -> bool:
-        return record_progress(session, job_id=job_id, owner=owner, progress=progress)
+    return loss_curve_png(losses, title=f"job {job_id}: training loss")
 
-    def should_stop() -> bool:
-        now = time.monotonic()
-        if now - last_poll[0] < CANCEL_POLL_SECONDS:
-            return False
-        last_poll[0] = now
-        return cancel_requested(session, job_id=job_id)
 
-    def relpath(step: int) -> str:
-        return f"checkpoints/job-{job_id}/step-{step:06d}-attempt-{job.attempts}"
+# Evaluation -------------------------------------------------------------------------------------
 
-    @contextmanager
-    def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
-        with store.staged_dir(relpath(step)) as directory:
-            yield directory
 
-    def on_checkpoint(step: int, final: bool, directory: Path) -> None:
-        import json
+def _evaluate(
+    db: JobDb, store: ArtifactStore, settings: Settings, job: Job, dataset: Dataset
+) -> dict[str, Any] | None:
+    """Score the job's final checkpoint on the eval split (and the base model once per eval
+    set), checking for cancel between the phases; posts the ``evaluated`` event (the report with
+    its buttons)."""
+    checkpoint = db.wait(lambda s: latest_checkpoint(s, job_id=db.job_id))
+    assert checkpoint is not None and checkpoint.final
+    return _evaluate_checkpoint(db, store, settings, checkpoint, dataset, job.base_model)
 
-        meta = json.loads((store.path(relpath(step)) / "meta.json").read_text())
-        add_checkpoint(
+
+def _evaluate_checkpoint(
+    db: JobDb,
+    store: ArtifactStore,
+    settings: Settings,
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    base_model: str,
+) -> dict[str, Any] | None:
+    import gc
+
+    from runner.eval.metrics import HEADLINE_KEYS
+    from runner.eval.report import ensure_base_evaluation, evaluate_model
+
+    gc.collect()
+    _release_gpu_memory()
+    if dataset.eval_sha256 is None:
+        _event(db, "evaluation_skipped", reason="the dataset has no eval split")
+        return None
+
+    def check_cancel() -> None:
+        if _cancel_asked(db):
+            raise Cancelled()
+
+    check_cancel()
+    # A database outage while a model is scored means scoring it again (the prediction and the
+    # row are written in one session); a long outage requeues the job (DatabaseAway).
+    base = db.wait(
+        lambda s: ensure_base_evaluation(s, store, settings, dataset=dataset, base_model=base_model)
+    )
+    check_cancel()
+    evaluation = db.wait(
+        lambda s: evaluate_model(
+            s, store, settings, dataset=dataset, base_model=base_model, checkpoint=checkpoint
+        )
+    )
+    check_cancel()
+    metrics = evaluation.metrics
+    payload = {
+        "evaluation_id": evaluation.id,
+        "base_evaluation_id": base.id,
+        "checkpoint_id": checkpoint.id,
+        "report_path": evaluation.report_path,
+        **{key: metrics.get(key) for key in HEADLINE_KEYS},
+        "vs_base": metrics.get("vs_base"),
+        "vs_promoted": metrics.get("vs_promoted"),
+        "backend": metrics.get("backend"),
+        "samples_per_second": metrics.get("predict_samples_per_second"),
+    }
+    _event(db, "evaluated", **payload)
+    return payload
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_evaluate(db: JobDb, store: ArtifactStore, settings: Settings, job: Job) -> JobStatus:
+    """An evaluate job: score a checkpoint again (after a failed evaluation, or on request) and
+    post its report with the Approve and Reject buttons in this job's thread."""
+    try:
+        checkpoint_id = int((job.config or {})["checkpoint_id"])
+        checkpoint = db.wait(lambda s: s.get(Checkpoint, checkpoint_id))
+        if checkpoint is None:
+            raise NotFound(f"checkpoint {checkpoint_id} no longer exists")
+        trained = db.wait(lambda s: s.get(Job, checkpoint.job_id))
+        dataset_id = job.dataset_id or (trained.dataset_id if trained is not None else None)
+        dataset = db.wait(lambda s: s.get(Dataset, dataset_id)) if dataset_id else None
+        if dataset is None:
+            raise NotFound(f"checkpoint {checkpoint_id}'s dataset is gone: nothing to score on")
+        if not _state(db, JobStatus.evaluating):
+            return JobStatus.failed
+        result = _evaluate_checkpoint(
+            db, store, settings, checkpoint, dataset, checkpoint.base_model
+        )
+    except Cancelled:
+        _state(db, JobStatus.cancelled, reason="cancelled on request during evaluation")
+        return JobStatus.cancelled
+    except (ClaimLost, DatabaseAway):
+        raise
+    except Exception as exc:
+        return _fail(db, exc)
+    _state(db, JobStatus.succeeded, evaluation=result)
+    return JobStatus.succeeded
+
+
+# Export -----------------------------------------------------------------------------------------
+
+
+def _run_export(db: JobDb, store: ArtifactStore, settings: Settings, job: Job) -> JobStatus:
+    """An export job: merge, quantize if asked, verify, publish (runner/export.py); cancel is
+    checked at the start of each phase."""
+    from runner.export import export_checkpoint
+
+    config = job.config or {}
+
+    def status(message: str) -> None:
+        if _cancel_asked(db):
+            raise Cancelled()
+        _event(db, "status", message=message)
+
+    def export(session: Session) -> dict[str, Any]:
+        return export_checkpoint(
             session,
-            job_id=job_id,
-            owner=owner,
-            step=step,
-            final=final,
-            path=relpath(step),
-            base_model=job.base_model,
-            meta=meta,
+            store,
+            settings,
+            checkpoint_id=int(config["checkpoint_id"]),
+            bits=config.get("bits"),
+            shard_size=config.get("shard_size", "5GB"),
+            on_status=status,
         )
 
-    return TrainHooks(
-        on_progress=on_progress,
-        should_stop=should_stop,
-        checkpoint_dir=checkpoint_dir,
-        on_checkpoint=on_checkpoint,
+    try:
+        report = db.wait(export)
+    except Cancelled:
+        _state(db, JobStatus.cancelled, reason="cancelled on request; nothing was published")
+        return JobStatus.cancelled
+    except (ClaimLost, DatabaseAway):
+        raise
+    except Exception as exc:
+        return _fail(db, exc)
+    _state(
+        db,
+        JobStatus.succeeded,
+        event="exported",
+        path=report["path"],
+        absolute_path=str(store.path(report["path"])),
+        bytes=report["bytes"],
+        bits=report["export"]["bits"],
+        checkpoint_id=report["checkpoint_id"],
+        verification=report["verification"],
     )
+    return JobStatus.succeeded

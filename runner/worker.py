@@ -1,6 +1,12 @@
 """The runner loop: claim queued jobs, run each in a child process pinned to one GPU
 (``CUDA_VISIBLE_DEVICES``; one CPU slot when there is no GPU), renew their leases by heartbeat,
 reap children, and requeue or fail jobs whose runner vanished. APScheduler drives the timers.
+
+Each slot remembers the claim token of its job: heartbeats, reaping and shutdown act on that claim
+only, so a slot whose job was claimed again (after an outage expired its lease) neither renews nor
+fails the live attempt. A database that does not answer is waited out: the timers skip their round
+(logged once), jobs keep training, and what a reaped child left to record (its end, a requeue) is
+kept until the database answers.
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
@@ -15,14 +22,24 @@ import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlmodel import select
 
 from core.enums import JobStatus
 from core.settings import Settings
+from runner.jobdb import EXIT_REQUEUE, is_connection_error
 from storage.db import make_engine, new_session
-from storage.jobs import add_job_event, claim_next_job, expire_leases, renew_lease, set_job_state
+from storage.jobs import (
+    claim_next_job,
+    expire_leases,
+    holds_lease,
+    prune_history,
+    renew_lease,
+    requeue_job,
+    set_job_state,
+)
 from storage.models import Job
 
 log = logging.getLogger(__name__)
@@ -33,6 +50,7 @@ class Slot:
     device: str | None  # a CUDA device id, or None for the CPU
     process: BaseProcess | None = None
     job_id: int | None = None
+    token: str | None = None  # the claim this slot's process works under
 
     @property
     def name(self) -> str:
@@ -55,8 +73,18 @@ def detect_devices(settings: Settings) -> list[str | None]:
     return [str(i) for i in range(count)] if count else [None]
 
 
-def _child_main(job_id: int, owner: str, device: str | None, settings: Settings) -> None:
-    """Entry point of a job's process: pin the GPU before torch is imported, then run the job."""
+@dataclass(frozen=True)
+class Ended:
+    """A job process that ended and what the runner still has to record for it."""
+
+    job_id: int
+    token: str
+    exitcode: int | None
+
+
+def _child_main(job_id: int, token: str, device: str | None, settings: Settings) -> None:
+    """Entry point of a job's process: pin the GPU before torch is imported, then run the job.
+    Exits ``EXIT_REQUEUE`` when the database stayed away (the runner requeues the job)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = device if device is not None else ""
     # Triton's compiled kernels (runner/train/kernels.py) kept with the artifacts: compiled once
     # per host (~2.5 s for a 7B's shapes), loaded in milliseconds by every later job.
@@ -64,9 +92,17 @@ def _child_main(job_id: int, owner: str, device: str | None, settings: Settings)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s job {job_id} %(levelname)s %(name)s: %(message)s"
     )
-    from runner.job import run_job
+    from runner.job import STOP, run_job
+    from runner.jobdb import DatabaseAway
 
-    run_job(job_id, owner, settings)
+    STOP.install()  # SIGTERM: checkpoint and requeue instead of dying mid-step
+    try:
+        run_job(job_id, token, settings)
+    except DatabaseAway as exc:
+        logging.getLogger(__name__).error(
+            "job %d: %s; asking the runner to requeue it", job_id, exc
+        )
+        sys.exit(EXIT_REQUEUE)
 
 
 class Runner:
@@ -85,6 +121,8 @@ class Runner:
         ]
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("spawn")
+        self._ended: list[Ended] = []
+        self._db_away = False
 
     # One pass of each timer ----------------------------------------------------------------
 
@@ -96,21 +134,23 @@ class Runner:
             for slot in self.slots:
                 if slot.process is not None:
                     continue
-                with new_session(self.engine) as session:
-                    job = claim_next_job(
+                job = self._db_round(
+                    "claiming a job",
+                    lambda session: claim_next_job(
                         session, owner=self.owner, lease_seconds=self.settings.runner_lease_seconds
-                    )
+                    ),
+                )
                 if job is None:
                     break
-                assert job.id is not None
+                assert job.id is not None and job.lease_token is not None
                 process = self._context.Process(
                     target=_child_main,
-                    args=(job.id, self.owner, slot.device, self.settings),
+                    args=(job.id, job.lease_token, slot.device, self.settings),
                     name=f"job-{job.id}",
                     daemon=False,
                 )
                 process.start()
-                slot.process, slot.job_id = process, job.id
+                slot.process, slot.job_id, slot.token = process, job.id, job.lease_token
                 started += 1
                 log.info("job %d started on %s (pid %s)", job.id, slot.name, process.pid)
         return started
@@ -118,65 +158,108 @@ class Runner:
     def heartbeat(self) -> None:
         with self._lock:
             for slot in self.slots:
-                if slot.process is None or slot.job_id is None:
+                if slot.process is None or slot.job_id is None or slot.token is None:
                     continue
-                with new_session(self.engine) as session:
-                    held = renew_lease(
+                job_id, token = slot.job_id, slot.token
+                held = self._db_round(
+                    f"renewing the lease of job {job_id}",
+                    lambda session, job_id=job_id, token=token: renew_lease(
                         session,
-                        job_id=slot.job_id,
-                        owner=self.owner,
+                        job_id=job_id,
+                        token=token,
                         lease_seconds=self.settings.runner_lease_seconds,
-                    )
+                    ),
+                    default=True,  # unknown while the database is away: keep the job running
+                )
                 if not held and slot.process.is_alive():
-                    log.warning("lost the lease of job %d: stopping its process", slot.job_id)
+                    log.warning(
+                        "job %d was claimed again by another attempt: stopping this slot's process",
+                        job_id,
+                    )
                     slot.process.terminate()
 
     def sweep(self) -> None:
-        with new_session(self.engine) as session:
-            for job_id, status in expire_leases(
-                session, max_attempts=self.settings.runner_max_attempts
-            ):
-                log.warning("job %d: lease expired, now %s", job_id, status)
+        changed = self._db_round(
+            "expiring leases",
+            lambda session: expire_leases(session, max_attempts=self.settings.runner_max_attempts),
+            default=[],
+        )
+        for job_id, status in changed:
+            log.warning("job %d: lease expired, now %s", job_id, status)
+        self._record_ended()
+
+    def prune(self) -> None:
+        from datetime import timedelta
+
+        pruned = self._db_round(
+            "pruning old events",
+            lambda session: prune_history(
+                session,
+                job_events_older_than=timedelta(days=self.settings.job_event_retention_days),
+                slack_events_older_than=timedelta(days=SLACK_EVENT_RETENTION_DAYS),
+            ),
+            default=(0, 0),
+        )
+        if any(pruned):
+            log.info("pruned %d job events and %d Slack event ids past retention", *pruned)
+
+    def _db_round(self, what: str, call: Any, default: Any = None) -> Any:
+        """Run one timer's database work; a database that does not answer skips the round."""
+        try:
+            with new_session(self.engine) as session:
+                result = call(session)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+            if not self._db_away:
+                log.warning("the database does not answer (%s): %s waits", type(exc).__name__, what)
+            self._db_away = True
+            return default
+        if self._db_away:
+            log.warning("the database answers again")
+            self._db_away = False
+        return result
 
     def _reap(self) -> None:
         for slot in self.slots:
             if slot.process is None or slot.process.is_alive():
                 continue
             slot.process.join()
-            code, job_id = slot.process.exitcode, slot.job_id
-            slot.process, slot.job_id = None, None
-            if job_id is None:
-                continue
-            with new_session(self.engine) as session:
-                job = session.get(Job, job_id)
-                if (
-                    job is not None
-                    and job.status in (JobStatus.running, JobStatus.evaluating)
-                    and job.lease_owner == self.owner
-                ):
-                    reason = (
-                        f"the training process was killed by signal {-code}"
-                        if code and code < 0
-                        else f"the training process exited with code {code}"
-                    )
-                    set_job_state(
-                        session,
-                        job_id=job_id,
-                        owner=self.owner,
-                        status=JobStatus.failed,
-                        error=f"{reason} (out of host memory? the runner's log has the details)",
-                    )
-            log.info("job %d process ended (exit code %s)", job_id, code)
+            code = slot.process.exitcode
+            if slot.job_id is not None and slot.token is not None:
+                self._ended.append(Ended(slot.job_id, slot.token, code))
+                log.info("job %d process ended (exit code %s)", slot.job_id, code)
+            slot.process, slot.job_id, slot.token = None, None, None
+        self._record_ended()
+
+    def _record_ended(self) -> None:
+        """What ended children left to record: a requeue (exit EXIT_REQUEUE), or the failure of
+        a process that died without ending its job. Kept until the database answers."""
+        while self._ended:
+            ended = self._ended[0]
+            done = self._db_round(
+                f"recording the end of job {ended.job_id}'s process",
+                lambda session, ended=ended: _record_end(session, ended),
+                default=False,
+            )
+            if not done:
+                return
+            self._ended.pop(0)
 
     def busy(self) -> bool:
         with self._lock:
-            return any(slot.process is not None for slot in self.slots)
+            return any(slot.process is not None for slot in self.slots) or bool(self._ended)
 
     def queued(self) -> int:
-        with new_session(self.engine) as session:
-            return len(
-                session.exec(select(Job.id).where(Job.status == JobStatus.queued.value)).all()
+        return len(
+            self._db_round(
+                "counting queued jobs",
+                lambda session: session.exec(
+                    select(Job.id).where(Job.status == JobStatus.queued.value)
+                ).all(),
+                default=[0],
             )
+        )
 
     # The loop ------------------------------------------------------------------------------
 
@@ -200,6 +283,9 @@ class Runner:
             id="sweep",
             max_instances=1,
             coalesce=True,
+        )
+        scheduler.add_job(
+            self.prune, "interval", hours=1, id="prune", max_instances=1, coalesce=True
         )
         if not once:
             scheduler.add_job(
@@ -227,33 +313,85 @@ class Runner:
             scheduler.shutdown(wait=True)
             self.shutdown()
 
-    def shutdown(self) -> None:
-        """Stop children and hand their jobs back to the queue (they resume elsewhere)."""
+    def shutdown(self, grace_seconds: float = 30.0) -> None:
+        """Stop children (SIGTERM: each saves a checkpoint and puts its job back in the queue,
+        its attempt not counted) and requeue whatever a child could not hand back itself."""
         with self._lock:
-            for slot in self.slots:
-                if slot.process is None or slot.job_id is None:
-                    continue
+            running = [s for s in self.slots if s.process is not None and s.process.is_alive()]
+            for slot in running:
+                assert slot.process is not None
+                slot.process.terminate()
+            deadline = time.monotonic() + grace_seconds
+            for slot in running:
+                assert slot.process is not None
+                slot.process.join(timeout=max(deadline - time.monotonic(), 0.1))
                 if slot.process.is_alive():
-                    slot.process.terminate()
-                    slot.process.join(timeout=30)
-                with new_session(self.engine) as session:
-                    job = session.get(Job, slot.job_id)
-                    if (
-                        job is not None
-                        and job.lease_owner == self.owner
-                        and job.status in (JobStatus.running, JobStatus.evaluating)
-                    ):
-                        job.status, job.lease_owner, job.lease_expires_at = "queued", None, None
-                        session.add(job)
-                        add_job_event(
-                            session,
-                            job_id=slot.job_id,
-                            kind="requeued",
-                            reason="its runner was stopped; it resumes from its last checkpoint",
-                        )
-                        session.commit()
-                slot.process, slot.job_id = None, None
+                    log.warning(
+                        "job %s did not stop in %.0f s: killing it", slot.job_id, grace_seconds
+                    )
+                    slot.process.kill()
+                    slot.process.join()
+            for slot in self.slots:
+                if slot.process is not None and slot.job_id is not None and slot.token is not None:
+                    self._ended.append(Ended(slot.job_id, slot.token, EXIT_REQUEUE))
+                slot.process, slot.job_id, slot.token = None, None, None
+            self._record_ended()
+            if self._ended:
+                log.warning(
+                    "the database does not answer: jobs %s stay leased to this runner and are "
+                    "requeued when their leases run out",
+                    ", ".join(str(e.job_id) for e in self._ended),
+                )
         self.engine.dispose()
+
+
+SLACK_EVENT_RETENTION_DAYS = 2  # Slack retries an event within minutes; a day's ids are plenty
+
+
+def _record_end(session: Any, ended: Ended) -> bool:
+    """Record what a child's end means for its job, under the child's claim; True when done."""
+    if not holds_lease(session, job_id=ended.job_id, token=ended.token):
+        return True  # the job ended itself, or another attempt holds it: nothing to record
+    if ended.exitcode == EXIT_REQUEUE:
+        requeue_job(
+            session,
+            job_id=ended.job_id,
+            token=ended.token,
+            reason="its runner was stopped or lost the database; it resumes from its last "
+            "checkpoint",
+            refund_attempt=True,
+        )
+        return True
+    set_job_state(
+        session,
+        job_id=ended.job_id,
+        token=ended.token,
+        status=JobStatus.failed,
+        error=exit_reason(ended.exitcode),
+    )
+    return True
+
+
+def exit_reason(code: int | None) -> str:
+    """Why a job's process ended without ending its job, in the words a user can act on.
+
+    >>> exit_reason(-9).split(":")[0]
+    'the training process was killed (SIGKILL)'
+    >>> exit_reason(-15)
+    "the training process was killed by SIGTERM; the runner's log has the details"
+    >>> exit_reason(1)
+    "the training process exited with code 1; the runner's log has the details"
+    """
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+        if code == -signal.SIGKILL:
+            return (
+                f"the training process was killed ({name}): most often the kernel ran out of host "
+                'memory and killed it (check `dmesg` on the runner host for "Out of memory"); '
+                "the runner's log has the details"
+            )
+        return f"the training process was killed by {name}; the runner's log has the details"
+    return f"the training process exited with code {code}; the runner's log has the details"
 
 
 TMP_MAX_AGE_S = 24 * 3600
@@ -270,8 +408,6 @@ def main_loop(settings: Settings, *, once: bool) -> int:
     runner = Runner(settings)
     stop = threading.Event()
     if not once:
-        import signal
-
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     started = time.monotonic()

@@ -1,24 +1,50 @@
-"""The job queue and its outbox. Jobs are rows; a runner claims one atomically, holds a lease it
-renews by heartbeat, and every write it makes later checks it still holds that lease, so a runner
-whose lease was taken over (it hung, its host was lost) can no longer change the job.
+"""The job queue and its outbox. Jobs are rows; a runner claims one atomically and gets a lease
+with a fencing token of its own (``jobs.lease_token``, new at every claim). It renews the lease by
+heartbeat, and every write an attempt makes checks that token, so an attempt whose claim was taken
+over (its lease ran out during an outage and the job was claimed again, by another runner or by
+another slot of the same one) can no longer change the job.
+
+Lease times come from the database's clock on PostgreSQL (``statement_timestamp()``), so runners
+on hosts whose clocks disagree still agree on when a lease has run out. SQLite is one machine: its
+clock is ours.
 
 Claiming: ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL (many runners on many hosts share one
-queue); on SQLite one guarded ``UPDATE … WHERE status = 'queued'``, which SQLite serialises.
+queue); on SQLite one guarded ``UPDATE … WHERE status = 'queued'``, which SQLite serialises. A job
+queued from Slack is claimable only once its thread exists (its root message posted): the thread
+shows what happens to it from the first event on.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import case, delete, func, or_, update
 from sqlmodel import Session, col, select
 
 from core.enums import JobKind, JobStatus
-from storage.models import Checkpoint, Job, JobEvent
+from storage.models import Checkpoint, Job, JobEvent, SlackEvent
 from storage.types import utcnow
 
 ACTIVE = (JobStatus.running.value, JobStatus.evaluating.value)
+# A Slack job whose root message never got posted (the bot died between queueing it and posting)
+# would wait unclaimable forever: after this long it is cancelled with the reason.
+THREADLESS_TIMEOUT = timedelta(minutes=10)
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: every lease time is computed and compared with it. (Not ``now()``:
+    that is the start of the transaction, which a session may have held open for a while.)"""
+    if session.get_bind().dialect.name == "postgresql":
+        value = session.execute(select(func.statement_timestamp())).scalar_one()
+        assert isinstance(value, datetime)
+        return value
+    return utcnow()
+
+
+def new_lease_token() -> str:
+    return uuid.uuid4().hex
 
 
 def add_job_event(session: Session, *, job_id: int, kind: str, **payload: Any) -> JobEvent:
@@ -54,13 +80,19 @@ def create_job(
 
 
 def claim_next_job(session: Session, *, owner: str, lease_seconds: float) -> Job | None:
-    """Take the oldest queued job, or None. The job comes back running, leased to ``owner``."""
-    now = utcnow()
+    """Take the oldest claimable job, or None. The job comes back running, leased to ``owner``
+    (host:pid, for people) under a new ``lease_token`` (for fencing: pass it to every write)."""
+    now = db_now(session)
     expires = now + timedelta(seconds=lease_seconds)
+    token = new_lease_token()
+    claimable = (
+        col(Job.status) == JobStatus.queued.value,
+        or_(col(Job.channel_id).is_(None), col(Job.thread_ts).is_not(None)),
+    )
     if session.get_bind().dialect.name == "postgresql":
         job = session.exec(
             select(Job)
-            .where(Job.status == JobStatus.queued.value)
+            .where(*claimable)
             .order_by(col(Job.id))
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -69,17 +101,11 @@ def claim_next_job(session: Session, *, owner: str, lease_seconds: float) -> Job
             session.rollback()
             return None
         job_id = job.id
-        session.execute(_claim(job_id, owner, now, expires))
+        session.execute(_claim(job_id, owner, token, now, expires))
     else:
-        oldest = (
-            select(Job.id)
-            .where(Job.status == JobStatus.queued.value)
-            .order_by(col(Job.id))
-            .limit(1)
-            .scalar_subquery()
-        )
+        oldest = select(Job.id).where(*claimable).order_by(col(Job.id)).limit(1).scalar_subquery()
         result = session.execute(
-            _claim(oldest, owner, now, expires)
+            _claim(oldest, owner, token, now, expires)
             .where(Job.status == JobStatus.queued.value)
             .returning(Job.id)  # type: ignore[arg-type]
         ).first()
@@ -95,13 +121,14 @@ def claim_next_job(session: Session, *, owner: str, lease_seconds: float) -> Job
     return claimed
 
 
-def _claim(job_id: Any, owner: str, now: Any, expires: Any) -> Any:
+def _claim(job_id: Any, owner: str, token: str, now: Any, expires: Any) -> Any:
     return (
         update(Job)
         .where(col(Job.id) == job_id)
         .values(
             status=JobStatus.running.value,
             lease_owner=owner,
+            lease_token=token,
             lease_expires_at=expires,
             attempts=Job.attempts + 1,
             started_at=now,
@@ -109,38 +136,46 @@ def _claim(job_id: Any, owner: str, now: Any, expires: Any) -> Any:
     )
 
 
-def renew_lease(session: Session, *, job_id: int, owner: str, lease_seconds: float) -> bool:
-    """Extend the lease; False when ``owner`` no longer holds it (the job must be abandoned)."""
+def _held(job_id: int, token: str) -> Any:
+    """The WHERE clause of every write an attempt makes: its claim is still the current one."""
+    return (col(Job.id) == job_id, col(Job.lease_token) == token, col(Job.status).in_(ACTIVE))
+
+
+def renew_lease(session: Session, *, job_id: int, token: str, lease_seconds: float) -> bool:
+    """Extend the lease; False when the claim ``token`` is no longer current (abandon the job)."""
+    expires = db_now(session) + timedelta(seconds=lease_seconds)
     result = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.lease_owner) == owner, col(Job.status).in_(ACTIVE))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        update(Job).where(*_held(job_id, token)).values(lease_expires_at=expires)
     )
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def holds_lease(session: Session, *, job_id: int, token: str) -> bool:
+    found = session.exec(select(Job.id).where(*_held(job_id, token))).first()
+    return found is not None
 
 
 def set_job_state(
     session: Session,
     *,
     job_id: int,
-    owner: str,
+    token: str,
     status: JobStatus,
     error: str | None = None,
     event: str | None = None,
     **payload: Any,
 ) -> bool:
-    """Move a leased job to ``status`` (and record an event); False if the lease was lost."""
+    """Move a leased job to ``status`` (and record an event); False if the claim is no longer
+    current."""
     values: dict[str, Any] = {"status": status.value}
     if status.finished:
-        values.update(finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
+        values.update(
+            finished_at=utcnow(), lease_owner=None, lease_token=None, lease_expires_at=None
+        )
     if error is not None:
         values["error"] = error
-    result = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.lease_owner) == owner, col(Job.status).in_(ACTIVE))
-        .values(**values)
-    )
+    result = session.execute(update(Job).where(*_held(job_id, token)).values(**values))
     if not result.rowcount:  # type: ignore[attr-defined]
         session.rollback()
         return False
@@ -153,21 +188,40 @@ def set_job_state(
 
 
 def record_progress(
-    session: Session, *, job_id: int, owner: str, progress: dict[str, Any], event: str = "progress"
+    session: Session, *, job_id: int, token: str, progress: dict[str, Any], event: str = "progress"
 ) -> bool:
     """Store the latest progress on the job and append it to the outbox; returns whether the
-    job should go on (False when cancel was requested or the lease is lost)."""
-    result = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.lease_owner) == owner, col(Job.status).in_(ACTIVE))
-        .values(progress=progress)
-    )
+    job should go on (False when cancel was requested or the claim is no longer current)."""
+    result = session.execute(update(Job).where(*_held(job_id, token)).values(progress=progress))
     if not result.rowcount:  # type: ignore[attr-defined]
         session.rollback()
         return False
     add_job_event(session, job_id=job_id, kind=event, **progress)
     session.commit()
     return not cancel_requested(session, job_id=job_id)
+
+
+def requeue_job(
+    session: Session, *, job_id: int, token: str, reason: str, refund_attempt: bool
+) -> bool:
+    """Put a leased job back in the queue (it resumes from its last checkpoint). ``refund_attempt``:
+    the attempt does not count against ``RUNNER_MAX_ATTEMPTS`` (the job was stopped, not failing:
+    its runner shut down, the database was away). False if the claim is no longer current."""
+    values: dict[str, Any] = {
+        "status": JobStatus.queued.value,
+        "lease_owner": None,
+        "lease_token": None,
+        "lease_expires_at": None,
+    }
+    if refund_attempt:
+        values["attempts"] = case((col(Job.attempts) > 0, col(Job.attempts) - 1), else_=0)
+    result = session.execute(update(Job).where(*_held(job_id, token)).values(**values))
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    add_job_event(session, job_id=job_id, kind="requeued", reason=reason)
+    session.commit()
+    return True
 
 
 def cancel_requested(session: Session, *, job_id: int) -> bool:
@@ -205,9 +259,10 @@ def request_cancel(session: Session, *, job_id: int, by: str | None = None) -> J
 
 
 def expire_leases(session: Session, *, max_attempts: int) -> list[tuple[int, str]]:
-    """Jobs whose lease ran out: queued again (to resume from their last checkpoint) while they
-    have attempts left, else failed with the reason. Returns (job id, new status)."""
-    now = utcnow()
+    """Jobs whose lease ran out (by the database's clock): queued again (to resume from their
+    last checkpoint) while they have attempts left, else failed with the reason; and Slack jobs
+    whose thread was never posted, cancelled. Returns (job id, new status)."""
+    now = db_now(session)
     stale = session.exec(
         select(Job)
         .where(col(Job.status).in_(ACTIVE), col(Job.lease_expires_at) < now)
@@ -241,11 +296,50 @@ def expire_leases(session: Session, *, max_attempts: int) -> list[tuple[int, str
                 f"its runner stopped answering {job.attempts} times (last: {owner}); giving up"
             )
             add_job_event(session, job_id=job.id, kind="failed", error=job.error)
-        job.lease_owner, job.lease_expires_at = None, None
+        job.lease_owner, job.lease_token, job.lease_expires_at = None, None, None
+        session.add(job)
+        changed.append((job.id, job.status))
+    threadless = session.exec(
+        select(Job)
+        .where(
+            col(Job.status) == JobStatus.queued.value,
+            col(Job.channel_id).is_not(None),
+            col(Job.thread_ts).is_(None),
+            col(Job.created_at) < now - THREADLESS_TIMEOUT,
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in threadless:
+        assert job.id is not None
+        job.status, job.finished_at, job.cancel_requested = JobStatus.cancelled.value, now, True
+        job.error = "its Slack thread was never posted (the bot stopped while queueing it)"
+        add_job_event(session, job_id=job.id, kind="cancelled", reason=job.error)
         session.add(job)
         changed.append((job.id, job.status))
     session.commit()
     return changed
+
+
+def prune_history(
+    session: Session, *, job_events_older_than: timedelta, slack_events_older_than: timedelta
+) -> tuple[int, int]:
+    """Delete delivered events of finished jobs, and Slack event ids, older than their retention;
+    returns how many of each went. Jobs, checkpoints, evaluations, promotions and the audit log
+    are kept."""
+    now = db_now(session)
+    finished = select(Job.id).where(col(Job.status).in_([s.value for s in JobStatus if s.finished]))
+    events = session.execute(
+        delete(JobEvent).where(
+            col(JobEvent.delivered_at).is_not(None),
+            col(JobEvent.created_at) < now - job_events_older_than,
+            col(JobEvent.job_id).in_(finished),
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    slack = session.execute(
+        delete(SlackEvent).where(col(SlackEvent.received_at) < now - slack_events_older_than)
+    ).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    return int(events or 0), int(slack or 0)
 
 
 def latest_checkpoint(session: Session, *, job_id: int) -> Checkpoint | None:
@@ -260,17 +354,22 @@ def add_checkpoint(
     session: Session,
     *,
     job_id: int,
-    owner: str,
+    token: str,
     step: int,
     final: bool,
     path: str,
     base_model: str,
     meta: dict[str, Any],
 ) -> Checkpoint | None:
-    """Register a saved checkpoint if ``owner`` still holds the job's lease."""
-    holds = session.exec(select(Job.id).where(Job.id == job_id, Job.lease_owner == owner)).first()
-    if holds is None:
+    """Register a saved checkpoint if the claim ``token`` is still current; the same path
+    registered twice (a retried registration) comes back as the row already there."""
+    if not holds_lease(session, job_id=job_id, token=token):
         return None
+    existing = session.exec(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.path == path)
+    ).first()
+    if existing is not None:
+        return existing
     checkpoint = Checkpoint(
         job_id=job_id, step=step, final=final, path=path, base_model=base_model, meta=meta
     )

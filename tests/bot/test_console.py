@@ -67,7 +67,7 @@ def test_a_session_in_the_console(console, engine, tmp_path) -> None:
             vs_promoted=None,
         )
         session.commit()
-        set_job_state(session, job_id=job.id, owner="r", status=JobStatus.succeeded)
+        set_job_state(session, job_id=job.id, token=job.lease_token, status=JobStatus.succeeded)
     time.sleep(2.5)  # the notifier's round
     said = _said(console, out, "")
     assert "Evaluation of checkpoint 1" in said and "[1] Approve & promote  [2] Reject" in said

@@ -67,7 +67,7 @@ def train_job(engine, settings: Settings, dataset: Dataset) -> Job:
         job = create_job(
             session, base_model=settings.base_model, dataset_id=dataset.id, config=TRAIN
         )
-        claim_next_job(session, owner="inline", lease_seconds=60)
-    run_job(job.id, "inline", settings)
+        token = claim_next_job(session, owner="inline", lease_seconds=60).lease_token
+    run_job(job.id, token, settings)
     with new_session(engine) as session:
         return session.get(Job, job.id)

@@ -52,8 +52,8 @@ def _export_job(engine, settings, checkpoint: Checkpoint, **config) -> Job:
             base_model=checkpoint.base_model,
             config={"checkpoint_id": checkpoint.id, **config},
         )
-        claim_next_job(session, owner="inline", lease_seconds=60)
-    run_job(job.id, "inline", settings)
+        token = claim_next_job(session, owner="inline", lease_seconds=60).lease_token
+    run_job(job.id, token, settings)
     with new_session(engine) as session:
         return session.get(Job, job.id)
 

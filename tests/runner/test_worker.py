@@ -214,8 +214,8 @@ def test_a_killed_runners_job_is_resumed_by_another_runner(
 
 def _run_in_process(engine, settings: Settings, job_id: int) -> Job:
     with new_session(engine) as session:
-        claim_next_job(session, owner="inline", lease_seconds=60)
-    run_job(job_id, "inline", settings)
+        token = claim_next_job(session, owner="inline", lease_seconds=60).lease_token
+    run_job(job_id, token, settings)
     return _get(engine, job_id)
 
 
