@@ -111,6 +111,35 @@ class Settings(BaseSettings):
         None, description="ModelScope hub URL (default: the public hub)."
     )
 
+    @field_validator("artifact_dir")
+    @classmethod
+    def _absolute_artifact_dir(cls, value: Path) -> Path:
+        """Relative to where the process started, resolved once: every child process (started
+        elsewhere) gets the same absolute folder."""
+        return value.expanduser().absolute()
+
+    @field_validator("database_url")
+    @classmethod
+    def _absolute_sqlite_path(cls, value: str) -> str:
+        """A relative SQLite file resolved once, like ``artifact_dir``: children share it."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(value)
+        except Exception:
+            return value  # not a URL this module judges; make_engine reports it
+        database = url.database
+        if (
+            url.get_backend_name() != "sqlite"
+            or not database
+            or database == ":memory:"
+            or database.startswith("file:")
+            or Path(database).is_absolute()
+        ):
+            return value
+        absolute = str(Path(database).expanduser().absolute())
+        return url.set(database=absolute).render_as_string(hide_password=False)
+
     @field_validator("runner_devices", mode="before")
     @classmethod
     def _split_devices(cls, value: object) -> object:

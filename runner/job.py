@@ -44,6 +44,7 @@ from storage.jobs import (
     add_job_event,
     cancel_requested,
     holds_lease,
+    job_checkpoints,
     latest_checkpoint,
     record_progress,
     requeue_job,
@@ -67,18 +68,20 @@ class Cancelled(Exception):
 
 class _StopSignal:
     """SIGTERM in a job process. In the training loop it only sets a flag (the loop saves a
-    checkpoint and returns); elsewhere it raises ``Stopping``."""
+    checkpoint and returns); in another phase of the job it raises ``Stopping``; once the job is
+    over (the process is exiting) it changes nothing."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
         self.in_training_loop = False
+        self.in_job = False
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested.set()
-        if not self.in_training_loop:
+        if self.in_job and not self.in_training_loop:
             raise Stopping()
 
 
@@ -96,6 +99,7 @@ def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
         outage_seconds=settings.runner_lease_seconds,
     )
     store = ArtifactStore(settings.artifact_dir)
+    STOP.in_job = True
     try:
         job = db.wait(lambda session: session.get(Job, job_id))
         if job is None:
@@ -109,9 +113,11 @@ def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
         log.warning("job %d: another attempt holds the job now; this one stops", job_id)
         return None
     except Stopping:
+        STOP.in_job = False
         _requeue(db, "its runner was stopped; it resumes from its last checkpoint")
         return None
     finally:
+        STOP.in_job = False
         db.dispose()
 
 
@@ -168,7 +174,7 @@ def _run_training(
     assert job.id is not None
     hooks = _TrainingHooks(db, store, job)
     try:
-        spec, dataset = _prepare(db, store, settings, job)
+        spec, dataset = _prepare(db, store, settings, job, hooks)
         STOP.in_training_loop = True
         try:
             result = train(spec, hooks.hooks())
@@ -239,13 +245,25 @@ class _TrainingHooks:
         self.pending_progress: dict[str, Any] | None = None
         self.pending_checkpoints: list[dict[str, Any]] = []
         self.last_poll = 0.0
+        self.samples = 0
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(
+            on_start=self.on_start,
             on_progress=self.on_progress,
             should_stop=self.should_stop,
             checkpoint_dir=self.checkpoint_dir,
             on_checkpoint=self.on_checkpoint,
+        )
+
+    def on_start(self, resumed_from_step: int | None) -> None:
+        _event(
+            self.db,
+            "started",
+            attempt=self.job.attempts,
+            owner=self.job.lease_owner,
+            samples=self.samples,
+            resumed_from_step=resumed_from_step,
         )
 
     def relpath(self, step: int) -> str:
@@ -344,7 +362,7 @@ class _TrainingHooks:
 
 
 def _prepare(
-    db: JobDb, store: ArtifactStore, settings: Settings, job: Job
+    db: JobDb, store: ArtifactStore, settings: Settings, job: Job, hooks: _TrainingHooks
 ) -> tuple[TrainSpec, Dataset]:
     assert job.id is not None
     config = build_train_config(job.config)
@@ -360,16 +378,8 @@ def _prepare(
     tokenizer = load_tokenizer(model_dir)
     conversations = read_split(store, dataset.train_sha256)
     examples = [render_training_example(tokenizer, c) for c in conversations]
-    resume = db.wait(lambda s: latest_checkpoint(s, job_id=db.job_id))
-    resume_path = store.path(resume.path) if resume is not None else None
-    _event(
-        db,
-        "started",
-        attempt=job.attempts,
-        owner=job.lease_owner,
-        samples=len(examples),
-        resumed_from_step=resume.step if resume is not None else None,
-    )
+    saved = db.wait(lambda s: job_checkpoints(s, job_id=db.job_id))
+    hooks.samples = len(examples)
     meta = {
         "protocol_version": PROTOCOL_VERSION,
         "base_model": job.base_model,
@@ -385,7 +395,7 @@ def _prepare(
         examples=examples,
         base=model_dir,
         meta=meta,
-        resume_from=resume_path,
+        resume_from=[store.path(c.path) for c in saved],  # newest first: the first that loads
         token_budget=settings.runner_token_budget,
         compile_layers=settings.runner_compile,
         cuda_graphs=settings.runner_cuda_graphs,

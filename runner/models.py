@@ -8,7 +8,8 @@ model (``runner.tiny_model``), built on first use. ``BASE_MODEL`` unset means ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,40 @@ def download_from_modelscope(
     settings: Settings, model_id: str, target: Path, on_status: Callable[[str], None] | None = None
 ) -> Path:
     """Fetch ``model_id`` into ``target``. modelscope resumes partial files; the marker file
-    keeps a cut download from being taken for a complete one."""
+    keeps a cut download from being taken for a complete one. One process downloads at a time
+    (an exclusive lock on ``target``'s lock file): the others wait and then find it complete."""
+    target.mkdir(parents=True, exist_ok=True)
+    with _download_lock(target, model_id, on_status):
+        if (target / "config.json").exists() and not (target / ".incomplete").exists():
+            return target  # another process finished it while this one waited
+        return _download(settings, model_id, target, on_status)
+
+
+@contextmanager
+def _download_lock(
+    target: Path, model_id: str, on_status: Callable[[str], None] | None
+) -> Iterator[None]:
+    import fcntl
+
+    with open(target.parent / f".{target.name}.download.lock", "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is downloading %s: waiting for it", model_id)
+            if on_status:
+                on_status(f"waiting for another job's download of {model_id}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _download(
+    settings: Settings, model_id: str, target: Path, on_status: Callable[[str], None] | None
+) -> Path:
     from modelscope import snapshot_download
 
-    target.mkdir(parents=True, exist_ok=True)
     marker = target / ".incomplete"
     marker.touch()
     if on_status:

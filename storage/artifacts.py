@@ -1,8 +1,8 @@
 """The artifact store under ARTIFACT_DIR.
 
 Blobs are content-addressed (``blobs/sha256/ab/abcdef…``). Everything is written under ``tmp/``
-first and renamed into place, so a crash never leaves a half-written file or directory under a real
-name; a leftover ``tmp/`` entry is garbage that ``sweep_tmp`` removes.
+first, fsynced, and renamed into place, so a crash never leaves a half-written file or directory
+under a real name; a leftover ``tmp/`` entry is garbage that ``sweep_tmp`` removes.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class ArtifactStore:
         tmp.mkdir()
         try:
             yield tmp
+            _fsync_tree(tmp)  # the contents are on disk before the directory gets its name
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
@@ -127,6 +128,25 @@ class ArtifactStore:
         if not self.root.exists():
             return []
         return sorted(p for p in self.root.rglob("*") if p.is_file() and self.tmp not in p.parents)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory (deepest first), so that a crash
+    after the rename cannot leave a named checkpoint or export with empty or torn files."""
+    directories = [root]
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            directories.append(path)
+        elif path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        _fsync_dir(directory)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -342,6 +342,17 @@ def prune_history(
     return int(events or 0), int(slack or 0)
 
 
+def job_checkpoints(session: Session, *, job_id: int) -> list[Checkpoint]:
+    """A job's checkpoints, newest first (the order a resume tries them in)."""
+    return list(
+        session.exec(
+            select(Checkpoint)
+            .where(Checkpoint.job_id == job_id)
+            .order_by(col(Checkpoint.step).desc(), col(Checkpoint.id).desc())
+        )
+    )
+
+
 def latest_checkpoint(session: Session, *, job_id: int) -> Checkpoint | None:
     return session.exec(
         select(Checkpoint)

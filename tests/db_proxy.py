@@ -77,6 +77,10 @@ class DatabaseProxy:
         """The database goes away: open connections drop, new ones are refused."""
         self.cuts += 1
         if self._listener is not None:
+            # close() alone does not wake a thread blocked in accept() on Linux (it would go on
+            # accepting): shutting the listening socket down does.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

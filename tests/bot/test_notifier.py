@@ -65,7 +65,7 @@ def _run_a_job(slack, engine, channel: str = "C0CHAN") -> Job:
             record_progress(
                 session,
                 job_id=job.id,
-                owner="runner-1",
+                token=job.lease_token,
                 progress={
                     "step": step,
                     "total_steps": 8,
@@ -80,7 +80,7 @@ def _run_a_job(slack, engine, channel: str = "C0CHAN") -> Job:
         set_job_state(
             session,
             job_id=job.id,
-            owner="runner-1",
+            token=job.lease_token,
             status=JobStatus.evaluating,
             event="trained",
             steps=8,
@@ -125,7 +125,7 @@ def _run_a_job(slack, engine, channel: str = "C0CHAN") -> Job:
             vs_promoted=None,
         )
         session.commit()
-        set_job_state(session, job_id=job.id, owner="runner-1", status=JobStatus.succeeded)
+        set_job_state(session, job_id=job.id, token=job.lease_token, status=JobStatus.succeeded)
         return session.get(Job, job.id, populate_existing=True)
 
 
@@ -474,7 +474,7 @@ def test_a_huge_failure_is_cut_to_fit_and_the_header_falls_back_to_text(
     error = "CUDA out of memory. " * 2_500  # 50,000 characters: over every Slack limit
     with new_session(engine) as session:
         set_job_state(
-            session, job_id=job.id, owner="runner-1", status=JobStatus.failed, error=error
+            session, job_id=job.id, token=job.lease_token, status=JobStatus.failed, error=error
         )
     notifiers().deliver_pending()
     reply = _thread_texts(slack, job)[-1]

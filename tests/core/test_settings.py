@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -10,7 +12,8 @@ def test_defaults_run_on_one_machine_with_no_services(monkeypatch: pytest.Monkey
     for name in ("DATABASE_URL", "ARTIFACT_DIR", "BASE_MODEL", "APPROVERS", "SLACK_BOT_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)
-    assert settings.database_url == "sqlite:///./var/finetune.db"
+    assert settings.database_url == f"sqlite:///{Path.cwd() / 'var' / 'finetune.db'}"
+    assert settings.artifact_dir == Path.cwd() / "var" / "artifacts"
     assert settings.base_model is None
     assert settings.approvers == []
     assert not settings.slack_configured
@@ -30,3 +33,18 @@ def test_placeholder_secret_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_secrets_do_not_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-123-real-token")
     assert "xoxb-123-real-token" not in repr(Settings(_env_file=None))
+
+
+def test_relative_paths_resolve_once_against_the_starting_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Child processes start elsewhere (the repository): they must get absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///data/x.db")
+    monkeypatch.setenv("ARTIFACT_DIR", "store")
+    settings = Settings(_env_file=None)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'data' / 'x.db'}"
+    assert settings.artifact_dir == tmp_path / "store"
+    postgres = "postgresql+psycopg://finetune:p%40ss@db:5432/finetune"
+    assert Settings(_env_file=None, database_url=postgres).database_url == postgres
+    assert Settings(_env_file=None, database_url="sqlite://").database_url == "sqlite://"

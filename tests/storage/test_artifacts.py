@@ -84,3 +84,34 @@ def test_a_sweep_with_an_age_keeps_what_is_being_written(tmp_path) -> None:
     os.utime(old, (day_ago, day_ago))
     assert store.sweep_tmp(older_than=86400) == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_staged_directory_is_on_disk_before_it_gets_its_name(store: ArtifactStore, monkeypatch):
+    """Every file of a checkpoint (and the directories holding them) is fsynced before the rename
+    that publishes it: a crash after the rename must not leave a named checkpoint with empty files."""
+    import os
+
+    synced: list[str] = []
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        order.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        order.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with store.staged_dir("checkpoints/job-1/step-000005") as directory:
+        (directory / "adapter_model.safetensors").write_bytes(b"w" * 100)
+        (directory / "nested").mkdir()
+        (directory / "nested" / "training_state.pt").write_bytes(b"s" * 100)
+        staging = str(directory)
+    names = {os.path.basename(p) for p in synced[: order.index("rename")]}
+    assert {"adapter_model.safetensors", "training_state.pt", "nested"} <= names
+    assert staging in synced[: order.index("rename")]
+    assert (store.path("checkpoints/job-1/step-000005") / "nested" / "training_state.pt").exists()
