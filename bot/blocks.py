@@ -171,6 +171,11 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
         f"{payload.get('predict_rouge-2', 0):.2f} / {payload.get('predict_rouge-l', 0):.2f} · "
         f"BLEU-4 {payload.get('predict_bleu-4', 0):.2f} (whole answers, for parity)",
     ]
+    rows += [
+        f":information_source: {n}"
+        for n in (payload.get("backend_note"), payload.get("prompts_note"))
+        if n
+    ]
     checkpoint = payload["checkpoint_id"]
     return [
         {

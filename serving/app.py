@@ -31,7 +31,7 @@ from core.errors import Conflict, FinetuneError, Forbidden, NotFound
 from core.protocol import Message, match_label, parse_answer, render_prompt
 from core.settings import Settings
 from serving.adapters import AdapterRegistry, LoadedAdapter
-from serving.engine import AdapterRefused, Engine, EngineOptions, build_engine
+from serving.engine import AdapterRefused, Engine, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -182,18 +182,6 @@ async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -
     }
 
 
-def _options(settings: Settings, model_dir: Any) -> EngineOptions:
-    return EngineOptions(
-        model_dir=model_dir,
-        max_model_len=settings.serving_max_model_len,
-        max_loras=settings.serving_max_loras,
-        max_lora_rank=settings.serving_max_lora_rank,
-        dtype=settings.serving_dtype,
-        gpu_memory_utilization=settings.serving_gpu_memory_utilization,
-        cpu_kv_cache_bytes=settings.serving_cpu_kv_cache_mib << 20,
-    )
-
-
 async def _follow(state: State, every: float) -> None:
     """Keep this replica on what storage says is promoted (another replica may have changed it)."""
     while True:
@@ -221,7 +209,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         check_schema(db)
         model_dir = model_dir_for(settings, base_model_name(settings))
         assert model_dir is not None
-        built = engine or build_engine(_options(settings, model_dir), settings.serving_backend)
+        built = engine or build_engine(settings, model_dir)
         tokenizer = load_tokenizer(model_dir)
         registry = AdapterRegistry(
             built,
