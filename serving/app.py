@@ -2,7 +2,8 @@
 
     GET  /healthz                       no token
     POST /v1/classify, /v1/classify/batch
-    GET  /v1/adapters;  POST /v1/adapters/promote, /v1/adapters/rollback (token required)
+    GET  /v1/adapters, /v1/adapters/rollback[?to=N|base] (what a rollback would serve)
+    POST /v1/adapters/promote, /v1/adapters/rollback {to?, expected_current?} (token required)
     GET  /v1/models;    POST /v1/chat/completions (OpenAI-compatible, streaming too)
     GET  /metrics                       Prometheus
 
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -32,6 +33,7 @@ from core.protocol import Message, match_label, parse_answer, render_prompt
 from core.settings import Settings
 from serving.adapters import AdapterRegistry, LoadedAdapter
 from serving.engine import AdapterRefused, Engine, build_engine
+from storage.promotions import RollbackTo
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,12 @@ class PromoteRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     by: str = Field("api", max_length=32)
+    to: int | Literal["base"] | None = Field(
+        None, description="a checkpoint that served before, or base; default: one step back"
+    )
+    expected_current: int | Literal["base"] | None = Field(
+        None, description="refuse with 409 unless this serves now (what the confirmation showed)"
+    )
 
 
 class ChatMessage(BaseModel):
@@ -136,6 +144,22 @@ def _describe(adapter: LoadedAdapter | None) -> dict[str, Any]:
     if adapter is None:
         return {"adapter": None, "checkpoint_id": None}
     return {"adapter": adapter.name, "checkpoint_id": adapter.checkpoint_id}
+
+
+def _serving(checkpoint_id: int | None) -> dict[str, Any]:
+    if checkpoint_id is None:
+        return {"adapter": None, "checkpoint_id": None}
+    return {"adapter": f"checkpoint-{checkpoint_id}", "checkpoint_id": checkpoint_id}
+
+
+def _rollback_to(value: str | None) -> RollbackTo:
+    if value is None:
+        return None
+    if value == "base":
+        return "base"
+    if value.isdigit():
+        return int(value)
+    raise HTTPException(422, f"to={value!r}: name a checkpoint number or base")
 
 
 async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -> dict[str, Any]:
@@ -324,12 +348,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             "swap_ms": round((time.perf_counter() - started) * 1000, 1),
         }
 
+    @app.get("/v1/adapters/rollback", dependencies=[Depends(require_token)])
+    async def rollback_plan(state: StateDep, to: str | None = None) -> dict[str, Any]:
+        """What serves now and what a rollback (to ``to``: a checkpoint id or base) would serve;
+        409 when nothing can be rolled back (to it)."""
+        current, target = await asyncio.to_thread(state.registry.rollback_plan, _rollback_to(to))
+        return {"current": _serving(current), "target": _serving(target)}
+
     @app.post("/v1/adapters/rollback", dependencies=[Depends(require_admin)])
     async def rollback(body: RollbackRequest, state: StateDep) -> dict[str, Any]:
-        adapter = await state.registry.rollback(by=body.by)
+        previous, adapter = await state.registry.rollback(
+            by=body.by, to=body.to, expected_current=body.expected_current
+        )
         state.metrics.swaps.inc()
         state.metrics.adapter.set(adapter.checkpoint_id if adapter else 0)
-        return {"current": _describe(adapter)}
+        return {"current": _describe(adapter), "previous": _serving(previous)}
 
     @app.get("/v1/models", dependencies=[Depends(require_token)])
     async def models(state: StateDep) -> dict[str, Any]:
