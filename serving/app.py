@@ -9,6 +9,8 @@
 
 Every endpoint but /healthz takes ``Authorization: Bearer $SERVING_API_KEY`` when the key is set;
 promote and rollback refuse to run without one. Domain errors become JSON here and only here.
+Request bodies are bounded (``SERVING_MAX_BODY_BYTES``, 413), chat requests by messages and
+characters (422, serving/limits.py); prompts are tokenized in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from core.protocol import Message, match_label, parse_answer, render_prompt
 from core.settings import Settings
 from serving.adapters import AdapterRegistry, LoadedAdapter
 from serving.engine import AdapterRefused, Engine, build_engine
+from serving.limits import BodyLimit, check_chat
 from storage.promotions import RollbackTo
 
 log = logging.getLogger(__name__)
@@ -174,7 +177,7 @@ async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -
     messages = (adapter.frame if adapter is not None else state.registry.frame()).conversation(
         stripped
     )
-    prompt = render_prompt(state.tokenizer, messages)
+    prompt = await asyncio.to_thread(render_prompt, state.tokenizer, messages)  # off the loop
     room = state.settings.serving_max_model_len - len(prompt)
     if room < 8:
         raise HTTPException(
@@ -265,6 +268,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         db.dispose()
 
     app = FastAPI(title="finetune-bot serving", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.serving_max_body_bytes)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
@@ -379,12 +383,23 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_token)])
     async def chat(body: ChatRequest, state: StateDep) -> Any:
-        adapter = state.registry.resolve(body.model)
-        prompt = render_prompt(state.tokenizer, [Message(m.role, m.content) for m in body.messages])
-        max_tokens = min(
-            body.max_tokens or state.settings.serving_max_new_tokens,
-            max(state.settings.serving_max_model_len - len(prompt), 1),
+        settings = state.settings
+        check_chat(
+            [(m.role, m.content) for m in body.messages],
+            max_messages=settings.serving_max_messages,
+            max_chars=settings.serving_max_chat_chars,
         )
+        adapter = state.registry.resolve(body.model)
+        messages = [Message(m.role, m.content) for m in body.messages]
+        prompt = await asyncio.to_thread(render_prompt, state.tokenizer, messages)  # off the loop
+        room = settings.serving_max_model_len - len(prompt)
+        if room < 1:
+            raise HTTPException(
+                422,
+                f"messages: the prompt is {len(prompt)} tokens and leaves no room for an answer "
+                f"in the model's {settings.serving_max_model_len} (SERVING_MAX_MODEL_LEN)",
+            )
+        max_tokens = min(body.max_tokens or settings.serving_max_new_tokens, room)
         lora_id = adapter.lora_id if adapter is not None else None
         name = adapter.name if adapter is not None else "base"
         created, request_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
