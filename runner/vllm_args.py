@@ -86,16 +86,34 @@ def auto_gpu_share(free_bytes: int, total_bytes: int) -> GpuShare:
     return GpuShare(fraction, f"auto: {measured}, {AUTO_MARGIN} kept free")
 
 
+def fixed_gpu_share(setting: float, free_bytes: int, total_bytes: int) -> GpuShare:
+    """``EVAL_GPU_MEMORY_UTILIZATION`` set to a number: that share, if it is free now (vLLM
+    refuses to start otherwise, and on a GPU its error reaches us only as "initialization
+    failed").
+
+    >>> fixed_gpu_share(0.5, 60 << 30, 140 << 30).reason
+    'EVAL_GPU_MEMORY_UTILIZATION=0.5 asks for 70.0 GiB and only 60.0 of 140.0 GiB are free'
+    """
+    wanted = setting * total_bytes
+    if wanted > free_bytes:
+        return GpuShare(
+            None,
+            f"EVAL_GPU_MEMORY_UTILIZATION={setting} asks for {wanted / 2**30:.1f} GiB and only "
+            f"{free_bytes / 2**30:.1f} of {total_bytes / 2**30:.1f} GiB are free",
+        )
+    return GpuShare(setting, f"EVAL_GPU_MEMORY_UTILIZATION={setting}")
+
+
 def evaluation_gpu_share(settings: Settings) -> GpuShare:
-    """The GPU share for an evaluation or export engine: ``EVAL_GPU_MEMORY_UTILIZATION`` as set,
-    or measured now (``auto``)."""
-    setting = settings.eval_gpu_memory_utilization
-    if setting != "auto":
-        return GpuShare(float(setting), f"EVAL_GPU_MEMORY_UTILIZATION={setting}")
+    """The GPU share for an evaluation or export engine, from the memory free now:
+    ``EVAL_GPU_MEMORY_UTILIZATION`` as set, or ``auto``."""
     import torch
 
     free, total = torch.cuda.mem_get_info()
-    return auto_gpu_share(free, total)
+    setting = settings.eval_gpu_memory_utilization
+    if setting == "auto":
+        return auto_gpu_share(free, total)
+    return fixed_gpu_share(float(setting), free, total)
 
 
 def prepare_environment(purpose: Purpose, *, on_gpu: bool) -> None:

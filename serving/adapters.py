@@ -168,7 +168,7 @@ class AdapterRegistry:
             if self.current is not None and self.current.checkpoint_id == checkpoint_id:
                 raise Conflict(f"checkpoint {checkpoint_id} is already serving")
             adapter = await self._load(checkpoint_id)
-            previous = self._current_id()
+            previous = await asyncio.to_thread(self._storage_target)  # this replica may lag
             with new_session(self.db) as session:  # recorded first: a failed write changes nothing
                 record_promotion(
                     session,

@@ -18,7 +18,7 @@ from runner.datasets.ingest import read_split
 from runner.eval.predict import VllmUnavailable
 from runner.eval.report import evaluate_model
 from runner.models import load_tokenizer
-from runner.vllm_args import GpuShare, Purpose, evaluation_gpu_share, vllm_engine_args
+from runner.vllm_args import GpuShare, Purpose, fixed_gpu_share, vllm_engine_args
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import Checkpoint, Evaluation
@@ -35,7 +35,7 @@ def test_each_purpose_gets_its_engine_arguments_from_the_one_factory(tiny_model_
         serving_gpu_memory_utilization=0.35,
         serving_max_lora_rank=20,
     )
-    share = evaluation_gpu_share(settings)
+    share = fixed_gpu_share(settings.eval_gpu_memory_utilization, 60 << 30, 140 << 30)
     assert share == GpuShare(0.3, "EVAL_GPU_MEMORY_UTILIZATION=0.3")
     model = str(tiny_model_dir)
     evaluation = vllm_engine_args(
@@ -197,10 +197,15 @@ def test_eval_prompts_longer_than_the_context_keep_their_end_and_are_counted(
 
 
 def test_the_auto_share_is_what_is_free_at_start_less_a_margin() -> None:
-    from runner.vllm_args import auto_gpu_share
+    from runner.vllm_args import auto_gpu_share, fixed_gpu_share
 
     # An H200 (140 GiB) with serving holding 0.35 and the trained model freed: 88 GiB free.
     assert auto_gpu_share(88 << 30, 140 << 30).fraction == 0.578
     assert auto_gpu_share(140 << 30, 140 << 30).fraction == 0.9  # capped
     starved = auto_gpu_share(6 << 30, 80 << 30)
     assert starved.fraction is None and starved.reason == "auto: only 6.0 of 80.0 GiB free at start"
+    # A fixed share that is not free now is not tried (on a GPU vLLM's own error says little).
+    assert fixed_gpu_share(0.85, 88 << 30, 140 << 30) == GpuShare(
+        None,
+        "EVAL_GPU_MEMORY_UTILIZATION=0.85 asks for 119.0 GiB and only 88.0 of 140.0 GiB are free",
+    )
