@@ -1,12 +1,15 @@
-"""The eval report's buttons. Only approvers decide; a decision replaces the buttons with who
-decided and when; a second click (or a retried request) changes nothing more."""
+"""The eval report's buttons and the rollback confirmation's. Only approvers decide (checked here,
+whatever the message shows); a decision replaces the buttons with who decided and when; a second
+click (or a retried request) changes nothing more: a stale rollback confirmation is refused by
+serving with what serves now."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from bot.blocks import decided_blocks
+from bot.blocks import decided_blocks, rolled_back_text, served_name
 from bot.commands import BotContext
 from bot.serving_client import call_serving
 from core.enums import CheckpointStatus
@@ -29,6 +32,16 @@ def register(app: Any, ctx: BotContext) -> None:
     def handle_reject(ack: Any, body: dict[str, Any], client: Any) -> None:
         ack()
         _decide(ctx, body, client, approve=False)
+
+    @app.action("confirm_rollback")
+    def handle_confirm_rollback(ack: Any, body: dict[str, Any], client: Any, respond: Any) -> None:
+        ack()
+        _confirm_rollback(ctx, body, client, respond)
+
+    @app.action("cancel_rollback")
+    def handle_cancel_rollback(ack: Any, body: dict[str, Any], respond: Any) -> None:
+        ack()
+        _replace_confirmation(body, respond, "Rollback cancelled; nothing was changed.")
 
 
 def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool) -> None:
@@ -89,4 +102,49 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         "promoted" if approve else "rejected",
         user,
         extra={"event": "decision", "checkpoint_id": checkpoint_id, "by": user},
+    )
+
+
+def _replace_confirmation(body: dict[str, Any], respond: Any, text: str) -> None:
+    """Replace the ephemeral rollback confirmation (only its response_url reaches it)."""
+    if body.get("response_url"):
+        respond(text=text, replace_original=True)
+
+
+def _confirm_rollback(ctx: BotContext, body: dict[str, Any], client: Any, respond: Any) -> None:
+    """The confirm button of ``/finetune rollback``: approvers only (checked again here), and
+    serving refuses (409) when what serves changed since the confirmation was shown."""
+    user = body["user"]["id"]
+    channel = body["channel"]["id"]
+
+    def tell(text: str) -> None:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+
+    try:
+        allowed = ctx.approvers.allows(user)
+    except FinetuneError as exc:
+        tell(f":warning: {exc.message}")
+        return
+    if not allowed:
+        tell(":lock: Only approvers can roll back; nothing was changed.")
+        return
+    shown = json.loads(body["actions"][0]["value"])
+    try:
+        result = call_serving(
+            ctx.settings,
+            "POST",
+            "/v1/adapters/rollback",
+            {"by": user, "to": shown["to"], "expected_current": shown["expected_current"]},
+        )
+    except FinetuneError as exc:
+        tell(f":warning: {exc.message}")
+        return
+    text = rolled_back_text(user, result)
+    _replace_confirmation(body, respond, text)
+    client.chat_postMessage(channel=channel, text=text)
+    log.info(
+        "rolled back to %s by %s",
+        served_name(result.get("current")),
+        user,
+        extra={"event": "rollback", "by": user, **shown},
     )

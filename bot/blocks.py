@@ -171,6 +171,11 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
         f"{payload.get('predict_rouge-2', 0):.2f} / {payload.get('predict_rouge-l', 0):.2f} · "
         f"BLEU-4 {payload.get('predict_bleu-4', 0):.2f} (whole answers, for parity)",
     ]
+    rows += [
+        f":information_source: {n}"
+        for n in (payload.get("backend_note"), payload.get("prompts_note"))
+        if n
+    ]
     checkpoint = payload["checkpoint_id"]
     return [
         {
@@ -219,6 +224,79 @@ def decided_blocks(report: list[dict[str, Any]], text: str) -> list[dict[str, An
     """The report with its buttons replaced by who decided and when."""
     kept = [b for b in report if b.get("type") != "actions"]
     return [*kept, {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}]
+
+
+def served_name(described: dict[str, Any] | None) -> str:
+    """``{"checkpoint_id": 5, …}`` (as serving describes a model) → "checkpoint 5".
+
+    >>> served_name({"checkpoint_id": 5}), served_name({"checkpoint_id": None})
+    ('checkpoint 5', 'the base model')
+    """
+    checkpoint = (described or {}).get("checkpoint_id")
+    return f"checkpoint {checkpoint}" if checkpoint is not None else "the base model"
+
+
+def rollback_value(plan: dict[str, Any]) -> str:
+    """The confirm button's value: the target shown and what served when it was shown (serving
+    refuses the rollback if that changed), ``"base"`` for the base model.
+
+    >>> rollback_value({"current": {"checkpoint_id": 7}, "target": {"checkpoint_id": None}})
+    '{"to": "base", "expected_current": 7}'
+    """
+    import json
+
+    def ref(described: dict[str, Any] | None) -> int | str:
+        checkpoint = (described or {}).get("checkpoint_id")
+        return checkpoint if checkpoint is not None else "base"
+
+    return json.dumps({"to": ref(plan.get("target")), "expected_current": ref(plan.get("current"))})
+
+
+def rollback_confirm_blocks(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """``/finetune rollback``'s answer (ephemeral): what serves now, what would serve after, and
+    a button to confirm (``plan`` is serving's ``GET /v1/adapters/rollback``)."""
+    now, after = served_name(plan.get("current")), served_name(plan.get("target"))
+    return [
+        {
+            "type": "section",
+            "text": {
+                "type": "mrkdwn",
+                "text": f":rewind: *Roll back?*\nServing now: *{now}*\n"
+                f"After the rollback: *{after}* (it served before {now})",
+            },
+        },
+        {
+            "type": "actions",
+            "block_id": "rollback",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": "confirm_rollback",
+                    "style": "danger",
+                    "text": {"type": "plain_text", "text": f"Roll back to {after}"},
+                    "value": rollback_value(plan),
+                },
+                {
+                    "type": "button",
+                    "action_id": "cancel_rollback",
+                    "text": {"type": "plain_text", "text": "Cancel"},
+                    "value": "cancel",
+                },
+            ],
+        },
+    ]
+
+
+def rolled_back_text(user: str, result: dict[str, Any]) -> str:
+    """The channel's announcement of a rollback (serving's ``POST /v1/adapters/rollback``).
+
+    >>> rolled_back_text("U1", {"current": {"checkpoint_id": None}, "previous": {"checkpoint_id": 4}})
+    ':rewind: <@U1> rolled back: the base model answers `/classify` now (instead of checkpoint 4).'
+    """
+    return (
+        f":rewind: <@{user}> rolled back: {served_name(result.get('current'))} answers "
+        f"`/classify` now (instead of {served_name(result.get('previous'))})."
+    )
 
 
 def classify_blocks(text: str, answer: dict[str, Any]) -> list[dict[str, Any]]:

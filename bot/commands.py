@@ -19,6 +19,8 @@ from bot.blocks import (
     dataset_line,
     job_header_blocks,
     job_line,
+    rollback_confirm_blocks,
+    served_name,
     text_blocks,
 )
 from bot.serving_client import call_serving
@@ -44,7 +46,8 @@ USAGE = {
     "cancel <job>": "stop a job (its requester or an approver)",
     "compare <a> <b>": "eval scores of two checkpoints (or `base`) side by side",
     "promote <checkpoint>": "serve a checkpoint (approvers)",
-    "rollback": "serve what served before the last promotion (approvers)",
+    "rollback [to <checkpoint>|to base]": "serve what served before the current checkpoint "
+    "(or a checkpoint that served before); shows the target and asks to confirm (approvers)",
     "export <checkpoint> [bits=8|4]": "a standalone merged model, optionally quantized, "
     "verified before it is announced (approvers)",
 }
@@ -264,18 +267,22 @@ def _promote(ctx: BotContext, command: dict, args: list[str], respond: Any, clie
 
 
 def _rollback(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    """Show what serves and what would serve after the rollback, with a button to confirm
+    (bot/actions.py rolls back on the click, checking the approver and the target again)."""
     user = command["user_id"]
     _require_approver(ctx, user, "roll back")
-    result = call_serving(ctx.settings, "POST", "/v1/adapters/rollback", {"by": user})
-    current = result.get("current") or {}
-    now = (
-        f"checkpoint {current['checkpoint_id']}"
-        if current.get("checkpoint_id") is not None
-        else "the base model"
-    )
+    if args and (len(args) != 2 or args[0] != "to" or not (args[1].isdigit() or args[1] == "base")):
+        raise ConfigError(
+            f"`{' '.join(args)}`: use `/finetune rollback` (one step back), "
+            "`/finetune rollback to <checkpoint>` or `/finetune rollback to base`"
+        )
+    query = f"?to={args[1]}" if args else ""
+    plan = call_serving(ctx.settings, "GET", f"/v1/adapters/rollback{query}")
     respond(
-        text=f":rewind: <@{user}> rolled back: {now} answers `/classify` now.",
-        response_type="in_channel",
+        blocks=rollback_confirm_blocks(plan),
+        text=f"Roll back from {served_name(plan.get('current'))} to "
+        f"{served_name(plan.get('target'))}?",
+        response_type="ephemeral",
     )
 
 

@@ -4,7 +4,7 @@ machine with no services. Built in ``main()`` / ``create_app()``, never at impor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -85,7 +85,19 @@ class Settings(BaseSettings):
         description="Prediction for evaluation: auto (vLLM when installed), vllm, transformers.",
     )
     eval_max_model_len: int = Field(
-        2048, ge=128, description="vLLM context length for evaluation (prompt + answer)."
+        2048,
+        ge=128,
+        description="Context length for evaluation (prompt + answer); a longer prompt keeps its "
+        "last tokens and is counted in the report.",
+    )
+    eval_gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        "auto",
+        description="Share of the GPU vLLM takes for evaluation and export checks; auto: the "
+        "memory free at start as a share of the whole, minus 0.05, at most 0.9. When vLLM "
+        "cannot start with it, evaluation falls back to transformers and the report says so.",
+    )
+    eval_cpu_kv_cache_mib: int = Field(
+        256, ge=1, description="vLLM-CPU KV cache size for evaluation and export checks."
     )
     serving_api_key: SecretStr | None = Field(
         None, description="Bearer token for the serving API; promote and rollback need it."
@@ -101,6 +113,18 @@ class Settings(BaseSettings):
     serving_max_model_len: int = Field(2048, ge=128)
     serving_max_new_tokens: int = Field(256, ge=1, description="Longest answer /classify makes.")
     serving_max_text_chars: int = Field(2000, ge=1, description="Longest text /classify takes.")
+    serving_max_body_bytes: int = Field(
+        1 * MiB, ge=1024, description="Largest request body the serving API reads (413 above)."
+    )
+    serving_max_messages: int = Field(
+        64, ge=1, description="Most messages one /v1/chat/completions request may carry."
+    )
+    serving_max_chat_chars: int = Field(
+        16000,
+        ge=1,
+        description="Most characters (all messages together) one /v1/chat/completions request "
+        "may carry.",
+    )
     serving_sync_seconds: float = Field(
         5.0,
         ge=0,

@@ -155,7 +155,16 @@ def export_checkpoint(
     name = export_name(checkpoint_id, bits)
     try:
         report = _write_export(
-            session, store, checkpoint, base_dir, name, bits, shard_size, on_status, started
+            session,
+            store,
+            settings,
+            checkpoint,
+            base_dir,
+            name,
+            bits,
+            shard_size,
+            on_status,
+            started,
         )
     except OSError:
         if store.path(name).exists():  # another export of this checkpoint finished first
@@ -170,6 +179,7 @@ def export_checkpoint(
 def _write_export(
     session: Session,
     store: ArtifactStore,
+    settings: Settings,
     checkpoint: Checkpoint,
     base_dir: Path,
     name: str,
@@ -180,7 +190,7 @@ def _write_export(
 ) -> dict[str, Any]:
     checkpoint_id = checkpoint.id
     adapter_dir = store.path(checkpoint.path)
-    prompts, labels, max_new = _eval_prompts(session, store, checkpoint, base_dir)
+    prompts, labels, max_new = _eval_prompts(session, store, settings, checkpoint, base_dir)
     with store.staged_dir(name) as staging:
         merged_dir = staging if bits is None else store.tmp / f"{staging.name}-merged"
         try:
@@ -200,6 +210,7 @@ def _write_export(
                 max_new,
                 exact=bits is None and full_precision,
                 with_vllm=bits is None,
+                settings=settings,
             )
         finally:
             if merged_dir != staging:
@@ -226,12 +237,17 @@ def _write_export(
 
 
 def _eval_prompts(
-    session: Session, store: ArtifactStore, checkpoint: Checkpoint, base_dir: Path
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    checkpoint: Checkpoint,
+    base_dir: Path,
 ) -> tuple[list[list[int]], list[str], int]:
-    """The eval prompts to verify on, the label set, and the answer budget evaluation uses."""
+    """The eval prompts to verify on (fitted to the evaluation context as evaluation fits them),
+    the label set, and the answer budget evaluation uses."""
     from core.protocol import answer_of
     from runner.datasets.ingest import read_split
-    from runner.eval.evaluate import derive_max_new_tokens
+    from runner.eval.evaluate import derive_max_new_tokens, fit_prompt, prompt_room
 
     job = session.get(Job, checkpoint.job_id)
     dataset = session.get(Dataset, job.dataset_id) if job and job.dataset_id else None
@@ -241,7 +257,8 @@ def _eval_prompts(
     conversations = read_split(store, split)[:VERIFY_SAMPLES]
     tokenizer = load_tokenizer(base_dir)
     budget = derive_max_new_tokens(tokenizer, [answer_of(c) for c in conversations])
-    prompts = [render_prompt(tokenizer, c[:-1]) for c in conversations]
+    room = prompt_room(settings.eval_max_model_len, budget)
+    prompts = [fit_prompt(render_prompt(tokenizer, c[:-1]), room) for c in conversations]
     return prompts, list(dataset.labels or []), budget
 
 
@@ -302,13 +319,22 @@ def verify(
     *,
     exact: bool,
     with_vllm: bool = True,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Greedy answers of the fresh export against base + adapter on ``prompts``. ``exact``: a
     float32 merge, which must answer identically (else the export fails); otherwise (bf16 merges,
-    quantized copies) the agreement is measured and reported."""
+    quantized copies) the agreement is measured and reported. The vLLM check takes the engine
+    arguments evaluation takes (``settings``); when vLLM cannot start with its share it is
+    skipped and ``vllm_note`` says why."""
     import torch
 
-    from runner.eval.predict import TransformersPredictor, VllmPredictor, vllm_available
+    from runner.eval.predict import (
+        TransformersPredictor,
+        VllmPredictor,
+        VllmUnavailable,
+        vllm_available,
+    )
+    from runner.vllm_args import Purpose
 
     # float32 on every device: a bf16 merge rounds differently from bf16 base + adapter, and the
     # merged export must answer exactly as the adapter does.
@@ -323,9 +349,17 @@ def verify(
         ("transformers", lambda: TransformersPredictor(export_dir, None, dtype=fp32))
     ]
     if with_vllm and vllm_available():
-        backends.append(("vllm", lambda: VllmPredictor(export_dir, None, max_model_len=2048)))
+        backends.append(
+            ("vllm", lambda: VllmPredictor(export_dir, None, settings, purpose=Purpose.export))
+        )
     for backend, make in backends:
-        answers = _answers(make(), prompts, max_new)
+        try:
+            answers = _answers(make(), prompts, max_new)
+        except VllmUnavailable as exc:  # raised at engine start; the transformers check stands
+            log.warning("the export's vLLM check is skipped: %s", exc.message)
+            result["vllm_note"] = exc.message
+            _free()
+            continue
         same = sum(a == b for a, b in zip(answers, reference, strict=True))
         agree = sum(
             _label(a, labels) == _label(b, labels) for a, b in zip(answers, reference, strict=True)

@@ -1,9 +1,12 @@
 """The adapters the engine serves, and the one that answers now.
 
 Promotion: validate the checkpoint (files, base model, protocol, rank, a configuration vLLM can
-serve) → load it under a new LoRA id → warm it with one request → switch ``current`` (one
-assignment: a request reads it once, so each answer comes wholly from one adapter) → record the
-promotion in storage → unload adapters older than the previous one (kept for a fast rollback).
+serve) → load it under a new LoRA id → warm it with one request → record the promotion in storage
+→ switch ``current`` (one assignment: a request reads it once, so each answer comes wholly from one
+adapter) → unload adapters older than the previous one (kept for a fast rollback).
+
+Rollback: what storage's history says served before the current checkpoint was put in place
+(``storage.promotions.rollback_target``), loaded and warmed the same way, recorded, switched.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.evaluations import current_promotion
 from storage.models import Checkpoint
-from storage.promotions import record_promotion
+from storage.promotions import (
+    RollbackTo,
+    record_promotion,
+    rollback_target,
+    serving_history,
+    serving_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +168,8 @@ class AdapterRegistry:
             if self.current is not None and self.current.checkpoint_id == checkpoint_id:
                 raise Conflict(f"checkpoint {checkpoint_id} is already serving")
             adapter = await self._load(checkpoint_id)
-            previous = self._current_id()
-            await self._switch(adapter)
-            with new_session(self.db) as session:
+            previous = await asyncio.to_thread(self._storage_target)  # this replica may lag
+            with new_session(self.db) as session:  # recorded first: a failed write changes nothing
                 record_promotion(
                     session,
                     checkpoint_id=checkpoint_id,
@@ -169,6 +177,7 @@ class AdapterRegistry:
                     action="promote",
                     decided_by=by,
                 )
+            await self._switch(adapter)
             log.info(
                 "promoted checkpoint %d",
                 checkpoint_id,
@@ -182,18 +191,37 @@ class AdapterRegistry:
             )
             return adapter
 
-    async def rollback(self, *, by: str) -> LoadedAdapter | None:
-        """Serve what served before the current promotion (the base model if nothing did)."""
+    def rollback_plan(self, to: RollbackTo = None) -> tuple[int | None, int | None]:
+        """(what serves now, what a rollback would serve) as storage records them, or Conflict
+        saying why nothing can be rolled back (to ``to``)."""
+        with new_session(self.db) as session:
+            history = serving_history(session)
+        return history.current, rollback_target(history, to)
+
+    async def rollback(
+        self, *, by: str, to: RollbackTo = None, expected_current: RollbackTo = None
+    ) -> tuple[int | None, LoadedAdapter | None]:
+        """Serve what served before the current checkpoint was put in place (``to``: jump to a
+        checkpoint, or ``"base"``, that served before). ``expected_current``: refuse (Conflict)
+        unless this is what serves now, as the confirmation showed. Returns (the checkpoint left,
+        the adapter serving now; None: the base model)."""
         async with self._lock:
-            with new_session(self.db) as session:
-                promotion = current_promotion(session)
-            if promotion is None:
-                raise Conflict("nothing to roll back: no promotion has been made")
-            target_id = promotion.previous_checkpoint_id
+            current, target_id = await asyncio.to_thread(self.rollback_plan, to)
+            if expected_current is not None:
+                expected = None if expected_current == "base" else expected_current
+                if expected != current:
+                    raise Conflict(
+                        f"what serves changed since the rollback was shown: {serving_name(current)} "
+                        f"serves now, not {serving_name(expected)}; nothing was rolled back"
+                    )
             target = await self._load(target_id) if target_id is not None else None
-            current = self._current_id()
-            await self._switch(target)
-            with new_session(self.db) as session:
+            if (
+                await asyncio.to_thread(self._storage_target) != current
+            ):  # another replica, meanwhile
+                raise Conflict(
+                    "another promotion or rollback was recorded meanwhile; nothing was rolled back"
+                )
+            with new_session(self.db) as session:  # recorded first: a failed write changes nothing
                 record_promotion(
                     session,
                     checkpoint_id=target_id,
@@ -201,12 +229,20 @@ class AdapterRegistry:
                     action="rollback",
                     decided_by=by,
                 )
+            await self._switch(target)
             log.info(
-                "rolled back to %s by %s",
-                f"checkpoint {target_id}" if target_id else "the base model",
+                "rolled back from %s to %s by %s",
+                serving_name(current),
+                serving_name(target_id),
                 by,
+                extra={
+                    "event": "rollback",
+                    "checkpoint_id": target_id,
+                    "previous": current,
+                    "by": by,
+                },
             )
-            return target
+            return current, target
 
     async def sync(self) -> bool:
         """Follow a promotion or rollback made through another replica: serve what storage says

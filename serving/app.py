@@ -2,12 +2,15 @@
 
     GET  /healthz                       no token
     POST /v1/classify, /v1/classify/batch
-    GET  /v1/adapters;  POST /v1/adapters/promote, /v1/adapters/rollback (token required)
+    GET  /v1/adapters, /v1/adapters/rollback[?to=N|base] (what a rollback would serve)
+    POST /v1/adapters/promote, /v1/adapters/rollback {to?, expected_current?} (token required)
     GET  /v1/models;    POST /v1/chat/completions (OpenAI-compatible, streaming too)
     GET  /metrics                       Prometheus
 
 Every endpoint but /healthz takes ``Authorization: Bearer $SERVING_API_KEY`` when the key is set;
 promote and rollback refuse to run without one. Domain errors become JSON here and only here.
+Request bodies are bounded (``SERVING_MAX_BODY_BYTES``, 413), chat requests by messages and
+characters (422, serving/limits.py); prompts are tokenized in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -31,7 +34,9 @@ from core.errors import Conflict, FinetuneError, Forbidden, NotFound
 from core.protocol import Message, match_label, parse_answer, render_prompt
 from core.settings import Settings
 from serving.adapters import AdapterRegistry, LoadedAdapter
-from serving.engine import AdapterRefused, Engine, EngineOptions, build_engine
+from serving.engine import AdapterRefused, Engine, build_engine
+from serving.limits import BodyLimit, check_chat
+from storage.promotions import RollbackTo
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +123,12 @@ class PromoteRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     by: str = Field("api", max_length=32)
+    to: int | Literal["base"] | None = Field(
+        None, description="a checkpoint that served before, or base; default: one step back"
+    )
+    expected_current: int | Literal["base"] | None = Field(
+        None, description="refuse with 409 unless this serves now (what the confirmation showed)"
+    )
 
 
 class ChatMessage(BaseModel):
@@ -138,6 +149,22 @@ def _describe(adapter: LoadedAdapter | None) -> dict[str, Any]:
     return {"adapter": adapter.name, "checkpoint_id": adapter.checkpoint_id}
 
 
+def _serving(checkpoint_id: int | None) -> dict[str, Any]:
+    if checkpoint_id is None:
+        return {"adapter": None, "checkpoint_id": None}
+    return {"adapter": f"checkpoint-{checkpoint_id}", "checkpoint_id": checkpoint_id}
+
+
+def _rollback_to(value: str | None) -> RollbackTo:
+    if value is None:
+        return None
+    if value == "base":
+        return "base"
+    if value.isdigit():
+        return int(value)
+    raise HTTPException(422, f"to={value!r}: name a checkpoint number or base")
+
+
 async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -> dict[str, Any]:
     stripped = text.strip()
     if not stripped:
@@ -150,7 +177,7 @@ async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -
     messages = (adapter.frame if adapter is not None else state.registry.frame()).conversation(
         stripped
     )
-    prompt = render_prompt(state.tokenizer, messages)
+    prompt = await asyncio.to_thread(render_prompt, state.tokenizer, messages)  # off the loop
     room = state.settings.serving_max_model_len - len(prompt)
     if room < 8:
         raise HTTPException(
@@ -182,18 +209,6 @@ async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -
     }
 
 
-def _options(settings: Settings, model_dir: Any) -> EngineOptions:
-    return EngineOptions(
-        model_dir=model_dir,
-        max_model_len=settings.serving_max_model_len,
-        max_loras=settings.serving_max_loras,
-        max_lora_rank=settings.serving_max_lora_rank,
-        dtype=settings.serving_dtype,
-        gpu_memory_utilization=settings.serving_gpu_memory_utilization,
-        cpu_kv_cache_bytes=settings.serving_cpu_kv_cache_mib << 20,
-    )
-
-
 async def _follow(state: State, every: float) -> None:
     """Keep this replica on what storage says is promoted (another replica may have changed it)."""
     while True:
@@ -221,7 +236,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         check_schema(db)
         model_dir = model_dir_for(settings, base_model_name(settings))
         assert model_dir is not None
-        built = engine or build_engine(_options(settings, model_dir), settings.serving_backend)
+        built = engine or build_engine(settings, model_dir)
         tokenizer = load_tokenizer(model_dir)
         registry = AdapterRegistry(
             built,
@@ -253,6 +268,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         db.dispose()
 
     app = FastAPI(title="finetune-bot serving", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.serving_max_body_bytes)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Any) -> Any:
@@ -336,12 +352,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             "swap_ms": round((time.perf_counter() - started) * 1000, 1),
         }
 
+    @app.get("/v1/adapters/rollback", dependencies=[Depends(require_token)])
+    async def rollback_plan(state: StateDep, to: str | None = None) -> dict[str, Any]:
+        """What serves now and what a rollback (to ``to``: a checkpoint id or base) would serve;
+        409 when nothing can be rolled back (to it)."""
+        current, target = await asyncio.to_thread(state.registry.rollback_plan, _rollback_to(to))
+        return {"current": _serving(current), "target": _serving(target)}
+
     @app.post("/v1/adapters/rollback", dependencies=[Depends(require_admin)])
     async def rollback(body: RollbackRequest, state: StateDep) -> dict[str, Any]:
-        adapter = await state.registry.rollback(by=body.by)
+        previous, adapter = await state.registry.rollback(
+            by=body.by, to=body.to, expected_current=body.expected_current
+        )
         state.metrics.swaps.inc()
         state.metrics.adapter.set(adapter.checkpoint_id if adapter else 0)
-        return {"current": _describe(adapter)}
+        return {"current": _describe(adapter), "previous": _serving(previous)}
 
     @app.get("/v1/models", dependencies=[Depends(require_token)])
     async def models(state: StateDep) -> dict[str, Any]:
@@ -358,12 +383,23 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_token)])
     async def chat(body: ChatRequest, state: StateDep) -> Any:
-        adapter = state.registry.resolve(body.model)
-        prompt = render_prompt(state.tokenizer, [Message(m.role, m.content) for m in body.messages])
-        max_tokens = min(
-            body.max_tokens or state.settings.serving_max_new_tokens,
-            max(state.settings.serving_max_model_len - len(prompt), 1),
+        settings = state.settings
+        check_chat(
+            [(m.role, m.content) for m in body.messages],
+            max_messages=settings.serving_max_messages,
+            max_chars=settings.serving_max_chat_chars,
         )
+        adapter = state.registry.resolve(body.model)
+        messages = [Message(m.role, m.content) for m in body.messages]
+        prompt = await asyncio.to_thread(render_prompt, state.tokenizer, messages)  # off the loop
+        room = settings.serving_max_model_len - len(prompt)
+        if room < 1:
+            raise HTTPException(
+                422,
+                f"messages: the prompt is {len(prompt)} tokens and leaves no room for an answer "
+                f"in the model's {settings.serving_max_model_len} (SERVING_MAX_MODEL_LEN)",
+            )
+        max_tokens = min(body.max_tokens or settings.serving_max_new_tokens, room)
         lora_id = adapter.lora_id if adapter is not None else None
         name = adapter.name if adapter is not None else "base"
         created, request_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

@@ -1,4 +1,5 @@
-"""Generation engines behind the API. ``VllmEngine`` wraps vLLM's ``AsyncLLM`` with LoRA enabled;
+"""Generation engines behind the API. ``VllmEngine`` wraps vLLM's ``AsyncLLM`` with LoRA enabled,
+its arguments from ``runner.vllm_args`` (the factory evaluation and export use too);
 ``TransformersEngine`` is a fallback for machines where vLLM cannot be installed (logged loudly).
 
 Adapters are only ever added through ``add_adapter`` (a bad adapter is refused there and the engine
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import nullcontext
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.errors import FinetuneError
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +54,21 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    model_dir: Path
-    max_model_len: int
-    max_loras: int
-    max_lora_rank: int
-    dtype: str  # auto: bfloat16 on GPU, float32 on CPU
-    gpu_memory_utilization: float
-    cpu_kv_cache_bytes: int
-
-
 class VllmEngine:
     backend = "vllm"
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, settings: Settings, model_dir: Path) -> None:
         import torch
 
+        from runner.vllm_args import Purpose, prepare_environment, vllm_engine_args
+
         on_gpu = torch.cuda.is_available()
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        prepare_environment(Purpose.serving, on_gpu=on_gpu)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        dtype = options.dtype if options.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        kwargs: dict[str, Any] = {
-            "model": str(options.model_dir),
-            "dtype": dtype,
-            "max_model_len": options.max_model_len,
-            "enable_lora": True,
-            # One slot more than the adapters ever loaded (current + previous): vLLM-CPU applies
-            # the last slot to requests without an adapter, and an empty slot is a no-op.
-            "max_loras": options.max_loras,
-            "max_cpu_loras": options.max_loras,
-            "max_lora_rank": options.max_lora_rank,
-            "enforce_eager": not on_gpu,
-            "seed": 0,
-        }
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = options.cpu_kv_cache_bytes
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.engine_args = vllm_engine_args(Purpose.serving, settings, model_dir, on_gpu=on_gpu)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
         self._requests: dict[int, Any] = {}
 
     def _params(self, max_tokens: int) -> Any:
@@ -165,7 +137,7 @@ class TransformersEngine:
 
     backend = "transformers"
 
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, model_dir: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,9 +148,9 @@ class TransformersEngine:
         )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        loaded: Any = AutoModelForCausalLM.from_pretrained(str(options.model_dir), dtype=dtype)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         self.model: Any = loaded.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(options.model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._names: dict[int, str] = {}
         self._lock = asyncio.Lock()
 
@@ -247,9 +219,11 @@ class TransformersEngine:
         return None
 
 
-def build_engine(options: EngineOptions, backend: str = "auto") -> Engine:
+def build_engine(settings: Settings, model_dir: Path) -> Engine:
+    """``SERVING_BACKEND``: auto (vLLM when installed), vllm or transformers."""
     import importlib.util
 
+    backend = settings.serving_backend
     if backend == "vllm" or (backend == "auto" and importlib.util.find_spec("vllm")):
-        return VllmEngine(options)
-    return TransformersEngine(options)
+        return VllmEngine(settings, model_dir)
+    return TransformersEngine(model_dir)

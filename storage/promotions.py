@@ -1,12 +1,98 @@
-"""Data access for promotions: which checkpoint serves, and the audit trail of every switch."""
+"""Data access for promotions: which checkpoint serves, and the audit trail of every switch.
+
+The promotions table is the history, and the history is a stack: a promotion pushes what served
+before it, a rollback pops back to what served before the current checkpoint was put in place
+(``rollback to N`` pops down to N). ``replay_promotions`` and ``rollback_target`` are pure
+functions over the rows; serving decides every rollback with them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 from sqlmodel import Session, col, select
 
 from core.enums import CheckpointStatus
+from core.errors import Conflict
 from storage.models import AuditLog, Checkpoint, Promotion
 from storage.types import utcnow
+
+RollbackTo = int | Literal["base"] | None  # a checkpoint, the base model, or None: one step back
+
+
+def serving_name(checkpoint_id: int | None) -> str:
+    return f"checkpoint {checkpoint_id}" if checkpoint_id is not None else "the base model"
+
+
+@dataclass(frozen=True)
+class ServingHistory:
+    """What serves now (None: the base model) and what served before it, oldest first."""
+
+    current: int | None
+    earlier: tuple[int | None, ...]
+
+
+def replay_promotions(promotions: Iterable[Promotion]) -> ServingHistory:
+    """The serving stack after ``promotions`` (oldest first).
+
+    >>> def row(action, checkpoint_id):
+    ...     return Promotion(action=action, checkpoint_id=checkpoint_id, decided_by="U1")
+    >>> replay_promotions([row("promote", 1), row("promote", 2), row("promote", 3)])
+    ServingHistory(current=3, earlier=(None, 1, 2))
+    >>> replay_promotions([row("promote", 1), row("promote", 2), row("rollback", 1)])
+    ServingHistory(current=1, earlier=(None,))
+
+    A rollback to a checkpoint that is not on the stack (written before rollbacks walked back,
+    when a second rollback served the first one's checkpoint again) counts as a promotion of it.
+    """
+    current: int | None = None
+    earlier: list[int | None] = []
+    for promotion in promotions:
+        if promotion.action == "rollback" and promotion.checkpoint_id in earlier:
+            while earlier.pop() != promotion.checkpoint_id:
+                pass
+        else:
+            earlier.append(current)
+        current = promotion.checkpoint_id
+    return ServingHistory(current, tuple(earlier))
+
+
+def rollback_target(history: ServingHistory, to: RollbackTo = None) -> int | None:
+    """What a rollback serves: what served before the current checkpoint (``to`` None), or
+    ``to`` (a checkpoint id, or ``"base"``) if it served before; Conflict otherwise.
+
+    >>> history = ServingHistory(current=3, earlier=(None, 1, 2))
+    >>> rollback_target(history), rollback_target(history, 1), rollback_target(history, "base")
+    (2, 1, None)
+    >>> rollback_target(history, 7)
+    Traceback (most recent call last):
+    ...
+    core.errors.Conflict: checkpoint 7 did not serve before checkpoint 3: roll back to checkpoint 2, checkpoint 1 or the base model
+    """
+    now = serving_name(history.current)
+    if not history.earlier:
+        if history.current is None:
+            raise Conflict(
+                "nothing to roll back: the base model serves and nothing served before it"
+            )
+        raise Conflict(f"nothing to roll back: nothing served before {now}")
+    if to is None:
+        return history.earlier[-1]
+    wanted = None if to == "base" else to
+    if wanted == history.current:
+        raise Conflict(f"{serving_name(wanted)} serves now: nothing to roll back to")
+    if wanted not in history.earlier:
+        choices = [serving_name(c) for c in dict.fromkeys(reversed(history.earlier))]
+        listed = ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+        raise Conflict(f"{serving_name(wanted)} did not serve before {now}: roll back to {listed}")
+    return wanted
+
+
+def serving_history(session: Session) -> ServingHistory:
+    """The serving stack as storage records it (every promotion, oldest first)."""
+    return replay_promotions(session.exec(select(Promotion).order_by(col(Promotion.id))))
 
 
 def record_promotion(

@@ -1,6 +1,7 @@
-"""Greedy batch prediction: vLLM when installed (the adapter through ``LoRARequest``), else batched
-transformers ``generate`` with left padding. Both decode greedily, so scores do not move between
-runs, and both report whether each answer ended (end of sequence) or hit ``max_new_tokens``.
+"""Greedy batch prediction: vLLM when installed and able to start (the adapter through
+``LoRARequest``), else batched transformers ``generate`` with left padding. Both decode greedily,
+so scores do not move between runs, and both report whether each answer ended (end of sequence)
+or hit ``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -8,11 +9,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from core.errors import FinetuneError
+from core.settings import Settings
+from runner.vllm_args import (
+    GpuShare,
+    Purpose,
+    evaluation_gpu_share,
+    prepare_environment,
+    vllm_engine_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +35,7 @@ class Generation:
 
 class Predictor(Protocol):
     backend: str
+    note: str | None  # why this backend and not the asked one, for the report (None: as asked)
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[Generation]: ...
 
@@ -33,19 +44,40 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+class VllmUnavailable(FinetuneError):
+    """vLLM could not start here (too little free memory for its share, or a refusal at start)."""
+
+    code = "vllm_unavailable"
+
+
 def make_predictor(
-    model_dir: Path, adapter_dir: Path | None, *, backend: str = "auto", max_model_len: int = 2048
+    model_dir: Path,
+    adapter_dir: Path | None,
+    settings: Settings,
+    *,
+    purpose: Purpose = Purpose.evaluation,
 ) -> Predictor:
-    """``backend``: auto (vLLM when installed), vllm or transformers."""
-    if backend not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"unknown prediction backend {backend!r}: use auto, vllm or transformers")
-    if backend == "vllm" or (backend == "auto" and vllm_available()):
-        return VllmPredictor(model_dir, adapter_dir, max_model_len=max_model_len)
-    return TransformersPredictor(model_dir, adapter_dir)
+    """The predictor ``EVAL_BACKEND`` asks for. ``auto``: vLLM when installed, and when vLLM cannot
+    start with its share of the GPU (or at all), the transformers predictor, with the reason in
+    its ``note`` (the report shows it). ``vllm``: vLLM or a ``VllmUnavailable`` saying why not."""
+    backend = settings.eval_backend
+    if backend == "transformers" or (backend == "auto" and not vllm_available()):
+        return TransformersPredictor(model_dir, adapter_dir)
+    try:
+        return VllmPredictor(model_dir, adapter_dir, settings, purpose=purpose)
+    except VllmUnavailable as exc:
+        if backend == "vllm":
+            raise
+        log.warning("%s; predicting with transformers instead", exc.message)
+        _free_gpu()
+        predictor = TransformersPredictor(model_dir, adapter_dir)
+        predictor.note = exc.message
+        return predictor
 
 
 class TransformersPredictor:
     backend = "transformers"
+    note: str | None = None
 
     def __init__(
         self,
@@ -145,46 +177,62 @@ def generate_batched(
 
 
 class VllmPredictor:
-    """vLLM's offline engine in this process. On CPU it runs in-process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0) with a small KV cache; only adapter requests or only base
-    requests are ever in one batch (mixed batches are wrong on vLLM-CPU)."""
+    """vLLM's offline engine in this process, its arguments from ``runner.vllm_args`` (on CPU it
+    runs in-process with a small KV cache). With an adapter every request uses it, so no batch
+    mixes adapter and base requests (mixed batches are wrong on vLLM-CPU)."""
 
     backend = "vllm"
+    note: str | None = None
 
-    def __init__(self, model_dir: Path, adapter_dir: Path | None, *, max_model_len: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        adapter_dir: Path | None,
+        settings: Settings | None = None,
+        *,
+        purpose: Purpose = Purpose.evaluation,
+        max_model_len: int | None = None,
+    ) -> None:
         import torch
 
+        settings = settings or Settings()
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        # vLLM's own logging setup writes to stdout; let the process's logging (stderr) take it.
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from vllm import LLM
-
-        kwargs: dict[str, Any] = {
-            "model": str(model_dir),
-            "dtype": "bfloat16" if on_gpu else "float32",
-            "max_model_len": max_model_len,
-            "enforce_eager": not on_gpu,
-            "seed": 0,
-        }
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = 0.85
-        else:
-            kwargs["kv_cache_memory_bytes"] = 256 << 20
+        share = (
+            evaluation_gpu_share(settings)
+            if on_gpu
+            else GpuShare(None, f"CPU, KV cache {settings.eval_cpu_kv_cache_mib} MiB")
+        )
+        if on_gpu and share.fraction is None:
+            raise VllmUnavailable(f"vLLM could not get its share of the GPU ({share.reason})")
+        rank = None
         self.lora_request = None
         if adapter_dir is not None:
-            import json
-
             from vllm.lora.request import LoRARequest
 
-            rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max(rank, 8))
+            config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+            rank = int(config["r"])
             self.lora_request = LoRARequest("adapter", 1, str(adapter_dir))
-        self.llm = LLM(**kwargs)
+        prepare_environment(purpose, on_gpu=on_gpu)
+        self.engine_args = vllm_engine_args(
+            purpose,
+            settings,
+            model_dir,
+            on_gpu=on_gpu,
+            adapter_rank=rank,
+            gpu_share=share.fraction,
+            max_model_len=max_model_len,
+        )
+        from vllm import LLM
+
+        try:
+            self.llm = LLM(**self.engine_args)
+        except Exception as exc:  # vLLM raises at engine start when its memory is short
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+            where = "its share of the GPU" if on_gpu else "its memory"
+            raise VllmUnavailable(
+                f"vLLM could not start for {purpose} with {where} ({share.reason}): {first_line}"
+            ) from exc
+        log.info("vLLM for %s started (%s)", purpose, share.reason)
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[Generation]:
         from vllm import SamplingParams
@@ -199,3 +247,13 @@ class VllmPredictor:
         return [
             Generation(o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outputs
         ]
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

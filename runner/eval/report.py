@@ -49,15 +49,15 @@ def evaluate_model(
         model_dir, adapter_dir = store.path(checkpoint.path), None  # freeze/full: whole models
     tokenizer = load_tokenizer(model_dir)
     conversations = read_split(store, dataset.eval_sha256)
-    predictor = make_predictor(
-        model_dir,
-        adapter_dir,
-        backend=settings.eval_backend,
-        max_model_len=settings.eval_max_model_len,
-    )
+    predictor = make_predictor(model_dir, adapter_dir, settings)
     try:
         outcome = evaluate_conversations(
-            predictor, tokenizer, conversations, dataset.labels, max_new_tokens=max_new_tokens
+            predictor,
+            tokenizer,
+            conversations,
+            dataset.labels,
+            max_model_len=settings.eval_max_model_len,
+            max_new_tokens=max_new_tokens,
         )
     finally:
         del predictor

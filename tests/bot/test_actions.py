@@ -175,8 +175,13 @@ def test_classify_promote_rollback_and_compare_commands(
     slack.command("", command="/classify")
     assert "What should I classify?" in slack.reply(4)["text"]
 
-    slack.command("rollback", user=GROUP_MEMBER)
-    assert "the base model answers `/classify` now" in slack.reply(5)["text"]
+    slack.command("rollback", user=GROUP_MEMBER)  # a confirmation first, then the click
+    confirmation = slack.reply(5)
+    assert confirmation["response_type"] == "ephemeral"
+    _click_rollback(slack, confirmation, GROUP_MEMBER)
+    [announced] = slack.standin.wait_for("chat.postMessage")
+    assert "the base model answers `/classify` now" in announced["text"]
+    assert slack.reply(6)["replace_original"] is True  # the confirmation's button is gone
 
     with new_session(engine) as session:
         job = session.get(Checkpoint, good).job_id
@@ -191,9 +196,9 @@ def test_classify_promote_rollback_and_compare_commands(
         )
         session.commit()
     slack.command(f"compare {good} {checkpoints['meh']}")
-    assert "has no evaluation yet" in slack.reply(6)["text"]
+    assert "has no evaluation yet" in slack.reply(7)["text"]
     slack.command(f"compare {good} {good}")
-    table = slack.reply(7)["text"]
+    table = slack.reply(8)["text"]
     assert "accuracy" in table and "90.0%" in table and "50.00" in table
 
 
@@ -210,3 +215,101 @@ def _any_dataset(session, artifact_dir: Path) -> int:
         tokenizer=None,
     )
     return dataset.id
+
+
+def _button(message: dict, action: str) -> dict:
+    return next(
+        e
+        for b in message["blocks"]
+        if b["type"] == "actions"
+        for e in b["elements"]
+        if e["action_id"] == action
+    )
+
+
+def _click_rollback(slack, confirmation: dict, user: str, action: str = "confirm_rollback") -> None:
+    body = block_action_body(
+        action,
+        _button(confirmation, action)["value"],
+        user_id=user,
+        response_url=slack.standin.response_url("confirmation"),
+    )
+    assert slack.post(body).status_code == 200
+
+
+def _promotions(engine) -> list[tuple[str, int | None, str]]:
+    with new_session(engine) as session:
+        rows = session.exec(select(Promotion).order_by(Promotion.id)).all()
+    return [(p.action, p.checkpoint_id, p.decided_by) for p in rows]
+
+
+def test_rollback_shows_its_target_and_rolls_back_on_an_approvers_fresh_click(
+    slack, engine, checkpoints, serving
+) -> None:
+    good, meh = checkpoints["good"], checkpoints["meh"]
+
+    def answers() -> int:
+        return len(slack.standin.calls_to("response_url"))
+
+    def command(text: str, user: str = APPROVER) -> dict:
+        before = answers()
+        slack.command(text, user=user)
+        return slack.reply(before)
+
+    command(f"promote {good}")
+    command(f"promote {meh}")
+    assert "only approvers can roll back" in command("rollback", user="U0STRANGER")["text"]
+    assert command("rollback to 999")["text"] == (
+        f":warning: serving refused: checkpoint 999 did not serve before checkpoint {meh}: "
+        f"roll back to checkpoint {good} or the base model"
+    )
+    assert "`/finetune rollback to <checkpoint>`" in command("rollback 5")["text"]
+
+    one_step = command("rollback")
+    assert one_step["response_type"] == "ephemeral"
+    shown = one_step["blocks"][0]["text"]["text"]
+    assert f"Serving now: *checkpoint {meh}*" in shown
+    assert f"After the rollback: *checkpoint {good}*" in shown
+    assert (
+        _button(one_step, "confirm_rollback")["text"]["text"] == f"Roll back to checkpoint {good}"
+    )
+    to_base = command("rollback to base")
+    assert "After the rollback: *the base model*" in to_base["blocks"][0]["text"]["text"]
+    assert len(_promotions(engine)) == 2  # showing changes nothing
+
+    # A non-approver's click (a crafted request: the confirmation is ephemeral) changes nothing.
+    _click_rollback(slack, one_step, "U0STRANGER")
+    [refusal] = slack.standin.wait_for("chat.postEphemeral")
+    assert refusal["text"] == ":lock: Only approvers can roll back; nothing was changed."
+    assert len(_promotions(engine)) == 2
+
+    before = answers()
+    _click_rollback(slack, one_step, GROUP_MEMBER)
+    [announced] = slack.standin.wait_for("chat.postMessage")
+    assert announced["channel"] == "C0CHAN" and announced["text"] == (
+        f":rewind: <@{GROUP_MEMBER}> rolled back: checkpoint {good} answers `/classify` now "
+        f"(instead of checkpoint {meh})."
+    )
+    replaced = slack.reply(before)
+    assert replaced["replace_original"] is True and replaced["text"] == announced["text"]
+
+    # The other confirmation was shown while meh served: stale now, refused with what serves.
+    _click_rollback(slack, to_base, APPROVER)
+    stale = slack.standin.wait_for("chat.postEphemeral", 2)[1]
+    assert stale["text"] == (
+        ":warning: serving refused: what serves changed since the rollback was shown: "
+        f"checkpoint {good} serves now, not checkpoint {meh}; nothing was rolled back"
+    )
+    assert _promotions(engine) == [
+        ("promote", good, APPROVER),
+        ("promote", meh, APPROVER),
+        ("rollback", good, GROUP_MEMBER),
+    ]
+    assert _status(engine, good).status == CheckpointStatus.promoted
+    assert _status(engine, meh).status == CheckpointStatus.retired
+
+    cancel = command("rollback")
+    before = answers()
+    _click_rollback(slack, cancel, APPROVER, action="cancel_rollback")
+    assert slack.reply(before)["text"] == "Rollback cancelled; nothing was changed."
+    assert len(_promotions(engine)) == 3

@@ -200,3 +200,24 @@ def test_an_export_finished_meanwhile_by_another_job_is_a_conflict_not_a_crash(
         export_checkpoint(session, store, eval_settings, checkpoint_id=checkpoint.id)
     assert [p.name for p in final.iterdir()] == ["meta.json"]  # the other export is untouched
     assert not any(store.tmp.iterdir())  # ours was cleaned up
+
+
+@pytest.mark.slow
+def test_the_vllm_check_is_skipped_with_the_reason_when_vllm_cannot_start(
+    tiny_model_dir, tokenizer
+) -> None:
+    from core.protocol import Message
+    from core.settings import Settings
+    from runner.export import verify
+
+    prompts = [render_prompt(tokenizer, [Message("user", f"标题：消息{i}")]) for i in range(3)]
+    starved = Settings(_env_file=None, eval_cpu_kv_cache_mib=1)  # no room for one sequence
+    result = verify(
+        tiny_model_dir, None, tiny_model_dir, prompts, [], 8, exact=True, settings=starved
+    )
+    assert result["transformers"]["identical_answers"] == 3  # the required check still ran
+    assert "vllm" not in result
+    assert result["vllm_note"].startswith(
+        "vLLM could not start for export verification with its memory (CPU, KV cache 1 MiB): "
+        "To serve at least one request"
+    )

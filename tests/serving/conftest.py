@@ -216,3 +216,113 @@ def classify(client: httpx.Client, text: str = "球队夺冠", model: str | None
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# In-process serving (the transformers backend, fast) on a test's own database -----------------
+
+LABELS = ["体育", "财经", "科技"]
+ANSWERS = {"A": "体育", "B": "财经", "C": "科技"}
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    """Adapters A, B and C, trained once per session; each always answers its label."""
+    root = tmp_path_factory.mktemp("adapters")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    meta = {
+        "protocol_version": 1,
+        "base_model": str(tiny_model_dir),
+        "adapter": True,
+        "labels": LABELS,
+        "prompt_frame": FRAME,
+    }
+    for name, answer in ANSWERS.items():
+        _train_adapter(tiny_model_dir, tokenizer, answer, root / name, meta=meta)
+    return {name: root / name for name in ANSWERS}
+
+
+def register_checkpoints(engine, store: ArtifactStore, model_dir: Path, adapters: dict) -> dict:
+    """Copy trained adapter folders into ``store`` as final checkpoints of one finished job;
+    returns name → checkpoint id."""
+    ids: dict[str, int] = {}
+    with new_session(engine) as session:
+        job = Job(base_model=str(model_dir), status="succeeded", channel_id="C0CHAN")
+        session.add(job)
+        session.commit()
+        for name, folder in adapters.items():
+            relpath = f"checkpoints/{name}"
+            shutil.copytree(folder, store.path(relpath))
+            meta = read_json(folder / "meta.json")
+            checkpoint = Checkpoint(
+                job_id=job.id,
+                step=1,
+                final=True,
+                path=relpath,
+                base_model=str(model_dir),
+                meta=meta,
+            )
+            session.add(checkpoint)
+            session.commit()
+            ids[name] = checkpoint.id
+    return ids
+
+
+@dataclass
+class LocalServing:
+    url: str
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+@contextmanager
+def serve_in_thread(settings) -> Iterator[LocalServing]:
+    """``create_app(settings)`` under uvicorn on a free loopback port, for real HTTP requests."""
+    import threading
+
+    import uvicorn
+
+    from serving.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "serving did not start"
+    try:
+        yield LocalServing(f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def local_settings(db_url: str, artifact_dir: Path, model_dir: Path, **extra):
+    from core.settings import Settings
+
+    values = {
+        "database_url": db_url,
+        "artifact_dir": artifact_dir,
+        "base_model": str(model_dir),
+        "serving_api_key": TOKEN,
+        "serving_backend": "transformers",
+        "serving_max_new_tokens": 8,
+        "serving_sync_seconds": 0,
+    }
+    return Settings(_env_file=None, **{**values, **extra})
+
+
+@pytest.fixture
+def adapters(engine, store: ArtifactStore, tiny_model_dir: Path, trained_adapters) -> dict:
+    return register_checkpoints(engine, store, tiny_model_dir, trained_adapters)
+
+
+@pytest.fixture
+def local(db_url: str, engine, store: ArtifactStore, tiny_model_dir: Path, adapters):
+    with serve_in_thread(local_settings(db_url, store.root, tiny_model_dir)) as serving:
+        yield serving
