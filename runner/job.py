@@ -516,6 +516,9 @@ def _evaluate_checkpoint(
         "vs_base": metrics.get("vs_base"),
         "vs_promoted": metrics.get("vs_promoted"),
         "backend": metrics.get("backend"),
+        "backend_note": metrics.get("backend_note"),
+        "prompts_note": metrics.get("prompts_note"),
+        "truncated_prompts": metrics.get("truncated_prompts"),
         "samples_per_second": metrics.get("predict_samples_per_second"),
     }
     _event(db, "evaluated", **payload)

@@ -1,7 +1,8 @@
 """The product's whole flow, played through the Slack console: upload the tutorial-layout zip as a
 Slack file, ``/finetune start``, the job's thread up to the evaluation report, a non-approver's
 click (refused), an approver's click (serving hot-loads the adapter), ``/classify`` answered by the
-promoted checkpoint, ``/finetune rollback`` back to the base model.
+promoted checkpoint, ``/finetune rollback`` (its confirmation shows the target; the approver
+confirms) back to the base model.
 
 Every step is a correctly signed request to the real bot (bolt, HTTP mode) and every answer is read
 from what the Slack Web API stand-in recorded: what a user in the channel would see. ``finetune-bot
@@ -154,6 +155,33 @@ class Demo:
 
         return self.wait(f"the answer to {user}'s click", answered, timeout=300)
 
+    def rollback(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``/finetune rollback``: its confirmation (what serves now and after), then the click
+        on "Roll back"; returns the confirmation and the channel's announcement."""
+        confirmation = self.command("/finetune rollback")
+        button = next(
+            e
+            for b in confirmation.get("blocks") or []
+            if b.get("type") == "actions"
+            for e in b["elements"]
+            if e["action_id"] == "confirm_rollback"
+        )
+        before = len(self.calls("chat.postMessage"))
+        self.console.say(f"» <{self.console.user}> clicks “{button['text']['text']}”")
+        self.console.post(
+            block_action_body(
+                "confirm_rollback", button["value"], user_id=self.console.user, channel_id=CHANNEL
+            )
+        )
+
+        def announced() -> dict[str, Any] | None:
+            for call in self.calls("chat.postMessage")[before:]:
+                if "rolled back" in (call.get("text") or ""):
+                    return call
+            return None
+
+        return confirmation, self.wait("the rollback", announced, timeout=120)
+
     def play(self, start_settings: str = "lr=2e-3 epochs=3") -> dict[str, Any]:
         """The whole flow; returns what each step answered."""
         seen: dict[str, Any] = {"stored": self.upload()}
@@ -163,6 +191,6 @@ class Demo:
         seen["refused"] = self.click(report, "approve_checkpoint", user=VIEWER)
         seen["approved"] = self.click(report, "approve_checkpoint", user=self.console.user)
         seen["classified"] = self.command(f"/classify {HEADLINE}")
-        seen["rollback"] = self.command("/finetune rollback")
+        seen["rollback_confirmation"], seen["rollback"] = self.rollback()
         seen["after_rollback"] = self.command(f"/classify {HEADLINE}")
         return seen

@@ -109,6 +109,10 @@ def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_
     assert classified["response_type"] == "in_channel"
     assert HEADLINE in blocks_text(classified["blocks"])
     assert f"answered by checkpoint {checkpoint.id} in" in blocks_text(classified["blocks"])
+    confirmation = blocks_text(seen["rollback_confirmation"]["blocks"])
+    assert f"Serving now: *checkpoint {checkpoint.id}*" in confirmation
+    assert "After the rollback: *the base model*" in confirmation
+    assert seen["rollback_confirmation"]["response_type"] == "ephemeral"
     assert "rolled back: the base model answers `/classify` now" in seen["rollback"]["text"]
     assert "answered by the base model in" in blocks_text(seen["after_rollback"]["blocks"])
     assert adapters["current"]["checkpoint_id"] is None
