@@ -55,7 +55,7 @@ def create_app(
         # once, so the pool is sized for a burst of commands, not for the cores.
         listener_executor=ThreadPoolExecutor(max_workers=64, thread_name_prefix="listener"),
     )
-    db = make_engine(settings.database_url)
+    db = make_engine(settings.db_url)
     check_schema(db)
     context = commands.BotContext(
         settings=settings,
@@ -108,7 +108,7 @@ def start_notifier(settings: Settings) -> Any:
         raise ConfigError("SLACK_BOT_TOKEN must be set for the notifier to post to Slack")
     stop = threading.Event()
     notifier = Notifier(
-        make_engine(settings.database_url),
+        make_engine(settings.db_url),
         relay_client(token, settings.slack_api_url),
         ArtifactStore(settings.artifact_dir),
     )

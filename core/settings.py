@@ -17,9 +17,11 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    database_url: str = Field(
-        "sqlite:///./var/finetune.db",
-        description="Any SQLAlchemy URL; postgresql+psycopg://user@host/db for PostgreSQL.",
+    database_url: SecretStr = Field(
+        SecretStr("sqlite:///./var/finetune.db"),
+        description="Any SQLAlchemy URL; postgresql+psycopg://user:password@host/db for "
+        "PostgreSQL. A secret (it may hold the password): read it with ``db_url``; logs and "
+        "messages show ``db_url_redacted``.",
     )
     artifact_dir: Path = Field(
         Path("./var/artifacts"), description="Datasets, checkpoints, eval reports and plots."
@@ -144,14 +146,15 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _absolute_sqlite_path(cls, value: str) -> str:
+    def _absolute_sqlite_path(cls, secret: SecretStr) -> SecretStr:
         """A relative SQLite file resolved once, like ``artifact_dir``: children share it."""
         from sqlalchemy.engine import make_url
 
+        value = secret.get_secret_value()
         try:
             url = make_url(value)
         except Exception:
-            return value  # not a URL this module judges; make_engine reports it
+            return secret  # not a URL this module judges; make_engine reports it
         database = url.database
         if (
             url.get_backend_name() != "sqlite"
@@ -160,9 +163,9 @@ class Settings(BaseSettings):
             or database.startswith("file:")
             or Path(database).is_absolute()
         ):
-            return value
+            return secret
         absolute = str(Path(database).expanduser().absolute())
-        return url.set(database=absolute).render_as_string(hide_password=False)
+        return SecretStr(url.set(database=absolute).render_as_string(hide_password=False))
 
     @field_validator("runner_devices", mode="before")
     @classmethod
@@ -183,9 +186,28 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+        """A placeholder is refused; a blank value (``SLACK_SIGNING_SECRET=`` as .env.example
+        ships it) is unset."""
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
             raise ValueError("is a placeholder: set the real value or leave it unset")
         return value
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, password included: for engines and child processes only."""
+        return self.database_url.get_secret_value()
+
+    @property
+    def db_url_redacted(self) -> str:
+        """The database URL with its password masked, for logs and messages."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.db_url).render_as_string(hide_password=True)
+        except Exception:
+            return "(an unparsable DATABASE_URL)"
 
     @property
     def slack_configured(self) -> bool:

@@ -114,7 +114,7 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
     from storage.db import make_engine
     from storage.migrate import check_schema
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.db_url)
     check_schema(engine)
     engine.dispose()
     if args.command is None:
@@ -123,7 +123,7 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
         return main_loop(settings, once=args.once)
     from storage.db import new_session
 
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.db_url)
     with new_session(engine) as session:
         if args.command == "submit":
             return _submit(session, settings, args)
@@ -276,7 +276,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from storage.migrate import check_schema
 
         check_dataset_name(args.name)
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.db_url)
         check_schema(engine)
         load_dataset(args.path, options)
         tokenizer, note = tokenizer_for_report(settings, args.model)

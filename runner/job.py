@@ -93,7 +93,7 @@ def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
     None when this attempt did not end it (it was requeued, or another attempt holds it now).
     Raises DatabaseAway when the database stayed unreachable (the caller asks for a requeue)."""
     db = JobDb(
-        make_engine(settings.database_url),
+        make_engine(settings.db_url),
         job_id=job_id,
         token=token,
         outage_seconds=settings.runner_lease_seconds,

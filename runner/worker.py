@@ -115,7 +115,7 @@ class Runner:
     ) -> None:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
-        self.engine = make_engine(settings.database_url)
+        self.engine = make_engine(settings.db_url)
         self.slots = [
             Slot(d) for d in (devices if devices is not None else detect_devices(settings))
         ]

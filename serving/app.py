@@ -232,7 +232,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         from storage.db import make_engine
         from storage.migrate import check_schema
 
-        db = make_engine(settings.database_url)
+        db = make_engine(settings.db_url)
         check_schema(db)
         model_dir = model_dir_for(settings, base_model_name(settings))
         assert model_dir is not None

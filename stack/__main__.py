@@ -45,7 +45,7 @@ def prepare(settings: Settings) -> None:
     _step(settings, "-m", "storage", "migrate")
     model_dir = local_model_dir(settings)
     log.info("base model: %s", model_dir or settings.base_model)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.db_url)
     with new_session(engine) as session:
         demo = get_dataset(session, name=DEMO_NAME)
     engine.dispose()
@@ -53,7 +53,7 @@ def prepare(settings: Settings) -> None:
         _step(settings, "-m", "runner", "ingest", str(DEMO_DATASET), "--name", DEMO_NAME)
     else:
         log.info("demo dataset already stored: %s v%d (id %d)", demo.name, demo.version, demo.id)
-    log.info("ready: database %s, artifacts in %s", settings.database_url, settings.artifact_dir)
+    log.info("ready: database %s, artifacts in %s", settings.db_url_redacted, settings.artifact_dir)
 
 
 def up(settings: Settings, *, demo: bool) -> int:

@@ -86,7 +86,7 @@ def process_env(settings: Settings) -> dict[str, str]:
     base model (settings given in code, not only through the environment)."""
     env = {
         **os.environ,
-        "DATABASE_URL": settings.database_url,
+        "DATABASE_URL": settings.db_url,
         "ARTIFACT_DIR": str(settings.artifact_dir),
     }
     if settings.base_model:

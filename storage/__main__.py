@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
-    url = Settings().database_url
+    url = Settings().db_url
     if args.command == "migrate":
         migrate.upgrade(url)
     elif args.command == "current":

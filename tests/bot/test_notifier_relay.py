@@ -32,7 +32,7 @@ def _say(engine, job_id: int, message: str) -> None:
 def test_two_notifiers_on_one_database_post_every_message_once(slack, engine, notifiers) -> None:
     job = _run_a_job(slack, engine)
     slack.standin.inject("chat.postMessage", status=429, retry_after=1, times=2)  # several rounds
-    second_engine = make_engine(slack.settings.database_url)  # as another process would
+    second_engine = make_engine(slack.settings.db_url)  # as another process would
     first = notifiers(time.monotonic)
     second = notifiers(time.monotonic, db=second_engine)
     delivered = {"first": 0, "second": 0}
@@ -78,7 +78,7 @@ HOLD_THE_LOCK = textwrap.dedent(
 def test_a_notifier_takes_over_when_the_relaying_process_dies(slack, engine, notifiers) -> None:
     job = _run_a_job(slack, engine)
     other = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, slack.settings.database_url],
+        [sys.executable, "-c", HOLD_THE_LOCK, slack.settings.db_url],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

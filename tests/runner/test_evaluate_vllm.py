@@ -29,7 +29,7 @@ def db_url(tmp_path: Path) -> str:
 def _cli_evaluate(settings: Settings, model: str, backend: str) -> list[str]:
     env = {
         **os.environ,
-        "DATABASE_URL": settings.database_url,
+        "DATABASE_URL": settings.db_url,
         "ARTIFACT_DIR": str(settings.artifact_dir),
         "BASE_MODEL": settings.base_model,
     }
