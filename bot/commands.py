@@ -425,12 +425,18 @@ def register_views(app: Any, ctx: BotContext) -> None:
         channel = json.loads(view.get("private_metadata") or "{}").get("channel_id")
         user = body["user"]["id"]
         dataset = None
-        if file_id is not None:
-            from bot.events import ingest_shared_file
+        if file_id is not None:  # checked and stored by a runner; training is queued after it
+            from bot.events import queue_upload
 
-            dataset = ingest_shared_file(ctx, client, file_id=file_id, channel=channel, user=user)
-            if dataset is None:
-                return  # the rejection was posted in the channel
+            queue_upload(
+                ctx,
+                client,
+                file_id=file_id,
+                channel=channel,
+                user=user,
+                then_train=config.model_dump(exclude_defaults=True),
+            )
+            return
         if dataset is None:
             with new_session(ctx.db) as session:
                 dataset = (

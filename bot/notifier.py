@@ -69,6 +69,7 @@ from bot.slack_errors import (
     TokenRefused,
     slack_problem,
 )
+from bot.upload_blocks import rejected_text, report_text, stored_text
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import Dataset, Job, JobEvent
@@ -372,6 +373,15 @@ class Notifier:
                     run, event, "report_text", lambda: self._report_as_text(run, payload, refused)
                 )
             return
+        if event.kind == "ingested":
+            self._part(run, event, "stored", partial(self._reply, run, stored_text(payload)))
+            self._part(run, event, "report", partial(self._reply, run, report_text(payload)))
+            if payload.get("then_job_id"):
+                self._part(run, event, "then_root", lambda: self._post_queued_root(run, payload))
+            return
+        if event.kind == "dataset_rejected":
+            self._part(run, event, "reply", partial(self._reply, run, rejected_text(payload)))
+            return
         reply = milestone_text(event.kind, payload)
         if reply:
             self._part(run, event, "reply", partial(self._reply, run, reply))
@@ -436,6 +446,27 @@ class Notifier:
             except Rejected as again:
                 return f"header: {exc.reason}; as plain text: {again.reason}"
             return f"header: {exc.reason} (shown as plain text)"
+
+    def _post_queued_root(self, run: _JobRun, payload: dict[str, Any]) -> str | None:
+        """A training job a dataset check queued (the start form with a file): post its root
+        message in the channel and give it that thread, which lets a runner claim it."""
+        queued = run.session.get(Job, int(payload["then_job_id"]), populate_existing=True)
+        if queued is None or queued.thread_ts:
+            return None  # gone, or posted by an earlier round
+        dataset = run.session.get(Dataset, queued.dataset_id) if queued.dataset_id else None
+        channel = run.channel.id
+        posted = self._send(
+            run,
+            lambda: self.client.chat_postMessage(
+                channel=channel,
+                text=f"{_noun(queued)} {queued.id} queued",
+                blocks=job_header_blocks(queued, dataset),
+            ),
+        )
+        queued.thread_ts = str(posted["ts"])
+        run.session.add(queued)
+        run.session.commit()
+        return None
 
     def _post_fresh_root(self, run: _JobRun, reason: str) -> None:
         """The root message is gone: post the job's header anew and move the thread there."""
@@ -581,7 +612,11 @@ class Notifier:
 
 
 def _noun(job: Job) -> str:
-    return "Export job" if job.kind == "export" else "Fine-tuning job"
+    return {
+        "export": "Export job",
+        "evaluate": "Evaluation job",
+        "ingest": "Dataset check",
+    }.get(job.kind, "Fine-tuning job")
 
 
 def _blocks_text(blocks: list[dict[str, Any]]) -> str:

@@ -20,6 +20,7 @@ class JobKind(StrEnum):
     train = "train"
     evaluate = "evaluate"
     export = "export"
+    ingest = "ingest"  # a dataset shared in Slack, validated and stored by a runner
 
 
 class CheckpointStatus(StrEnum):

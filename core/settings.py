@@ -61,6 +61,19 @@ class Settings(BaseSettings):
         3, ge=1, description="Attempts (claims) a job gets before an expired lease fails it."
     )
     runner_poll_seconds: float = Field(2.0, gt=0, description="How often an idle runner polls.")
+    runner_ingest_slots: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Dataset checks (uploads shared in Slack) this runner validates and stores at "
+        "once, in processes of their own beside the GPU slots (0: the GPU slots take them too).",
+    )
+    max_concurrent_uploads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Uploads the bot downloads from Slack at once (the rest wait their turn).",
+    )
     job_event_retention_days: float = Field(
         90,
         gt=0,

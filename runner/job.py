@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session
 
@@ -36,7 +36,6 @@ from runner.config import build_train_config
 from runner.datasets.ingest import read_split
 from runner.jobdb import ClaimLost, DatabaseAway, JobDb, fenced
 from runner.models import load_tokenizer, model_dir_for
-from runner.train.recipe import TrainHooks, TrainingFailed, TrainSpec, train
 from storage.artifacts import ArtifactStore
 from storage.db import make_engine
 from storage.jobs import (
@@ -51,6 +50,9 @@ from storage.jobs import (
     set_job_state,
 )
 from storage.models import Checkpoint, Dataset, Job
+
+if TYPE_CHECKING:  # the recipe imports torch: a dataset check's process does without
+    from runner.train.recipe import TrainHooks, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,10 @@ def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
             return _run_export(db, store, settings, job)
         if job.kind == JobKind.evaluate.value:
             return _run_evaluate(db, store, settings, job)
+        if job.kind == JobKind.ingest.value:
+            from runner.ingest_job import run_ingest
+
+            return run_ingest(db, store, settings, job)
         return _run_training(db, store, settings, job)
     except ClaimLost:
         log.warning("job %d: another attempt holds the job now; this one stops", job_id)
@@ -175,6 +181,8 @@ def _run_training(
     hooks = _TrainingHooks(db, store, job)
     try:
         spec, dataset = _prepare(db, store, settings, job, hooks)
+        from runner.train.recipe import train
+
         STOP.in_training_loop = True
         try:
             result = train(spec, hooks.hooks())
@@ -248,6 +256,8 @@ class _TrainingHooks:
         self.samples = 0
 
     def hooks(self) -> TrainHooks:
+        from runner.train.recipe import TrainHooks
+
         return TrainHooks(
             on_start=self.on_start,
             on_progress=self.on_progress,
@@ -364,6 +374,8 @@ class _TrainingHooks:
 def _prepare(
     db: JobDb, store: ArtifactStore, settings: Settings, job: Job, hooks: _TrainingHooks
 ) -> tuple[TrainSpec, Dataset]:
+    from runner.train.recipe import TrainingFailed, TrainSpec
+
     assert job.id is not None
     config = build_train_config(job.config)
     dataset = (
@@ -407,6 +419,8 @@ def _prepare(
 def _check_memory(spec: TrainSpec) -> None:
     """Refuse a job that cannot fit on this GPU, or turn on gradient checkpointing if that fits."""
     import torch
+
+    from runner.train.recipe import TrainingFailed
 
     if not torch.cuda.is_available():
         return

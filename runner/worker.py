@@ -1,5 +1,6 @@
 """The runner loop: claim queued jobs, run each in a child process pinned to one GPU
-(``CUDA_VISIBLE_DEVICES``; one CPU slot when there is no GPU), renew their leases by heartbeat,
+(``CUDA_VISIBLE_DEVICES``; one CPU slot when there is no GPU) and dataset checks in slots of their
+own (``RUNNER_INGEST_SLOTS``, no GPU), renew their leases by heartbeat,
 reap children, and requeue or fail jobs whose runner vanished. APScheduler drives the timers.
 
 Each slot remembers the claim token of its job: heartbeats, reaping and shutdown act on that claim
@@ -27,7 +28,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlmodel import select
 
-from core.enums import JobStatus
+from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from runner.jobdb import EXIT_REQUEUE, is_connection_error
 from storage.db import make_engine, new_session
@@ -48,13 +49,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class Slot:
     device: str | None  # a CUDA device id, or None for the CPU
+    kinds: tuple[JobKind, ...] | None = None  # the job kinds it takes (None: any)
     process: BaseProcess | None = None
     job_id: int | None = None
     token: str | None = None  # the claim this slot's process works under
 
     @property
     def name(self) -> str:
+        if self.kinds == (JobKind.ingest,):
+            return "dataset checks"
         return f"cuda:{self.device}" if self.device is not None else "cpu"
+
+
+# With dataset-check slots, the device slots leave uploads to them: a check never waits behind an
+# hour of training, and checks never take a GPU.
+DEVICE_KINDS = (JobKind.train, JobKind.evaluate, JobKind.export)
 
 
 def detect_devices(settings: Settings) -> list[str | None]:
@@ -116,9 +125,11 @@ class Runner:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = make_engine(settings.db_url)
+        checks = settings.runner_ingest_slots
         self.slots = [
-            Slot(d) for d in (devices if devices is not None else detect_devices(settings))
-        ]
+            Slot(d, DEVICE_KINDS if checks else None)
+            for d in (devices if devices is not None else detect_devices(settings))
+        ] + [Slot(None, (JobKind.ingest,)) for _ in range(checks)]
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("spawn")
         self._ended: list[Ended] = []
@@ -136,12 +147,15 @@ class Runner:
                     continue
                 job = self._db_round(
                     "claiming a job",
-                    lambda session: claim_next_job(
-                        session, owner=self.owner, lease_seconds=self.settings.runner_lease_seconds
+                    lambda session, kinds=slot.kinds: claim_next_job(
+                        session,
+                        owner=self.owner,
+                        lease_seconds=self.settings.runner_lease_seconds,
+                        kinds=kinds,
                     ),
                 )
                 if job is None:
-                    break
+                    continue  # another slot may take another kind
                 assert job.id is not None and job.lease_token is not None
                 process = self._context.Process(
                     target=_child_main,

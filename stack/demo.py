@@ -77,9 +77,11 @@ class Demo:
         path.write_bytes(tutorial_zip())
         self.console.say(f"» upload {filename}")
         self.console.handle(f"upload {path}")
-        stored = self.wait("the dataset report", lambda: self._posted("stored from `"))
+        # A runner checks the file (a dataset check job); its thread gets the news and the report.
+        stored = self.wait("the dataset check", lambda: self._posted("stored from `"))
         self.wait(
-            "the validation report", lambda: self._posted("Validation report", thread=stored["_ts"])
+            "the validation report",
+            lambda: self._posted("Validation report", thread=stored["thread_ts"]),
         )
         return stored
 

@@ -17,6 +17,7 @@ shows what happens to it from the first event on.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,7 +63,11 @@ def create_job(
     kind: JobKind = JobKind.train,
     requested_by: str | None = None,
     channel_id: str | None = None,
+    thread_ts: str | None = None,
+    commit: bool = True,
 ) -> Job:
+    """Queue a job (and its ``queued`` event). ``commit=False`` leaves the commit to the caller,
+    for a job queued in one transaction with other writes."""
     job = Job(
         kind=kind.value,
         base_model=base_model,
@@ -70,25 +75,36 @@ def create_job(
         dataset_id=dataset_id,
         requested_by=requested_by,
         channel_id=channel_id,
+        thread_ts=thread_ts,
     )
     session.add(job)
     session.flush()
     assert job.id is not None
     add_job_event(session, job_id=job.id, kind="queued")
-    session.commit()
+    if commit:
+        session.commit()
     return job
 
 
-def claim_next_job(session: Session, *, owner: str, lease_seconds: float) -> Job | None:
-    """Take the oldest claimable job, or None. The job comes back running, leased to ``owner``
-    (host:pid, for people) under a new ``lease_token`` (for fencing: pass it to every write)."""
+def claim_next_job(
+    session: Session,
+    *,
+    owner: str,
+    lease_seconds: float,
+    kinds: Sequence[JobKind] | None = None,
+) -> Job | None:
+    """Take the oldest claimable job (of ``kinds``, default any), or None. The job comes back
+    running, leased to ``owner`` (host:pid, for people) under a new ``lease_token`` (for fencing:
+    pass it to every write)."""
     now = db_now(session)
     expires = now + timedelta(seconds=lease_seconds)
     token = new_lease_token()
-    claimable = (
+    claimable = [
         col(Job.status) == JobStatus.queued.value,
         or_(col(Job.channel_id).is_(None), col(Job.thread_ts).is_not(None)),
-    )
+    ]
+    if kinds is not None:
+        claimable.append(col(Job.kind).in_([k.value for k in kinds]))
     if session.get_bind().dialect.name == "postgresql":
         job = session.exec(
             select(Job)

@@ -106,9 +106,12 @@ def ingest_dataset(
     tokenizer_note: str | None = None,
     channel_id: str | None = None,
     uploaded_by: str | None = None,
+    commit: bool = True,
 ) -> tuple[Dataset, dict[str, Any]]:
     """Validate, then store the splits and the row together; on any failure remove what this
-    call wrote and leave the database unchanged."""
+    call wrote and leave the database unchanged. ``commit=False``: the row is flushed, and the
+    caller commits it with its own writes (a dataset check records its end in the same
+    transaction)."""
     check_dataset_name(name)
     loaded = load_dataset(path, options)
     report = build_report(
@@ -139,7 +142,8 @@ def ingest_dataset(
             channel_id=channel_id,
             uploaded_by=uploaded_by,
         )
-        session.commit()
+        if commit:
+            session.commit()
     except BaseException:
         session.rollback()
         for sha256 in written:

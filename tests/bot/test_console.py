@@ -10,8 +10,9 @@ import pytest
 from sqlmodel import select
 
 from bot.console import Console
-from core.enums import CheckpointStatus, JobStatus
+from core.enums import CheckpointStatus, JobKind, JobStatus
 from core.settings import Settings
+from runner.job import run_job
 from storage.db import new_session
 from storage.jobs import add_job_event, claim_next_job, set_job_state
 from storage.models import Checkpoint
@@ -38,10 +39,16 @@ def test_a_session_in_the_console(console, engine, tmp_path) -> None:
     assert "`/finetune start [dataset=<name>]" in _said(console, out, "/finetune help")
     archive = files.tutorial_zip(tmp_path / "data_news_300.zip")
     said = _said(console, out, f"upload {archive}")
-    assert "#channel: :inbox_tray: Dataset *data_news_300* v1 stored" in said
+    assert "#channel: :mag: Dataset check 1: checking `data_news_300.zip`…" in said
+    with new_session(engine) as session:  # a runner's dataset-check slot, with its own code
+        check = claim_next_job(session, owner="r", lease_seconds=60, kinds=[JobKind.ingest])
+    run_job(check.id, check.lease_token, console.settings)
+    time.sleep(2.5)  # the notifier's round
+    said = _said(console, out, "")
+    assert "↳ :inbox_tray: Dataset *data_news_300* v1 stored" in said
     assert "↳ Validation report:" in said
     said = _said(console, out, "/finetune start lr=5e-6 grad_accum=2")
-    assert "#channel: :hourglass_flowing_sand: *Fine-tuning job 1* · queued" in said
+    assert "#channel: :hourglass_flowing_sand: *Fine-tuning job 2* · queued" in said
 
     deadline = time.monotonic() + 10  # the runner's side, with the runner's functions
     with new_session(engine) as session:

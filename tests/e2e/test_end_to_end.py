@@ -48,13 +48,18 @@ def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_
         stack.stop()
     calls = console.standin.calls
 
-    # The upload: stored from the zip, its report in a thread.
+    # The upload: checked by the runner, stored from the zip, its report in the check's thread.
     stored = seen["stored"]["text"]
     assert "Dataset *data_news_300* v1 stored from `data_news_300.zip`" in stored
     assert "300 train, 100 eval, 10 labels" in stored
     posts = console.standin.calls_to("chat.postMessage")
-    report_text = next(p["text"] for p in posts if p.get("thread_ts") == seen["stored"]["_ts"])
-    assert "Validation report" in report_text and "体育 30" in report_text
+    check_thread = seen["stored"]["thread_ts"]  # the dataset check's thread
+    report_text = next(
+        p["text"]
+        for p in posts
+        if p.get("thread_ts") == check_thread and "Validation report" in p.get("text", "")
+    )
+    assert "体育 30" in report_text
 
     # The job's thread: root edited with progress, milestones, plots, the evaluation report.
     job_id = seen["job_id"]

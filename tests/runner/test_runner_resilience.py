@@ -25,7 +25,7 @@ from storage.artifacts import ArtifactStore
 from storage.db import make_engine, new_session
 from storage.jobs import create_job, expire_leases, job_events
 from storage.migrate import upgrade
-from storage.models import Checkpoint, Job, JobEvent
+from storage.models import Checkpoint, Dataset, Job, JobEvent
 from storage.types import utcnow
 from tests.conftest import REPO
 from tests.db_proxy import DatabaseProxy
@@ -284,3 +284,49 @@ def test_a_killed_job_process_fails_the_job_saying_what_is_known(
     job = _get(engine, job_id)
     assert job.status == JobStatus.failed
     assert "killed (SIGKILL)" in job.error and "ran out of host memory" in job.error
+
+
+def test_dataset_checks_run_in_their_own_slot_beside_training_one_at_a_time(
+    engine, db_url, tmp_path, tiny_model_dir
+) -> None:
+    """An upload is not stuck behind an hour of training, and uploads never pile up in
+    parallel: one dataset-check slot (RUNNER_INGEST_SLOTS=1) beside the device slot."""
+    from core.enums import JobKind
+    from tests.conftest import DEMO_DATASET
+
+    settings = _settings(db_url, tmp_path, tiny_model_dir)
+    dataset_id = _dataset(engine, settings, tmp_path)
+    store = ArtifactStore(settings.artifact_dir)
+    checks = []
+    for i in range(2):
+        with store.staged_dir(f"uploads/u{i}") as folder:
+            (folder / "train.json").write_bytes((DEMO_DATASET / "train.json").read_bytes())
+        with new_session(engine) as session:
+            checks.append(
+                create_job(
+                    session,
+                    kind=JobKind.ingest,
+                    base_model=settings.base_model,
+                    config={"upload": f"uploads/u{i}", "filename": "train.json", "name": "up"},
+                ).id
+            )
+    training = _job(engine, settings, dataset_id, **LONG_JOB)
+    runner = Runner(settings, owner="host:3", devices=[None])
+    assert [s.name for s in runner.slots] == ["cpu", "dataset checks"]
+    try:
+        assert runner.poll() == 2  # the training job on the CPU slot, one check on its slot
+        running = {s.name: s.job_id for s in runner.slots}
+        assert running == {"cpu": training, "dataset checks": checks[0]}
+        assert _get(engine, checks[1]).status == JobStatus.queued
+        _wait(
+            lambda: runner.poll() >= 0 and _get(engine, checks[1]).status == JobStatus.succeeded,
+            what="both checks",
+        )
+        assert _get(engine, training).status == JobStatus.running  # still training meanwhile
+    finally:
+        runner.shutdown()
+    with new_session(engine) as session:
+        versions = sorted(
+            d.version for d in session.exec(select(Dataset).where(Dataset.name == "up")).all()
+        )
+    assert versions == [1, 2]
