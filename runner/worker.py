@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlmodel import select
+from sqlalchemy import or_
+from sqlmodel import col, select
 
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
@@ -265,11 +266,15 @@ class Runner:
             return any(slot.process is not None for slot in self.slots) or bool(self._ended)
 
     def queued(self) -> int:
+        """Queued jobs a slot could claim now (a Slack job waiting for its thread is not)."""
         return len(
             self._db_round(
                 "counting queued jobs",
                 lambda session: session.exec(
-                    select(Job.id).where(Job.status == JobStatus.queued.value)
+                    select(Job.id).where(
+                        Job.status == JobStatus.queued.value,
+                        or_(col(Job.channel_id).is_(None), col(Job.thread_ts).is_not(None)),
+                    )
                 ).all(),
                 default=[0],
             )
