@@ -17,8 +17,9 @@ class JsonFormatter(logging.Formatter):
     >>> import logging
     >>> record = logging.makeLogRecord({"msg": "promoted %s", "args": (7,), "levelname": "INFO",
     ...                                 "name": "serving", "checkpoint_id": 7})
-    >>> JsonFormatter().format(record).endswith('"message": "promoted 7", "checkpoint_id": 7}')
-    True
+    >>> entry = json.loads(JsonFormatter().format(record))
+    >>> entry["message"], entry["checkpoint_id"], entry["logger"]
+    ('promoted 7', 7, 'serving')
     """
 
     def format(self, record: logging.LogRecord) -> str:
