@@ -265,10 +265,16 @@ def cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, client
             )
         assert job.id is not None
         job = request_cancel(session, job_id=job.id, by=user)
+    stopping = {
+        JobKind.evaluate.value: "asked to stop; the evaluation ends before its next phase, "
+        "without a report",
+        JobKind.export.value: "asked to stop; the export ends before its next phase and "
+        "publishes nothing",
+    }
     state = (
         "cancelled"
         if job.status == JobStatus.cancelled
-        else "asked to stop; it keeps its last checkpoint"
+        else stopping.get(job.kind, "asked to stop; it keeps its last checkpoint")
     )
     respond(text=f"Job {job.id} {state}.", response_type="ephemeral")
 

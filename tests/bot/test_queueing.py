@@ -142,4 +142,7 @@ def test_evaluate_queues_an_evaluation_job_with_its_own_root_message(slack, engi
         f":warning: checkpoint {checkpoint.id} is being evaluated already: evaluation job 2 is "
         "running"
     )
+    assert slack.ask("cancel 2")["text"] == (
+        "Job 2 asked to stop; the evaluation ends before its next phase, without a report."
+    )
     assert len(_jobs(engine)) == 2

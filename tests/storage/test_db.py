@@ -137,7 +137,17 @@ def test_dataset_names_are_unique_per_channel_not_across_channels(engine) -> Non
             session.commit()
 
 
-def test_versions_count_per_channel_and_a_name_resolves_own_then_shared_then_deployment(
+def test_versions_count_per_channel_not_per_name(engine) -> None:
+    with new_session(engine) as session:
+        a1 = create_dataset(session, **_dataset_fields("news", "CA"))
+        a2 = create_dataset(session, **_dataset_fields("news", "CA"))
+        b1 = create_dataset(session, **_dataset_fields("news", "CB"))  # B's own v1, not A's v3
+        deployment = create_dataset(session, **_dataset_fields("news"))
+        session.commit()
+        assert (a1.version, a2.version, b1.version, deployment.version) == (1, 2, 1, 1)
+
+
+def test_a_name_resolves_to_the_channels_own_then_a_shared_one_then_the_deployments(
     engine,
 ) -> None:
     from storage.datasets import find_dataset, set_dataset_shared, visible_datasets
@@ -145,10 +155,9 @@ def test_versions_count_per_channel_and_a_name_resolves_own_then_shared_then_dep
     with new_session(engine) as session:
         a1 = create_dataset(session, **_dataset_fields("news", "CA"))
         a2 = create_dataset(session, **_dataset_fields("news", "CA"))
-        b1 = create_dataset(session, **_dataset_fields("news", "CB"))  # B's own v1, not A's v3
+        b1 = create_dataset(session, **_dataset_fields("news", "CB"))
         demo = create_dataset(session, **_dataset_fields("news-demo"))  # the deployment's
         session.commit()
-        assert (a1.version, a2.version, b1.version, demo.version) == (1, 2, 1, 1)
         assert find_dataset(session, name="news", channel_id="CB").id == b1.id
         assert find_dataset(session, name="news", channel_id="CC") is None  # A's is private
         assert find_dataset(session, name="news-demo", channel_id="CC").id == demo.id
