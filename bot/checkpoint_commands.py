@@ -126,16 +126,19 @@ def promote(ctx: BotContext, command: dict, args: list[str], respond: Any, clien
     cancelled job, needs ``force``; a rejected one cannot be promoted."""
     user = command["user_id"]
     require_approver(ctx.approvers, user, "promote a checkpoint")
-    scope, args = scope_of(ctx.approvers, command, args)
-    forced = bool(args) and args[-1].lower() == FORCE
-    if forced:
-        args = args[:-1]
-    if len(args) != 1 or not args[0].isdigit():
+    forced = any(a.lower() == FORCE for a in args[1:])  # `force` and `all` in either order
+    scope, args = scope_of(ctx.approvers, command, [a for a in args if a.lower() != FORCE])
+    if not args or not args[0].isdigit():
         respond(
             text="Which checkpoint? `/finetune promote <checkpoint> [force]`",
             response_type="ephemeral",
         )
         return
+    if len(args) > 1:
+        raise ConfigError(
+            f"`{' '.join(args[1:])}`: after the checkpoint, `/finetune promote` takes only "
+            "`force` (and, for another channel's checkpoint, `all`)"
+        )
     with new_session(ctx.db) as session:
         checkpoint, _ = find_checkpoint(session, scope, args[0])
         problem = _promotion_problem(session, checkpoint)

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from bot.blocks import job_header_blocks, job_line, job_noun, text_blocks
 from bot.scope import Scope, find_checkpoint, find_job, require_approver, scope_of
 from core.enums import JobKind, JobStatus
-from core.errors import Conflict, FinetuneError, Forbidden, NotFound
+from core.errors import ConfigError, Conflict, FinetuneError, Forbidden, NotFound
 from core.settings import Settings
 from runner.config import TrainConfig, parse_train_args
 from storage.datasets import find_dataset, is_dataset_visible, latest_dataset, visible_datasets
@@ -228,8 +228,17 @@ def _latest_job(session: Session, scope: Scope) -> Job:
     return job  # type: ignore[no-any-return]
 
 
+def _one_ref(args: list[str], usage: str) -> None:
+    if len(args) > 1:
+        raise ConfigError(
+            f"`{' '.join(args[1:])}`: `/finetune {usage}` takes one number (approvers may end "
+            "it with `all`)"
+        )
+
+
 def status(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
     scope, args = scope_of(ctx.approvers, command, args)
+    _one_ref(args, "status [job]")
     with new_session(ctx.db) as session:
         job = find_job(session, scope, args[0]) if args else _latest_job(session, scope)
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
@@ -255,6 +264,7 @@ def cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, client
     if not args:
         respond(text="Which job? `/finetune cancel <job>`", response_type="ephemeral")
         return
+    _one_ref(args, "cancel <job>")
     user = command["user_id"]
     with new_session(ctx.db) as session:
         job = find_job(session, scope, args[0])
@@ -353,8 +363,6 @@ def export(ctx: BotContext, command: dict, args: list[str], respond: Any, client
     for arg in args[1:]:
         key, _, value = arg.partition("=")
         if key != "bits" or value not in ("4", "8"):
-            from core.errors import ConfigError
-
             raise ConfigError(f"`{arg}`: the only export setting is bits=8 or bits=4")
         bits = int(value)
     user, channel = command["user_id"], command["channel_id"]

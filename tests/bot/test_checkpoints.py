@@ -121,3 +121,14 @@ def test_promote_refuses_unevaluated_failed_cancelled_and_rejected_checkpoints(
         )
     assert promote(f"{theirs}") == f":warning: no checkpoint {theirs} in this channel"
     assert promote("seven") == "Which checkpoint? `/finetune promote <checkpoint> [force]`"
+    assert promote(f"{unevaluated} forcefully") == (
+        "`forcefully`: after the checkpoint, `/finetune promote` takes only `force` (and, for "
+        "another channel's checkpoint, `all`)"
+    ).join([":warning: ", ""])
+    assert promote(f"{theirs} all").startswith(  # an approver reaching another channel's
+        f":warning: checkpoint {theirs} was never evaluated"
+    )
+    for text in (f"{rejected} force all", f"{rejected} all force"):  # either order
+        assert promote(text) == (
+            f":warning: checkpoint {rejected} was rejected by <@{APPROVER}>: it cannot be promoted"
+        )

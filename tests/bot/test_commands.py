@@ -126,6 +126,10 @@ def test_datasets_status_and_list(slack, engine) -> None:
     assert "job 1 · queued" in slack.reply(2)["text"]
     slack.command("status 99")
     assert "no job 99" in slack.reply(3)["text"]
+    slack.command("status 1 2")
+    assert slack.reply(4)["text"] == (
+        ":warning: `2`: `/finetune status [job]` takes one number (approvers may end it with `all`)"
+    )
 
 
 def test_cancel_is_for_the_requester_and_approvers(slack, engine) -> None:
