@@ -11,12 +11,13 @@ from typing import Any
 
 from bot.blocks import decided_blocks, rolled_back_text, served_name
 from bot.commands import BotContext
+from bot.scope import Scope
 from bot.serving_client import call_serving
 from core.enums import CheckpointStatus
 from core.errors import FinetuneError
 from storage.db import new_session
-from storage.models import Checkpoint
-from storage.promotions import reject_checkpoint
+from storage.models import Checkpoint, Job
+from storage.promotions import AlreadyDecided, reject_checkpoint
 from storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ def register(app: Any, ctx: BotContext) -> None:
 
 
 def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool) -> None:
+    """Approve (serving promotes and records) or Reject (storage sets candidate → rejected).
+    Both compare and set on the checkpoint row, so of two approvers clicking at once one wins
+    and the other is told what happened instead."""
     user = body["user"]["id"]
     channel = body["channel"]["id"]
     message = body.get("message") or {}
@@ -63,12 +67,12 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         return
     with new_session(ctx.db) as session:
         checkpoint = session.get(Checkpoint, checkpoint_id)
-        if checkpoint is None:
+        job = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
+        if checkpoint is None or not Scope(channel).sees(job.channel_id if job else None):
             tell(f"Checkpoint {checkpoint_id} no longer exists.")
             return
         if checkpoint.status != CheckpointStatus.candidate:
-            by = f" by <@{checkpoint.decided_by}>" if checkpoint.decided_by else ""
-            tell(f"Checkpoint {checkpoint_id} was already {checkpoint.status}{by}.")
+            tell(_already(checkpoint_id, checkpoint.status, checkpoint.decided_by))
             return
         try:
             if approve:
@@ -80,8 +84,15 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
                 )
             else:
                 reject_checkpoint(session, checkpoint_id=checkpoint_id, decided_by=user)
+        except AlreadyDecided as exc:  # promoted since the status was read
+            tell(_already(checkpoint_id, exc.status, exc.decided_by))
+            return
         except FinetuneError as exc:
-            tell(f":warning: {exc.message}")
+            now = session.get(Checkpoint, checkpoint_id, populate_existing=True)
+            if approve and now is not None and now.status == CheckpointStatus.rejected:
+                tell(_already(checkpoint_id, now.status, now.decided_by))  # rejected meanwhile
+            else:
+                tell(f":warning: {exc.message}")
             return
     when = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     verdict = (
@@ -103,6 +114,11 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         user,
         extra={"event": "decision", "checkpoint_id": checkpoint_id, "by": user},
     )
+
+
+def _already(checkpoint_id: int, status: str, decided_by: str | None) -> str:
+    by = f" by <@{decided_by}>" if decided_by else ""
+    return f"Checkpoint {checkpoint_id} was already {status}{by}; nothing was changed."
 
 
 def _replace_confirmation(body: dict[str, Any], respond: Any, text: str) -> None:

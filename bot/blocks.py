@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from storage.models import Dataset, Job
+from storage.models import Checkpoint, Dataset, Job
+
+TINY_MODEL = "tiny"  # runner.models.TINY_MODEL_NAME (the bot does not import the runner's models)
 
 STATE_EMOJI = {
     "queued": ":hourglass_flowing_sand:",
@@ -34,17 +36,68 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def job_header_blocks(job: Job, dataset: Dataset | None) -> list[dict[str, Any]]:
-    """The job's root message: state, progress bar, step/total, loss, ETA; edited in place."""
+SECTION_CHARS = 3000  # Slack refuses a section (or a context element) with longer text
+
+
+def cut(text: str, limit: int = SECTION_CHARS) -> str:
+    """``text`` within ``limit`` characters, an ellipsis marking a cut.
+
+    >>> cut("abcdef", 4), cut("abc", 4)
+    ('abc…', 'abc')
+    """
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+JOB_NOUNS = {
+    "train": "Fine-tuning job",
+    "export": "Export job",
+    "evaluate": "Evaluation job",
+    "ingest": "Dataset check",
+}
+
+
+def job_noun(job: Job) -> str:
+    """What a job is called wherever the bot names one (its header, its root message, lists).
+
+    >>> job_noun(Job(kind="evaluate", base_model="m")), job_noun(Job(kind="train", base_model="m"))
+    ('Evaluation job', 'Fine-tuning job')
+    """
+    return JOB_NOUNS.get(job.kind, f"{job.kind.capitalize()} job")
+
+
+def model_display_name(name: str) -> str:
+    """A base model as people know it: a ModelScope id as it is, a directory on the server by its
+    own name (never the server's path), the built-in test model said to be one.
+
+    >>> model_display_name("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
+    'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'
+    >>> model_display_name("/srv/models/DeepSeek-R1-Distill-Qwen-7B/")
+    'DeepSeek-R1-Distill-Qwen-7B'
+    >>> model_display_name("tiny"), model_display_name("./models/local-7b")
+    ('tiny (built-in test model)', 'local-7b')
+    """
+    if name == TINY_MODEL:
+        return f"{TINY_MODEL} (built-in test model)"
+    trimmed = name.rstrip("/\\") or name
+    parts = [p for p in trimmed.replace("\\", "/").split("/") if p]
+    hub_id = len(parts) == 2 and not trimmed.startswith(("/", "~", ".", "\\")) and ":" not in name
+    return trimmed if hub_id or len(parts) <= 1 else parts[-1]
+
+
+def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str, Any]]:
+    """The job's root message: state, progress bar, step/total, loss, ETA; edited in place. Free
+    text (the error, the settings) is cut to fit Slack's 3,000 characters per block."""
     progress = job.progress or {}
-    noun = "Export job" if job.kind == "export" else "Fine-tuning job"
-    title = f"{STATE_EMOJI.get(job.status, '')} *{noun} {job.id}* · {job.status}"
+    title = f"{STATE_EMOJI.get(job.status, '')} *{job_noun(job)} {job.id}* · {job.status}"
     lines = [title]
+    model = f"`{model_display_name(job.base_model)}`"
     if dataset is not None:
         lines.append(
             f"Dataset *{dataset.name}* v{dataset.version} ({dataset.train_samples} "
-            f"train, {dataset.eval_samples} eval) on `{job.base_model}`"
+            f"train, {dataset.eval_samples} eval) on {model}"
         )
+    else:
+        lines.append(f"Base model {model}")
     if progress.get("total_steps"):
         lines.append(
             f"`{progress_bar(progress['step'], progress['total_steps'])}` step "
@@ -52,34 +105,71 @@ def job_header_blocks(job: Job, dataset: Dataset | None) -> list[dict[str, Any]]
             f"{progress.get('loss', float('nan')):.4f} · ETA "
             f"{_duration(progress.get('eta_s'))}"
         )
+    text = cut("\n".join(lines))
     if job.error:
-        lines.append(f":warning: {job.error}")
+        warning = "\n:warning: "
+        text += warning + cut(job.error, SECTION_CHARS - len(text) - len(warning))
     settings = ", ".join(f"{k}={v}" for k, v in sorted((job.config or {}).items()))
     context = f"requested by <@{job.requested_by}>" if job.requested_by else "requested"
     if settings:
         context += f" · {settings}"
     return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
-        {"type": "context", "elements": [{"type": "mrkdwn", "text": context}]},
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(context)}]},
     ]
 
 
-def job_line(job: Job) -> str:
+def job_line(job: Job, *, with_channel: bool = False) -> str:
     progress = job.progress or {}
     step = (
         f" · step {progress['step']}/{progress['total_steps']}"
         if progress.get("total_steps")
         else ""
     )
-    return f"{STATE_EMOJI.get(job.status, '')} job {job.id} · {job.status}{step}"
+    where = f" · {channel_mention(job.channel_id)}" if with_channel else ""
+    return f"{STATE_EMOJI.get(job.status, '')} {job_noun(job)} {job.id} · {job.status}{step}{where}"
 
 
-def dataset_line(dataset: Dataset) -> str:
+def channel_mention(channel_id: str | None) -> str:
+    """``<#C…>`` (Slack shows the channel's name), or the deployment for no channel."""
+    return f"<#{channel_id}>" if channel_id else "the deployment (outside Slack)"
+
+
+def dataset_scope(dataset: Dataset, here: str | None) -> str:
+    """Whose a dataset is, as seen from channel ``here`` (None: an approver's `all` list)."""
+    if dataset.channel_id is None:
+        return "the deployment's"
+    if here is None:
+        return channel_mention(dataset.channel_id) + (", shared" if dataset.shared else "")
+    if dataset.channel_id == here:
+        return "this channel's" + (", shared" if dataset.shared else "")
+    return f"shared by {channel_mention(dataset.channel_id)}"
+
+
+def dataset_line(dataset: Dataset, here: str | None = None) -> str:
     labels = f"{len(dataset.labels)} labels" if dataset.labels else "free-form answers"
     who = f" · by <@{dataset.uploaded_by}>" if dataset.uploaded_by else ""
     return (
         f"*{dataset.name}* v{dataset.version} · {dataset.train_samples} train / "
-        f"{dataset.eval_samples} eval · {labels} · {dataset.format}{who}"
+        f"{dataset.eval_samples} eval · {labels} · {dataset.format}{who} · "
+        f"{dataset_scope(dataset, here)}"
+    )
+
+
+def checkpoint_line(
+    checkpoint: Checkpoint, job: Job, metrics: dict[str, Any] | None, *, serving: bool
+) -> str:
+    """One row of ``/finetune checkpoints``: id, job, step, state, scores when evaluated."""
+    scores = (
+        f"accuracy {_pct(metrics.get('accuracy'))}, macro-F1 {_pct(metrics.get('macro_f1'))}"
+        if metrics is not None
+        else "not evaluated"
+    )
+    final = " (final)" if checkpoint.final else ""
+    now = " · :arrow_forward: *serving now*" if serving else ""
+    return (
+        f"*checkpoint {checkpoint.id}* · {job_noun(job).lower()} {job.id} ({job.status}) · "
+        f"step {checkpoint.step}{final} · {checkpoint.status} · {scores}{now}"
     )
 
 

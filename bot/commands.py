@@ -1,5 +1,13 @@
-"""``/finetune`` subcommands. Every handler acks at once; the answer follows through
-``respond`` (ephemeral unless the channel should see it) or a channel message."""
+"""``/finetune``: the dispatcher and the help. Every handler acks at once; the answer follows
+through ``respond`` (ephemeral unless the channel should see it) or a channel message. Domain
+errors become user text here, in ``handle_finetune``, and only here.
+
+The subcommands live by what they deal with: bot/dataset_commands.py (upload, datasets, share,
+unshare), bot/job_commands.py (start, status, list, cancel, evaluate, export; queueing a job and
+its root message), bot/checkpoint_commands.py (checkpoints, compare, promote, rollback). Channels
+are tenants (bot/scope.py): each command sees this channel's jobs and datasets; approvers end a
+command with ``all`` to see every channel's.
+"""
 
 from __future__ import annotations
 
@@ -10,47 +18,55 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
 
+from bot import checkpoint_commands, dataset_commands, job_commands
 from bot.auth import Approvers
-from bot.blocks import (
-    classify_blocks,
-    compare_text,
-    dataset_line,
-    job_header_blocks,
-    job_line,
-    rollback_confirm_blocks,
-    served_name,
-    text_blocks,
-)
+from bot.blocks import classify_blocks
+from bot.job_commands import queue_job
 from bot.serving_client import call_serving
-from core.enums import JobKind, JobStatus
-from core.errors import ConfigError, FinetuneError, Forbidden, NotFound
+from core.errors import FinetuneError
 from core.settings import Settings
-from runner.config import TrainConfig, help_lines, parse_train_args
-from storage.datasets import get_dataset, latest_dataset, list_datasets
+from runner.config import help_lines
+from storage.datasets import latest_dataset
 from storage.db import new_session
-from storage.jobs import create_job, request_cancel
-from storage.models import Dataset, Job
+from storage.models import Dataset
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BotContext", "queue_job", "register", "register_classify", "register_views"]
 
 USAGE = {
     "help": "this message",
     "upload": "how to share a dataset file with the bot",
-    "datasets": "the datasets uploaded so far",
+    "datasets [all]": "the datasets this channel can use: its own, those other channels "
+    "shared, the deployment's (`all`: every channel's, approvers)",
+    "share <name> / unshare <name>": "let every channel train on this channel's dataset, or "
+    "stop (its uploader or an approver)",
     "start [dataset=<name>] [key=value …]": "queue a training job (the dataset defaults to the "
-    "latest uploaded in this channel)",
+    "latest uploaded in this channel; a name means this channel's, else a shared one, else the "
+    "deployment's)",
     "status [job]": "a job's state and progress",
     "list": "the latest jobs in this channel",
-    "cancel <job>": "stop a job (its requester or an approver)",
+    "checkpoints": "this channel's latest checkpoints (id, job, step, state, scores) and what "
+    "serves now",
+    "cancel <job>": "stop a job, during training, evaluation or export (its requester or an "
+    "approver)",
     "compare <a> <b>": "eval scores of two checkpoints (or `base`) side by side",
-    "promote <checkpoint>": "serve a checkpoint (approvers)",
+    "evaluate <checkpoint>": "score a checkpoint again, e.g. after a failed evaluation (the "
+    "requester of its job or an approver); the report lands in the new job's thread",
+    "promote <checkpoint> [force]": "serve a checkpoint (approvers); one never evaluated, or "
+    "an intermediate one of a failed or cancelled job, needs `force`",
     "rollback [to <checkpoint>|to base]": "serve what served before the current checkpoint "
     "(or a checkpoint that served before); shows the target and asks to confirm (approvers)",
     "export <checkpoint> [bits=8|4]": "a standalone merged model, optionally quantized, "
     "verified before it is announced (approvers)",
 }
+SCOPE_HELP = (
+    "Jobs, checkpoints and datasets are per channel: another channel's are not found here. "
+    "Approvers add `all` at the end (`status 12 all`, `list all`, `checkpoints all`, `compare 3 "
+    "9 all`, `cancel 12 all`, `promote 9 all`, `datasets all`, …) to reach every channel's. "
+    "Each user may have {queued} jobs queued and {running} running at once (approvers too)."
+)
 
 
 @dataclass
@@ -61,10 +77,16 @@ class BotContext:
     base_model: str
 
 
-def usage_text(unknown: str | None = None) -> str:
+def usage_text(unknown: str | None = None, settings: Settings | None = None) -> str:
     head = f"Unknown subcommand `{unknown}`. " if unknown else ""
     lines = [f"{head}*`/finetune` subcommands:*"]
     lines += [f"• `/finetune {name}` — {what}" for name, what in USAGE.items()]
+    if settings is not None:
+        lines.append(
+            SCOPE_HELP.format(
+                queued=settings.user_max_queued_jobs, running=settings.user_max_running_jobs
+            )
+        )
     lines.append("Training settings for `start` (key=value):")
     lines += [f"• `{line.split(':', 1)[0]}`" for line in help_lines()]
     return "\n".join(lines)
@@ -81,7 +103,7 @@ def register(app: Any, ctx: BotContext) -> None:
         handler = SUBCOMMANDS.get(sub)
         try:
             if handler is None:
-                respond(text=usage_text(sub), response_type="ephemeral")
+                respond(text=usage_text(sub, ctx.settings), response_type="ephemeral")
                 return
             handler(ctx, command, args, respond, client)
         except FinetuneError as exc:
@@ -97,281 +119,25 @@ def register(app: Any, ctx: BotContext) -> None:
 
 
 def _help(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    respond(text=usage_text(), response_type="ephemeral")
-
-
-UPLOAD_HELP = (
-    "*Share a dataset file in this channel* (drag it in, or the + button → Upload) or in a DM "
-    "with me; I fetch it, check it and post the validation report in a thread. Accepted: "
-    "ShareGPT (`conversations`), OpenAI (`messages`) or Alpaca (`instruction`/`output`) records "
-    "as .json or .jsonl; a LLaMA-Factory folder as a .zip with `dataset_info.json` (e.g. "
-    "`train.json` + `eval.json`); or a .csv/.tsv with a text and a label column. Up to {mib} MiB. "
-    "Then `/finetune start lr=5e-6 …` trains on the latest upload of the channel."
-)
-
-
-def _upload(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    mib = ctx.settings.max_upload_bytes // (1024 * 1024)
-    respond(text=UPLOAD_HELP.format(mib=mib), response_type="ephemeral")
-
-
-def _datasets(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    with new_session(ctx.db) as session:
-        datasets = list_datasets(session, limit=20)
-    text = (
-        "\n".join(f"• {dataset_line(d)}" for d in datasets)
-        if datasets
-        else "No datasets yet: share a dataset file in this channel (`/finetune help`)."
-    )
-    respond(text=text, response_type="ephemeral")
-
-
-def _start(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    channel = command["channel_id"]
-    if not args:  # the form: every setting with its default, a dataset picker, a file input
-        from bot.views import start_modal
-
-        with new_session(ctx.db) as session:
-            datasets = list_datasets(session, limit=100)
-            latest = latest_dataset(session, channel_id=channel)
-        client.views_open(
-            trigger_id=command["trigger_id"],
-            view=start_modal(
-                datasets, channel_id=channel, default_dataset_id=latest.id if latest else None
-            ),
-        )
-        return
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
-    config = parse_train_args([a for a in args if not a.startswith("dataset=")])
-    with new_session(ctx.db) as session:
-        dataset = (
-            get_dataset(session, name=name) if name else latest_dataset(session, channel_id=channel)
-        )
-        if dataset is None:
-            raise NotFound(
-                f"no dataset named {name}"
-                if name
-                else "no dataset uploaded in this channel yet: share a file first, or name "
-                "one with dataset=<name> (`/finetune datasets`)"
-            )
-    queue_job(ctx, client, dataset=dataset, config=config, user=command["user_id"], channel=channel)
-
-
-def queue_job(
-    ctx: BotContext, client: Any, *, dataset: Dataset, config: TrainConfig, user: str, channel: str
-) -> Job:
-    """Queue a training job and post its root message, whose ts becomes the job's thread."""
-    with new_session(ctx.db) as session:
-        job = create_job(
-            session,
-            base_model=ctx.base_model,
-            dataset_id=dataset.id,
-            config=config.model_dump(exclude_defaults=True),
-            requested_by=user,
-            channel_id=channel,
-        )
-        return _post_root(session, client, job, dataset, "Fine-tuning job")
-
-
-def _post_root(session: Any, client: Any, job: Job, dataset: Dataset | None, noun: str) -> Job:
-    """Post a queued job's root message; its ts becomes the job's thread."""
-    posted = client.chat_postMessage(
-        channel=job.channel_id,
-        text=f"{noun} {job.id} queued",
-        blocks=job_header_blocks(job, dataset),
-    )
-    job.thread_ts = posted["ts"]
-    session.add(job)
-    session.commit()
-    return job
-
-
-def _find_job(session: Any, command: dict, args: list[str]) -> Job:
-    if args:
-        if not args[0].isdigit():
-            raise NotFound(f"`{args[0]}` is not a job number")
-        job = session.get(Job, int(args[0]))
-        if job is None:
-            raise NotFound(f"no job {args[0]}")
-        return job  # type: ignore[no-any-return]
-    job = session.exec(
-        select(Job).where(Job.channel_id == command["channel_id"]).order_by(col(Job.id).desc())
-    ).first()
-    if job is None:
-        raise NotFound("no job in this channel yet: `/finetune start …`")
-    return job  # type: ignore[no-any-return]
-
-
-def _status(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    with new_session(ctx.db) as session:
-        job = _find_job(session, command, args)
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-    respond(blocks=job_header_blocks(job, dataset), text=job_line(job), response_type="ephemeral")
-
-
-def _list(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    with new_session(ctx.db) as session:
-        jobs = session.exec(
-            select(Job)
-            .where(Job.channel_id == command["channel_id"])
-            .order_by(col(Job.id).desc())
-            .limit(15)
-        ).all()
-    text = "\n".join(f"• {job_line(j)}" for j in jobs) if jobs else "No jobs in this channel yet."
-    respond(blocks=text_blocks(text), text=text, response_type="ephemeral")
-
-
-def _cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    if not args:
-        respond(text="Which job? `/finetune cancel <job>`", response_type="ephemeral")
-        return
-    user = command["user_id"]
-    with new_session(ctx.db) as session:
-        job = _find_job(session, command, args[:1])
-        if job.requested_by != user and not ctx.approvers.allows(user):
-            raise Forbidden(
-                f"only <@{job.requested_by}> (who started job {job.id}) or an "
-                "approver can cancel it"
-            )
-        assert job.id is not None
-        job = request_cancel(session, job_id=job.id, by=user)
-    state = (
-        "cancelled"
-        if job.status == JobStatus.cancelled
-        else "asked to stop; it keeps its last checkpoint"
-    )
-    respond(text=f"Job {job.id} {state}.", response_type="ephemeral")
-
-
-def _require_approver(ctx: BotContext, user: str, what: str) -> None:
-    if not ctx.approvers.allows(user):
-        raise Forbidden(f"only approvers can {what}")
-
-
-def _promote(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    if not args or not args[0].isdigit():
-        respond(
-            text="Which checkpoint? `/finetune promote <checkpoint>`", response_type="ephemeral"
-        )
-        return
-    user = command["user_id"]
-    _require_approver(ctx, user, "promote a checkpoint")
-    result = call_serving(
-        ctx.settings, "POST", "/v1/adapters/promote", {"checkpoint_id": int(args[0]), "by": user}
-    )
-    respond(
-        text=f":white_check_mark: <@{user}> promoted checkpoint {args[0]}: `/classify` now "
-        f"answers with it (swap {result.get('swap_ms')} ms).",
-        response_type="in_channel",
-    )
-
-
-def _rollback(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    """Show what serves and what would serve after the rollback, with a button to confirm
-    (bot/actions.py rolls back on the click, checking the approver and the target again)."""
-    user = command["user_id"]
-    _require_approver(ctx, user, "roll back")
-    if args and (len(args) != 2 or args[0] != "to" or not (args[1].isdigit() or args[1] == "base")):
-        raise ConfigError(
-            f"`{' '.join(args)}`: use `/finetune rollback` (one step back), "
-            "`/finetune rollback to <checkpoint>` or `/finetune rollback to base`"
-        )
-    query = f"?to={args[1]}" if args else ""
-    plan = call_serving(ctx.settings, "GET", f"/v1/adapters/rollback{query}")
-    respond(
-        blocks=rollback_confirm_blocks(plan),
-        text=f"Roll back from {served_name(plan.get('current'))} to "
-        f"{served_name(plan.get('target'))}?",
-        response_type="ephemeral",
-    )
-
-
-def _compare(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    from storage.evaluations import latest_evaluation
-    from storage.models import Checkpoint, Evaluation
-
-    if len(args) != 2:
-        respond(
-            text="Compare what? `/finetune compare <checkpoint|base> <checkpoint|base>`",
-            response_type="ephemeral",
-        )
-        return
-    with new_session(ctx.db) as session:
-        anchor = next((session.get(Checkpoint, int(a)) for a in args if a.isdigit()), None)
-        if anchor is None:
-            raise NotFound("name at least one checkpoint number to compare")
-        job = session.get(Job, anchor.job_id)
-        dataset_id = job.dataset_id if job is not None else None
-        rows: list[tuple[str, dict[str, Any]]] = []
-        for arg in args:
-            if arg == "base":
-                found: Evaluation | None = latest_evaluation(
-                    session,
-                    dataset_id=dataset_id or -1,
-                    base_model=anchor.base_model,
-                    checkpoint_id=None,
-                )
-            elif arg.isdigit():
-                found = session.exec(
-                    select(Evaluation)
-                    .where(Evaluation.checkpoint_id == int(arg))
-                    .order_by(col(Evaluation.id).desc())
-                ).first()
-            else:
-                raise NotFound(f"`{arg}` is neither a checkpoint number nor `base`")
-            if found is None:
-                raise NotFound(f"{arg} has no evaluation yet")
-            rows.append((arg if arg == "base" else f"ckpt {arg}", found.metrics))
-    respond(text=compare_text(rows), response_type="ephemeral")
-
-
-def _export(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
-    from runner.export import check_export
-    from storage.artifacts import ArtifactStore
-
-    if not args or not args[0].isdigit():
-        respond(
-            text="Which checkpoint? `/finetune export <checkpoint> [bits=8|4]`",
-            response_type="ephemeral",
-        )
-        return
-    bits: int | None = None
-    for arg in args[1:]:
-        key, _, value = arg.partition("=")
-        if key != "bits" or value not in ("4", "8"):
-            raise ConfigError(f"`{arg}`: the only export setting is bits=8 or bits=4")
-        bits = int(value)
-    user, channel = command["user_id"], command["channel_id"]
-    _require_approver(ctx, user, "export a model")
-    store = ArtifactStore(ctx.settings.artifact_dir)
-    with new_session(ctx.db) as session:
-        checkpoint = check_export(session, store, checkpoint_id=int(args[0]), bits=bits, here=False)
-        trained = session.get(Job, checkpoint.job_id)
-        job = create_job(
-            session,
-            kind=JobKind.export,
-            base_model=checkpoint.base_model,
-            dataset_id=trained.dataset_id if trained else None,
-            config={"checkpoint_id": checkpoint.id, **({"bits": bits} if bits else {})},
-            requested_by=user,
-            channel_id=channel,
-        )
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-        _post_root(session, client, job, dataset, "Export job")
+    respond(text=usage_text(settings=ctx.settings), response_type="ephemeral")
 
 
 SUBCOMMANDS: dict[str, Callable[..., None]] = {
-    "upload": _upload,
     "help": _help,
-    "datasets": _datasets,
-    "start": _start,
-    "status": _status,
-    "list": _list,
-    "cancel": _cancel,
-    "compare": _compare,
-    "promote": _promote,
-    "rollback": _rollback,
-    "export": _export,
+    "upload": dataset_commands.upload,
+    "datasets": dataset_commands.datasets,
+    "share": dataset_commands.share,
+    "unshare": dataset_commands.unshare,
+    "start": job_commands.start,
+    "status": job_commands.status,
+    "list": job_commands.list_jobs,
+    "cancel": job_commands.cancel,
+    "evaluate": job_commands.evaluate,
+    "export": job_commands.export,
+    "checkpoints": checkpoint_commands.checkpoints,
+    "compare": checkpoint_commands.compare,
+    "promote": checkpoint_commands.promote,
+    "rollback": checkpoint_commands.rollback,
 }
 
 

@@ -46,11 +46,28 @@ def _field_block(name: str) -> dict[str, Any]:
     }
 
 
+def dataset_option_text(dataset: Dataset, channel_id: str) -> str:
+    """The picker's label: name and version, and whose it is when not the channel's own
+    (``news v2 · shared``, ``news-demo v1 · deployment``)."""
+    owner = (
+        ""
+        if dataset.channel_id == channel_id
+        else " · deployment"
+        if dataset.channel_id is None
+        else " · shared"
+    )
+    return f"{dataset.name} v{dataset.version}{owner}"[:75]
+
+
 def start_modal(
     datasets: list[Dataset], *, channel_id: str, default_dataset_id: int | None
 ) -> dict[str, Any]:
+    """``datasets``: what the channel may use (``storage.datasets.visible_datasets``)."""
     options = [
-        {"text": {"type": "plain_text", "text": f"{d.name} v{d.version}"[:75]}, "value": str(d.id)}
+        {
+            "text": {"type": "plain_text", "text": dataset_option_text(d, channel_id)},
+            "value": str(d.id),
+        }
         for d in datasets[:100]
     ]
     picker: dict[str, Any] = {

@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     approvers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Slack user ids and/or user-group ids, comma-separated."
     )
+    user_max_queued_jobs: int = Field(
+        3,
+        ge=1,
+        description="Most jobs one Slack user may have waiting in the queue; a start, evaluate "
+        "or export beyond it is refused (approvers too).",
+    )
+    user_max_running_jobs: int = Field(
+        2,
+        ge=1,
+        description="Most jobs one Slack user may have running (or evaluating) at once; while "
+        "they have that many, a start, evaluate or export is refused (approvers too).",
+    )
 
     max_upload_bytes: int = Field(50 * MiB, gt=0, description="Largest uploaded file accepted.")
     max_archive_bytes: int = Field(

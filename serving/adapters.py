@@ -2,8 +2,10 @@
 
 Promotion: validate the checkpoint (files, base model, protocol, rank, a configuration vLLM can
 serve) → load it under a new LoRA id → warm it with one request → record the promotion in storage
-→ switch ``current`` (one assignment: a request reads it once, so each answer comes wholly from one
-adapter) → unload adapters older than the previous one (kept for a fast rollback).
+(refused, 409, when the checkpoint was rejected meanwhile: storage compares and sets; the adapter
+is unloaded again) → switch ``current`` (one assignment: a request reads it once, so each answer
+comes wholly from one adapter) → unload adapters older than the previous one (kept for a fast
+rollback).
 
 Rollback: what storage's history says served before the current checkpoint was put in place
 (``storage.promotions.rollback_target``), loaded and warmed the same way, recorded, switched.
@@ -95,7 +97,8 @@ class AdapterRegistry:
         if checkpoint is None:
             raise NotFound(f"no checkpoint {checkpoint_id}")
         if checkpoint.status == CheckpointStatus.rejected:
-            raise AdapterRefused(f"checkpoint {checkpoint_id} was rejected")
+            by = f" by {checkpoint.decided_by}" if checkpoint.decided_by else ""
+            raise AdapterRefused(f"checkpoint {checkpoint_id} was rejected{by}")
         path = self.store.path(checkpoint.path)
         missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
         if missing:
@@ -167,16 +170,19 @@ class AdapterRegistry:
         async with self._lock:
             if self.current is not None and self.current.checkpoint_id == checkpoint_id:
                 raise Conflict(f"checkpoint {checkpoint_id} is already serving")
+            fresh = checkpoint_id not in self.loaded
             adapter = await self._load(checkpoint_id)
-            previous = await asyncio.to_thread(self._storage_target)  # this replica may lag
-            with new_session(self.db) as session:  # recorded first: a failed write changes nothing
-                record_promotion(
-                    session,
-                    checkpoint_id=checkpoint_id,
-                    previous_checkpoint_id=previous,
-                    action="promote",
-                    decided_by=by,
-                )
+            try:
+                previous = await asyncio.to_thread(self._storage_target)  # this replica may lag
+                # Recorded first: a failed write changes nothing. Off the event loop: the write
+                # may wait for a Reject committing on the same row, and requests go on meanwhile.
+                # record_promotion refuses a checkpoint rejected since validate() read it.
+                await asyncio.to_thread(self._record_promotion, checkpoint_id, previous, by)
+            except BaseException:
+                if fresh and self.loaded.get(checkpoint_id) is adapter:  # not served: unload it
+                    del self.loaded[checkpoint_id]
+                    await self.engine.remove_adapter(adapter.lora_id)
+                raise
             await self._switch(adapter)
             log.info(
                 "promoted checkpoint %d",
@@ -190,6 +196,16 @@ class AdapterRegistry:
                 },
             )
             return adapter
+
+    def _record_promotion(self, checkpoint_id: int, previous: int | None, by: str) -> None:
+        with new_session(self.db) as session:
+            record_promotion(
+                session,
+                checkpoint_id=checkpoint_id,
+                previous_checkpoint_id=previous,
+                action="promote",
+                decided_by=by,
+            )
 
     def rollback_plan(self, to: RollbackTo = None) -> tuple[int | None, int | None]:
         """(what serves now, what a rollback would serve) as storage records them, or Conflict

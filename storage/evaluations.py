@@ -55,3 +55,28 @@ def promoted_checkpoint(session: Session) -> Checkpoint | None:
     if promotion is None or promotion.checkpoint_id is None:
         return None
     return session.get(Checkpoint, promotion.checkpoint_id)
+
+
+def checkpoint_evaluation(session: Session, *, checkpoint_id: int) -> Evaluation | None:
+    """The newest evaluation of a checkpoint, on any dataset."""
+    return session.exec(
+        select(Evaluation)
+        .where(Evaluation.checkpoint_id == checkpoint_id)
+        .order_by(col(Evaluation.id).desc())
+    ).first()
+
+
+def checkpoint_evaluations(session: Session, *, checkpoint_ids: list[int]) -> dict[int, Evaluation]:
+    """The newest evaluation of each of ``checkpoint_ids`` that has one, by checkpoint id."""
+    found: dict[int, Evaluation] = {}
+    if not checkpoint_ids:
+        return found
+    rows = session.exec(
+        select(Evaluation)
+        .where(col(Evaluation.checkpoint_id).in_(checkpoint_ids))
+        .order_by(col(Evaluation.id))
+    )
+    for evaluation in rows:
+        assert evaluation.checkpoint_id is not None
+        found[evaluation.checkpoint_id] = evaluation  # the newest comes last
+    return found

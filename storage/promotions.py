@@ -12,14 +12,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from core.enums import CheckpointStatus
-from core.errors import Conflict
-from storage.models import AuditLog, Checkpoint, Promotion
+from core.enums import CheckpointStatus, JobStatus
+from core.errors import Conflict, NotFound
+from storage.models import AuditLog, Checkpoint, Job, Promotion
 from storage.types import utcnow
 
 RollbackTo = int | Literal["base"] | None  # a checkpoint, the base model, or None: one step back
+
+
+class AlreadyDecided(Conflict):
+    """A decision on a checkpoint lost to another one (Reject after a promotion, a promotion of a
+    checkpoint rejected meanwhile): the checkpoint's state and who decided it, for the message."""
+
+    def __init__(self, checkpoint: Checkpoint, message: str) -> None:
+        super().__init__(message)
+        self.checkpoint_id = checkpoint.id
+        self.status = checkpoint.status
+        self.decided_by = checkpoint.decided_by
 
 
 def serving_name(checkpoint_id: int | None) -> str:
@@ -104,8 +116,30 @@ def record_promotion(
     decided_by: str,
 ) -> Promotion:
     """A new current promotion (checkpoint_id None: the base model serves), the checkpoints'
-    states updated (the new one promoted, the old one retired) and an audit row, in one commit."""
+    states updated (the new one promoted, the old one retired) and an audit row, in one commit.
+
+    Compare-and-set against Reject: the new checkpoint is promoted by ``UPDATE … WHERE status <>
+    'rejected'``, so a checkpoint rejected at that moment (after serving validated it) is refused
+    with AlreadyDecided and nothing is written."""
     now = utcnow()
+    if checkpoint_id is not None:
+        promoted = session.execute(
+            update(Checkpoint)
+            .where(
+                col(Checkpoint.id) == checkpoint_id,
+                col(Checkpoint.status) != CheckpointStatus.rejected.value,
+            )
+            .values(status=CheckpointStatus.promoted.value, decided_by=decided_by, decided_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        if not promoted:
+            session.rollback()
+            checkpoint = session.get(Checkpoint, checkpoint_id, populate_existing=True)
+            if checkpoint is None:
+                raise NotFound(f"no checkpoint {checkpoint_id}")
+            by = f" by {checkpoint.decided_by}" if checkpoint.decided_by else ""
+            raise AlreadyDecided(
+                checkpoint, f"checkpoint {checkpoint_id} was rejected{by}; it was not promoted"
+            )
     promotion = Promotion(
         checkpoint_id=checkpoint_id,
         previous_checkpoint_id=previous_checkpoint_id,
@@ -115,16 +149,11 @@ def record_promotion(
     )
     session.add(promotion)
     if previous_checkpoint_id is not None and previous_checkpoint_id != checkpoint_id:
-        previous = session.get(Checkpoint, previous_checkpoint_id)
-        if previous is not None:
-            previous.status = CheckpointStatus.retired.value
-            session.add(previous)
-    if checkpoint_id is not None:
-        current = session.get(Checkpoint, checkpoint_id)
-        if current is not None:
-            current.status = CheckpointStatus.promoted.value
-            current.decided_by, current.decided_at = decided_by, now
-            session.add(current)
+        session.execute(
+            update(Checkpoint)
+            .where(col(Checkpoint.id) == previous_checkpoint_id)
+            .values(status=CheckpointStatus.retired.value)
+        )
     session.add(
         AuditLog(
             actor=decided_by,
@@ -142,15 +171,72 @@ def promotion_history(session: Session, *, limit: int = 20) -> list[Promotion]:
 
 
 def reject_checkpoint(session: Session, *, checkpoint_id: int, decided_by: str) -> Checkpoint:
-    """Mark a candidate checkpoint rejected (it can no longer be promoted), with an audit row."""
-    checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
-        from core.errors import NotFound
+    """Mark a candidate checkpoint rejected (it can no longer be promoted), with an audit row.
 
-        raise NotFound(f"no checkpoint {checkpoint_id}")
-    checkpoint.status = CheckpointStatus.rejected.value
-    checkpoint.decided_by, checkpoint.decided_at = decided_by, utcnow()
-    session.add(checkpoint)
+    Compare-and-set: only ``candidate → rejected`` (``UPDATE … WHERE status = 'candidate'``); a
+    checkpoint promoted (or rejected) meanwhile is refused with AlreadyDecided, unchanged."""
+    rejected = session.execute(
+        update(Checkpoint)
+        .where(
+            col(Checkpoint.id) == checkpoint_id,
+            col(Checkpoint.status) == CheckpointStatus.candidate.value,
+        )
+        .values(status=CheckpointStatus.rejected.value, decided_by=decided_by, decided_at=utcnow())
+    ).rowcount  # type: ignore[attr-defined]
+    if not rejected:
+        session.rollback()
+        checkpoint = session.get(Checkpoint, checkpoint_id, populate_existing=True)
+        if checkpoint is None:
+            raise NotFound(f"no checkpoint {checkpoint_id}")
+        by = f" by {checkpoint.decided_by}" if checkpoint.decided_by else ""
+        raise AlreadyDecided(
+            checkpoint,
+            f"checkpoint {checkpoint_id} was already {checkpoint.status}{by}; it was not rejected",
+        )
     session.add(AuditLog(actor=decided_by, action="reject", target=f"checkpoint:{checkpoint_id}"))
     session.commit()
+    checkpoint = session.get(Checkpoint, checkpoint_id, populate_existing=True)
+    assert checkpoint is not None
     return checkpoint
+
+
+def list_checkpoints(
+    session: Session, *, channel_id: str | None, limit: int = 15
+) -> list[tuple[Checkpoint, Job]]:
+    """The newest checkpoints of the channel's jobs (``channel_id`` None: of every job), each with
+    its job."""
+    query = select(Checkpoint, Job).join(Job, col(Job.id) == col(Checkpoint.job_id))
+    if channel_id is not None:
+        query = query.where(Job.channel_id == channel_id)
+    rows = session.exec(query.order_by(col(Checkpoint.id).desc()).limit(limit))
+    return [(checkpoint, job) for checkpoint, job in rows]
+
+
+def promotion_problem(session: Session, *, checkpoint: Checkpoint) -> str | None:
+    """Why ``checkpoint`` should not be promoted without ``force``: it was never evaluated, or
+    it is an intermediate checkpoint of a job that failed or was cancelled; None when it may be.
+    (A rejected checkpoint cannot be promoted at all: ``record_promotion`` refuses it.)"""
+    from storage.evaluations import checkpoint_evaluation
+
+    job = session.get(Job, checkpoint.job_id)
+    name = f"checkpoint {checkpoint.id}"
+    if job is None:
+        return f"{name}'s job is gone"
+    if job.status == JobStatus.failed:
+        error = job.error or "no reason recorded"
+        ended = "failed: " + (error if len(error) <= 300 else error[:299] + "…")
+    elif job.status == JobStatus.cancelled:
+        ended = "was cancelled"
+    elif job.status == JobStatus.succeeded:
+        ended = "succeeded"
+    else:
+        ended = f"is still {job.status}"
+    assert checkpoint.id is not None
+    if checkpoint_evaluation(session, checkpoint_id=checkpoint.id) is None:
+        return f"{name} was never evaluated (its job {job.id} {ended})"
+    if job.status in (JobStatus.failed, JobStatus.cancelled) and not checkpoint.final:
+        return (
+            f"{name} is an intermediate checkpoint (step {checkpoint.step}) of job {job.id}, "
+            f"which {ended}"
+        )
+    return None

@@ -74,6 +74,41 @@ class SlackWorld:
         """The next response_url message after the first ``before`` ones."""
         return self.standin.wait_for("response_url", before + 1)[before]
 
+    def ask(self, text: str, **kwargs) -> dict:
+        """A /finetune command and its answer (through response_url)."""
+        before = len(self.standin.calls_to("response_url"))
+        assert self.command(text, **kwargs).status_code == 200
+        return self.reply(before)
+
+
+def ingest(
+    slack: SlackWorld,
+    engine,
+    *,
+    channel: str | None = "C0CHAN",
+    name: str = "news",
+    user: str | None = "U0USER",
+):
+    """The demo dataset stored as an upload of ``channel`` (None: the deployment's, as
+    ``python -m runner ingest`` stores it) through the ingestion code uploads use."""
+    from runner.datasets.ingest import IngestOptions, ingest_dataset
+    from storage.artifacts import ArtifactStore
+    from storage.db import new_session
+    from tests.conftest import DEMO_DATASET
+
+    with new_session(engine) as session:
+        dataset, _ = ingest_dataset(
+            session,
+            ArtifactStore(slack.settings.artifact_dir),
+            DEMO_DATASET,
+            IngestOptions.from_settings(slack.settings),
+            name=name,
+            tokenizer=None,
+            channel_id=channel,
+            uploaded_by=user,
+        )
+    return dataset
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -160,10 +160,13 @@ def test_classify_promote_rollback_and_compare_commands(
     good = checkpoints["good"]
     slack.command(f"promote {good}", user="U0STRANGER")
     assert "only approvers can promote a checkpoint" in slack.reply(0)["text"]
-    slack.command(f"promote {good}", user=APPROVER)
+    slack.command(f"promote {good} force", user=APPROVER)  # never evaluated: forced
     promoted = slack.reply(1)
     assert promoted["response_type"] == "in_channel"
-    assert f"<@{APPROVER}> promoted checkpoint {good}" in promoted["text"]
+    assert promoted["text"].startswith(
+        f":white_check_mark: <@{APPROVER}> promoted checkpoint {good} (forced: checkpoint "
+        f"{good} was never evaluated (its job 1 succeeded)): `/classify` now answers with it"
+    )
 
     slack.command("球队夺冠", command="/classify")
     answer = slack.reply(2)
@@ -256,8 +259,8 @@ def test_rollback_shows_its_target_and_rolls_back_on_an_approvers_fresh_click(
         slack.command(text, user=user)
         return slack.reply(before)
 
-    command(f"promote {good}")
-    command(f"promote {meh}")
+    command(f"promote {good} force")
+    command(f"promote {meh} force")
     assert "only approvers can roll back" in command("rollback", user="U0STRANGER")["text"]
     assert command("rollback to 999")["text"] == (
         f":warning: serving refused: checkpoint 999 did not serve before checkpoint {meh}: "
@@ -313,3 +316,99 @@ def test_rollback_shows_its_target_and_rolls_back_on_an_approvers_fresh_click(
     _click_rollback(slack, cancel, APPROVER, action="cancel_rollback")
     assert slack.reply(before)["text"] == "Rollback cancelled; nothing was changed."
     assert len(_promotions(engine)) == 3
+
+
+def _serving_loaded(serving: str, checkpoint_id: int) -> bool:
+    import httpx
+
+    loaded = httpx.get(
+        f"{serving}/v1/adapters", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    ).json()["loaded"]
+    return any(a["checkpoint_id"] == checkpoint_id for a in loaded)
+
+
+def _uncommitted_decision(engine, checkpoint_id: int, status: str, by: str):
+    """Another approver's decision on the checkpoint row, written but not committed yet: the
+    session holds the row (PostgreSQL) or the write lock (SQLite) until it commits."""
+    from sqlalchemy import update
+
+    session = new_session(engine)
+    session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.status == CheckpointStatus.candidate)
+        .values(status=status, decided_by=by)
+    )
+    return session
+
+
+def test_a_checkpoint_rejected_after_the_approve_click_checked_it_is_not_served(
+    slack, engine, checkpoints, serving
+) -> None:
+    """The race: Approve reads `candidate`, serving validates and loads the adapter, and a
+    Reject commits before serving records the promotion. The promotion must lose."""
+    good = checkpoints["good"]
+    reject = _uncommitted_decision(engine, good, CheckpointStatus.rejected, GROUP_MEMBER)
+    try:
+        _click(slack, "approve_checkpoint", good, APPROVER)
+        deadline = time.monotonic() + 60
+        while not _serving_loaded(serving, good):  # validated and loaded: past every early check
+            assert time.monotonic() < deadline, "serving never loaded the adapter"
+            time.sleep(0.05)
+        reject.commit()  # the Reject lands before serving records the promotion
+    finally:
+        reject.close()
+    [told] = slack.standin.wait_for("chat.postEphemeral", timeout=60)
+    assert told["user"] == APPROVER and told["text"] == (
+        f"Checkpoint {good} was already rejected by <@{GROUP_MEMBER}>; nothing was changed."
+    )
+    assert _status(engine, good).status == CheckpointStatus.rejected
+    assert _promotions(engine) == []  # never recorded as serving
+    assert not slack.standin.calls_to("chat.update")  # the report keeps what the Reject wrote
+    import httpx
+
+    adapters = httpx.get(
+        f"{serving}/v1/adapters", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    ).json()
+    assert adapters["current"]["checkpoint_id"] is None  # the base model still answers
+    assert adapters["loaded"] == []  # the refused adapter was unloaded again
+
+
+def _wait_for_a_blocked_writer(engine) -> None:
+    """Until another connection waits on a lock (PostgreSQL shows it); SQLite cannot show it, so
+    give the bot a second to reach its write."""
+    from sqlalchemy import text
+
+    if engine.dialect.name != "postgresql":
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + 30
+    with engine.connect() as connection:
+        while not connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+        ).scalar():
+            assert time.monotonic() < deadline, "the bot never waited on the row"
+            time.sleep(0.05)
+
+
+def test_a_reject_that_loses_to_a_promotion_says_so_and_changes_nothing(
+    slack, engine, checkpoints
+) -> None:
+    meh = checkpoints["meh"]
+    promote = _uncommitted_decision(engine, meh, CheckpointStatus.promoted, APPROVER)
+    try:
+        _click(slack, "reject_checkpoint", meh, GROUP_MEMBER)
+        _wait_for_a_blocked_writer(engine)
+        promote.commit()
+    finally:
+        promote.close()
+    [told] = slack.standin.wait_for("chat.postEphemeral", timeout=60)
+    assert told["user"] == GROUP_MEMBER and told["text"] == (
+        f"Checkpoint {meh} was already promoted by <@{APPROVER}>; nothing was changed."
+    )
+    assert _status(engine, meh).status == CheckpointStatus.promoted
+    assert not slack.standin.calls_to("chat.update")
+    with new_session(engine) as session:
+        assert [a.action for a in session.exec(select(AuditLog))] == []  # no reject recorded

@@ -18,7 +18,7 @@ from tests.bot.conftest import APPROVER, GROUP_MEMBER, SECRET
 from tests.conftest import DEMO_DATASET
 
 
-def _dataset(slack, engine, channel: str = "C0CHAN", name: str = "news") -> None:
+def _dataset(slack, engine, channel: str | None = "C0CHAN", name: str = "news") -> None:
     with new_session(engine) as session:
         ingest_dataset(
             session,
@@ -102,9 +102,15 @@ def test_start_needs_a_dataset(slack, engine) -> None:
     assert "no dataset uploaded in this channel yet" in slack.reply(0)["text"]
     _dataset(slack, engine, channel="C0OTHER", name="elsewhere")
     slack.command("start dataset=missing")
-    assert "no dataset named missing" in slack.reply(1)["text"]
-    slack.command("start dataset=elsewhere lr=5e-6")
-    slack.standin.wait_for("chat.postMessage")
+    assert "no dataset named missing in this channel" in slack.reply(1)["text"]
+    slack.command(
+        "start dataset=elsewhere lr=5e-6"
+    )  # another channel's (tests/bot/test_tenants.py)
+    assert "no dataset named elsewhere in this channel" in slack.reply(2)["text"]
+    _dataset(slack, engine, channel=None, name="news-demo")  # the deployment's: every channel's
+    slack.command("start dataset=news-demo lr=5e-6")
+    [posted] = slack.standin.wait_for("chat.postMessage")
+    assert "*news-demo* v1" in posted["blocks"][0]["text"]["text"]
 
 
 def test_datasets_status_and_list(slack, engine) -> None:
@@ -120,6 +126,10 @@ def test_datasets_status_and_list(slack, engine) -> None:
     assert "job 1 · queued" in slack.reply(2)["text"]
     slack.command("status 99")
     assert "no job 99" in slack.reply(3)["text"]
+    slack.command("status 1 2")
+    assert slack.reply(4)["text"] == (
+        ":warning: `2`: `/finetune status [job]` takes one number (approvers may end it with `all`)"
+    )
 
 
 def test_cancel_is_for_the_requester_and_approvers(slack, engine) -> None:
@@ -222,7 +232,7 @@ def test_export_is_for_approvers_and_queues_an_export_job_with_its_thread(slack,
     slack.command("export 1 bits=3", user=APPROVER)
     assert "`bits=3`: the only export setting is bits=8 or bits=4" in slack.reply(1)["text"]
     slack.command("export 99", user=APPROVER)
-    assert "there is no checkpoint 99" in slack.reply(2)["text"]
+    assert "no checkpoint 99 in this channel" in slack.reply(2)["text"]
     slack.command("export 1 bits=4", user=APPROVER)
     [posted] = slack.standin.wait_for("chat.postMessage")
     assert "*Export job 2* · queued" in posted["blocks"][0]["text"]["text"]

@@ -135,3 +135,50 @@ def test_dataset_names_are_unique_per_channel_not_across_channels(engine) -> Non
         session.add(Dataset(version=1, **_dataset_fields("news", "C1")))
         with pytest.raises(IntegrityError):
             session.commit()
+
+
+def test_versions_count_per_channel_not_per_name(engine) -> None:
+    with new_session(engine) as session:
+        a1 = create_dataset(session, **_dataset_fields("news", "CA"))
+        a2 = create_dataset(session, **_dataset_fields("news", "CA"))
+        b1 = create_dataset(session, **_dataset_fields("news", "CB"))  # B's own v1, not A's v3
+        deployment = create_dataset(session, **_dataset_fields("news"))
+        session.commit()
+        assert (a1.version, a2.version, b1.version, deployment.version) == (1, 2, 1, 1)
+
+
+def test_a_name_resolves_to_the_channels_own_then_a_shared_one_then_the_deployments(
+    engine,
+) -> None:
+    from storage.datasets import find_dataset, set_dataset_shared, visible_datasets
+
+    with new_session(engine) as session:
+        a1 = create_dataset(session, **_dataset_fields("news", "CA"))
+        a2 = create_dataset(session, **_dataset_fields("news", "CA"))
+        b1 = create_dataset(session, **_dataset_fields("news", "CB"))
+        demo = create_dataset(session, **_dataset_fields("news-demo"))  # the deployment's
+        session.commit()
+        assert find_dataset(session, name="news", channel_id="CB").id == b1.id
+        assert find_dataset(session, name="news", channel_id="CC") is None  # A's is private
+        assert find_dataset(session, name="news-demo", channel_id="CC").id == demo.id
+        assert find_dataset(session, name="news", channel_id="CA", version=1).id == a1.id
+        assert [d.id for d in visible_datasets(session, channel_id="CC")] == [demo.id]
+
+        assert set_dataset_shared(session, name="news", channel_id="CA", shared=True) == 2
+        a3 = create_dataset(session, **_dataset_fields("news", "CA"))  # stays shared
+        session.commit()
+        assert a3.shared and a3.version == 3
+        assert find_dataset(session, name="news", channel_id="CC").id == a3.id
+        assert find_dataset(session, name="news", channel_id="CB").id == b1.id  # own first
+        assert {d.id for d in visible_datasets(session, channel_id="CC")} == {
+            a1.id,
+            a2.id,
+            a3.id,
+            demo.id,
+        }
+        assert set_dataset_shared(session, name="news", channel_id="CA", shared=False) == 3
+        assert find_dataset(session, name="news", channel_id="CC") is None
+        # The operator's lookup (the CLI, the stack's demo check) prefers the deployment's.
+        create_dataset(session, **_dataset_fields("news-demo", "CA"))
+        session.commit()
+        assert get_dataset(session, name="news-demo").id == demo.id

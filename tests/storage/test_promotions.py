@@ -4,6 +4,7 @@ the same read from a real database with checkpoint states kept right through rol
 from __future__ import annotations
 
 import pytest
+from sqlmodel import select
 
 from core.enums import CheckpointStatus
 from core.errors import Conflict
@@ -109,3 +110,57 @@ def test_the_stored_history_replays_and_checkpoint_states_follow_rollbacks(engin
         b: CheckpointStatus.retired,
         c: CheckpointStatus.retired,
     }
+
+
+def _candidates(session, count: int) -> list[int]:
+    job = Job(base_model="m", status="succeeded")
+    session.add(job)
+    session.commit()
+    ids = []
+    for step in range(count):
+        checkpoint = Checkpoint(job_id=job.id, step=step, path=f"c{step}", base_model="m")
+        session.add(checkpoint)
+        session.commit()
+        ids.append(checkpoint.id)
+    return ids
+
+
+def test_reject_only_moves_a_candidate_and_a_promotion_refuses_a_rejected_checkpoint(
+    engine,
+) -> None:
+    from storage.models import AuditLog
+    from storage.promotions import reject_checkpoint
+
+    with new_session(engine) as session:
+        served, refused = _candidates(session, 2)
+        record_promotion(
+            session,
+            checkpoint_id=served,
+            previous_checkpoint_id=None,
+            action="promote",
+            decided_by="U1",
+        )
+        with pytest.raises(Conflict) as late_reject:  # promoted first: Reject loses
+            reject_checkpoint(session, checkpoint_id=served, decided_by="U2")
+        assert late_reject.value.message == (
+            f"checkpoint {served} was already promoted by U1; it was not rejected"
+        )
+        reject_checkpoint(session, checkpoint_id=refused, decided_by="U2")
+        with pytest.raises(Conflict) as late_promote:  # rejected first: the promotion loses
+            record_promotion(
+                session,
+                checkpoint_id=refused,
+                previous_checkpoint_id=served,
+                action="promote",
+                decided_by="U1",
+            )
+        assert late_promote.value.message == (
+            f"checkpoint {refused} was rejected by U2; it was not promoted"
+        )
+        states = {
+            i: session.get(Checkpoint, i, populate_existing=True).status for i in (served, refused)
+        }
+        assert states == {served: CheckpointStatus.promoted, refused: CheckpointStatus.rejected}
+        assert serving_history(session).current == served  # nothing recorded for the loser
+        audit = [(a.actor, a.action) for a in session.exec(select(AuditLog))]
+        assert audit == [("U1", "promote"), ("U2", "reject")]
