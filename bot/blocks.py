@@ -91,7 +91,13 @@ def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str
     title = f"{STATE_EMOJI.get(job.status, '')} *{job_noun(job)} {job.id}* · {job.status}"
     lines = [title]
     model = f"`{model_display_name(job.base_model)}`"
-    if dataset is not None:
+    config = dict(job.config or {})
+    if job.kind == "ingest":  # a dataset check: the file, and what it trains once stored
+        lines.append(f"`{config.get('filename')}` as dataset *{config.get('name')}*")
+        config = dict(config.get("then_train") or {})
+        if config:
+            lines.append(f"then a fine-tuning job on {model}")
+    elif dataset is not None:
         lines.append(
             f"Dataset *{dataset.name}* v{dataset.version} ({dataset.train_samples} "
             f"train, {dataset.eval_samples} eval) on {model}"
@@ -109,7 +115,7 @@ def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str
     if job.error:
         warning = "\n:warning: "
         text += warning + cut(job.error, SECTION_CHARS - len(text) - len(warning))
-    settings = ", ".join(f"{k}={v}" for k, v in sorted((job.config or {}).items()))
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(config.items()))
     context = f"requested by <@{job.requested_by}>" if job.requested_by else "requested"
     if settings:
         context += f" · {settings}"

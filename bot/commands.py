@@ -24,7 +24,7 @@ from bot.auth import Approvers
 from bot.blocks import classify_blocks
 from bot.job_commands import queue_job
 from bot.serving_client import call_serving
-from core.errors import FinetuneError
+from core.errors import FinetuneError, NotFound
 from core.settings import Settings
 from runner.config import help_lines
 from storage.datasets import latest_dataset
@@ -190,31 +190,53 @@ def register_views(app: Any, ctx: BotContext) -> None:
         ack()
         channel = json.loads(view.get("private_metadata") or "{}").get("channel_id")
         user = body["user"]["id"]
-        dataset = None
-        if file_id is not None:  # checked and stored by a runner; training is queued after it
-            from bot.events import queue_upload
+        try:
+            _start_from_form(ctx, client, config, dataset_id, file_id, channel=channel, user=user)
+        except FinetuneError as exc:  # the form is closed: tell the user where they are
+            tell_privately(client, channel=channel, user=user, text=f":warning: {exc.message}")
 
-            queue_upload(
-                ctx,
-                client,
-                file_id=file_id,
-                channel=channel,
-                user=user,
-                then_train=config.model_dump(exclude_defaults=True),
-            )
-            return
-        if dataset is None:
-            with new_session(ctx.db) as session:
-                dataset = (
-                    session.get(Dataset, dataset_id)
-                    if dataset_id is not None
-                    else latest_dataset(session, channel_id=channel)
-                )
-        if dataset is None:
-            client.chat_postEphemeral(
-                channel=channel,
-                user=user,
-                text="Pick a dataset or upload one: none has been uploaded in this channel yet.",
-            )
-            return
-        queue_job(ctx, client, dataset=dataset, config=config, user=user, channel=channel)
+
+def _start_from_form(
+    ctx: BotContext,
+    client: Any,
+    config: Any,
+    dataset_id: int | None,
+    file_id: str | None,
+    *,
+    channel: str,
+    user: str,
+) -> None:
+    if file_id is not None:  # checked and stored by a runner; training is queued after it
+        from bot.events import queue_upload
+        from bot.job_commands import check_user_limits
+
+        with new_session(ctx.db) as session:
+            check_user_limits(session, ctx.settings, user=user)
+        queue_upload(
+            ctx,
+            client,
+            file_id=file_id,
+            channel=channel,
+            user=user,
+            then_train=config.model_dump(exclude_defaults=True),
+        )
+        return
+    with new_session(ctx.db) as session:
+        dataset = (
+            session.get(Dataset, dataset_id)
+            if dataset_id is not None
+            else latest_dataset(session, channel_id=channel)
+        )
+    if dataset is None:
+        raise NotFound("pick a dataset or upload one: none has been uploaded in this channel yet")
+    queue_job(ctx, client, dataset=dataset, config=config, user=user, channel=channel)
+
+
+def tell_privately(client: Any, *, channel: str, user: str, text: str) -> None:
+    """An answer only ``user`` sees, where no response URL exists (a form's submission): an
+    ephemeral message in the channel, or a direct message where the bot cannot post there."""
+    try:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+    except Exception:
+        log.warning("could not answer %s in %s ephemerally; sending a DM", user, channel)
+        client.chat_postMessage(channel=user, text=text)

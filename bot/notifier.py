@@ -59,7 +59,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
-from bot.blocks import eval_report_blocks, job_header_blocks, milestone_text
+from bot.blocks import eval_report_blocks, job_header_blocks, job_noun, milestone_text
 from bot.slack_errors import (
     Rejected,
     RetryLater,
@@ -429,7 +429,7 @@ class Notifier:
                 lambda: self.client.chat_update(
                     channel=channel,
                     ts=thread,
-                    text=f"{_noun(job)} {job.id}: {job.status}",
+                    text=f"{job_noun(job)} {job.id}: {job.status}",
                     blocks=blocks,
                 ),
             )
@@ -459,7 +459,7 @@ class Notifier:
             run,
             lambda: self.client.chat_postMessage(
                 channel=channel,
-                text=f"{_noun(queued)} {queued.id} queued",
+                text=f"{job_noun(queued)} {queued.id} queued",
                 blocks=job_header_blocks(queued, dataset),
             ),
         )
@@ -477,7 +477,7 @@ class Notifier:
             *job_header_blocks(job, dataset),
             {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]},
         ]
-        text = f"{_noun(job)} {job.id}: {job.status} (its first message was deleted)"
+        text = f"{job_noun(job)} {job.id}: {job.status} (its first message was deleted)"
         channel = run.channel.id
         try:
             posted = self._send(
@@ -609,14 +609,6 @@ class Notifier:
     def close(self) -> None:
         """Let go of the relay lock (a standing-by notifier takes over)."""
         self.lock.release()
-
-
-def _noun(job: Job) -> str:
-    return {
-        "export": "Export job",
-        "evaluate": "Evaluation job",
-        "ingest": "Dataset check",
-    }.get(job.kind, "Fine-tuning job")
 
 
 def _blocks_text(blocks: list[dict[str, Any]]) -> str:

@@ -39,7 +39,7 @@ def _step(settings: Settings, *args: str) -> None:
 
 def prepare(settings: Settings) -> None:
     from runner.models import local_model_dir
-    from storage.datasets import get_dataset
+    from storage.datasets import find_own_dataset
     from storage.db import make_engine, new_session
 
     _step(settings, "-m", "storage", "migrate")
@@ -47,7 +47,7 @@ def prepare(settings: Settings) -> None:
     log.info("base model: %s", model_dir or settings.base_model)
     engine = make_engine(settings.db_url)
     with new_session(engine) as session:
-        demo = get_dataset(session, name=DEMO_NAME)
+        demo = find_own_dataset(session, name=DEMO_NAME, channel_id=None)  # the deployment's
     engine.dispose()
     if demo is None:
         _step(settings, "-m", "runner", "ingest", str(DEMO_DATASET), "--name", DEMO_NAME)
