@@ -170,8 +170,12 @@ def test_ingest_stores_normalised_splits_and_one_row(engine, store, tokenizer) -
     assert len(store.files()) == 2
     with new_session(engine) as session:
         again, _ = ingest_dataset(
+            session, store, DEMO_DATASET, options, name="news", tokenizer=None, channel_id="C1"
+        )
+        elsewhere, _ = ingest_dataset(  # the deployment's own "news": versions count per scope
             session, store, DEMO_DATASET, options, name="news", tokenizer=None
         )
     assert again.version == 2 and again.train_sha256 == dataset.train_sha256
+    assert elsewhere.version == 1 and elsewhere.channel_id is None
     assert len(store.files()) == 2  # same content, same blobs
     assert Split.train.value in report["splits"]
