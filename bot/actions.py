@@ -57,13 +57,7 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
     def tell(text: str) -> None:
         client.chat_postEphemeral(channel=channel, user=user, text=text)
 
-    try:
-        allowed = ctx.approvers.allows(user)
-    except FinetuneError as exc:
-        tell(f":warning: {exc.message}")
-        return
-    if not allowed:
-        tell(":lock: Only approvers can promote or reject a checkpoint; nothing was changed.")
+    if not _approver(ctx, user, tell, "promote or reject a checkpoint"):
         return
     with new_session(ctx.db) as session:
         checkpoint = session.get(Checkpoint, checkpoint_id)
@@ -136,13 +130,7 @@ def _confirm_rollback(ctx: BotContext, body: dict[str, Any], client: Any, respon
     def tell(text: str) -> None:
         client.chat_postEphemeral(channel=channel, user=user, text=text)
 
-    try:
-        allowed = ctx.approvers.allows(user)
-    except FinetuneError as exc:
-        tell(f":warning: {exc.message}")
-        return
-    if not allowed:
-        tell(":lock: Only approvers can roll back; nothing was changed.")
+    if not _approver(ctx, user, tell, "roll back"):
         return
     shown = json.loads(body["actions"][0]["value"])
     try:
@@ -164,3 +152,16 @@ def _confirm_rollback(ctx: BotContext, body: dict[str, Any], client: Any, respon
         user,
         extra={"event": "rollback", "by": user, **shown},
     )
+
+
+def _approver(ctx: BotContext, user: str, tell: Any, what: str) -> bool:
+    """Whether ``user`` may ``what``, checked here, on the server, for every click; a refusal (or
+    a Slack that cannot say who the approvers are) is told to the user alone."""
+    try:
+        allowed = ctx.approvers.allows(user)
+    except FinetuneError as exc:
+        tell(f":warning: {exc.message}")
+        return False
+    if not allowed:
+        tell(f":lock: Only approvers can {what}; nothing was changed.")
+    return allowed

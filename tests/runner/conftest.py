@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlmodel import select
 
+from core.enums import JobStatus
 from core.settings import Settings
 from runner.datasets.ingest import IngestOptions, ingest_dataset
 from runner.job import run_job
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job, create_job
-from storage.models import Dataset, Job
+from storage.models import Checkpoint, Dataset, Job
 from tests.runner import dataset_files as files
 from tests.runner.train_helpers import synthetic
 
@@ -71,3 +73,14 @@ def train_job(engine, settings: Settings, dataset: Dataset) -> Job:
     run_job(job.id, token, settings)
     with new_session(engine) as session:
         return session.get(Job, job.id)
+
+
+@pytest.fixture
+def checkpoint(engine, eval_settings: Settings, dataset: Dataset) -> Checkpoint:
+    """The final checkpoint of a training job on ``dataset`` (trained, and evaluated, for real)."""
+    job = train_job(engine, eval_settings, dataset)
+    assert job.status == JobStatus.succeeded, job.error
+    with new_session(engine) as session:
+        return session.exec(
+            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.final)
+        ).one()

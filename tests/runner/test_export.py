@@ -13,7 +13,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from sqlmodel import select
 
 from core.enums import JobKind, JobStatus
 from core.errors import ConfigError, Conflict, NotFound
@@ -29,19 +28,8 @@ from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events
 from storage.models import Checkpoint, Job
 from storage.promotions import reject_checkpoint
-from tests.runner.conftest import train_job
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def checkpoint(engine, eval_settings, dataset) -> Checkpoint:
-    job = train_job(engine, eval_settings, dataset)
-    assert job.status == JobStatus.succeeded, job.error
-    with new_session(engine) as session:
-        return session.exec(
-            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.final)
-        ).one()
 
 
 def _export_job(engine, settings, checkpoint: Checkpoint, **config) -> Job:

@@ -3,7 +3,6 @@ a checkpoint's evaluation (after one failed): the runner's own job code on the t
 
 from __future__ import annotations
 
-import pytest
 from sqlmodel import select
 
 from core.enums import JobKind, JobStatus
@@ -12,18 +11,7 @@ from runner.job import run_job
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events, request_cancel
-from storage.models import Checkpoint, Evaluation, Job
-from tests.runner.conftest import train_job
-
-
-@pytest.fixture
-def checkpoint(engine, eval_settings, dataset) -> Checkpoint:
-    job = train_job(engine, eval_settings, dataset)
-    assert job.status == JobStatus.succeeded, job.error
-    with new_session(engine) as session:
-        return session.exec(
-            select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.final)
-        ).one()
+from storage.models import Evaluation, Job
 
 
 def _run(engine, settings, kind: JobKind, config: dict, *, cancel: bool = False) -> Job:
