@@ -23,7 +23,7 @@ from core.settings import Settings
 from runner.datasets.ingest import NAME_PATTERN
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
-from storage.jobs import create_job, request_cancel
+from storage.jobs import create_job, request_cancel, set_job_thread
 from storage.models import Job
 from storage.slack_events import claim_slack_event
 
@@ -145,10 +145,7 @@ def _post_check_root(session: Any, client: Any, job: Job, filename: str) -> Job 
         log.exception("could not post the root of dataset check %d; cancelling it", job.id)
         request_cancel(session, job_id=job.id, by=None)
         return None
-    job.thread_ts = posted["ts"]
-    session.add(job)
-    session.commit()
-    return job
+    return set_job_thread(session, job=job, thread_ts=posted["ts"])
 
 
 _slots_lock = threading.Lock()

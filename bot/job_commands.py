@@ -24,7 +24,7 @@ from core.settings import Settings
 from runner.config import TrainConfig, parse_train_args
 from storage.datasets import find_dataset, is_dataset_visible, latest_dataset, visible_datasets
 from storage.db import new_session
-from storage.jobs import add_job_event, create_job, request_cancel
+from storage.jobs import add_job_event, create_job, request_cancel, set_job_thread
 from storage.models import Checkpoint, Dataset, Job
 from storage.types import utcnow
 
@@ -142,10 +142,7 @@ def _post_root(session: Session, client: Any, job: Job, dataset: Dataset | None)
         )
         _cancel_unposted(session, job, code)
         raise ChannelUnwritable(_unposted_text(job, code)) from exc
-    job.thread_ts = posted["ts"]
-    session.add(job)
-    session.commit()
-    return job
+    return set_job_thread(session, job=job, thread_ts=posted["ts"])
 
 
 def _cancel_unposted(session: Session, job: Job, code: str) -> None:

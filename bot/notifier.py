@@ -72,6 +72,7 @@ from bot.slack_errors import (
 from bot.upload_blocks import rejected_text, report_text, stored_text
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
+from storage.jobs import set_job_thread
 from storage.models import Dataset, Job, JobEvent
 from storage.outbox import (
     RelayLock,
@@ -463,9 +464,7 @@ class Notifier:
                 blocks=job_header_blocks(queued, dataset),
             ),
         )
-        queued.thread_ts = str(posted["ts"])
-        run.session.add(queued)
-        run.session.commit()
+        set_job_thread(run.session, job=queued, thread_ts=str(posted["ts"]))
         return None
 
     def _post_fresh_root(self, run: _JobRun, reason: str) -> None:

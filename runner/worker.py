@@ -32,6 +32,7 @@ from sqlmodel import col, select
 from core.enums import JobKind, JobStatus
 from core.settings import Settings
 from runner.jobdb import EXIT_REQUEUE, is_connection_error
+from runner.queue_listener import QueueListener, listens
 from storage.db import make_engine, new_session
 from storage.jobs import (
     claim_next_job,
@@ -135,6 +136,7 @@ class Runner:
         self._context = multiprocessing.get_context("spawn")
         self._ended: list[Ended] = []
         self._db_away = False
+        self.wake = threading.Event()  # set by the queue listener: claim now
 
     # One pass of each timer ----------------------------------------------------------------
 
@@ -187,11 +189,21 @@ class Runner:
                     default=True,  # unknown while the database is away: keep the job running
                 )
                 if not held and slot.process.is_alive():
-                    log.warning(
-                        "job %d was claimed again by another attempt: stopping this slot's process",
-                        job_id,
-                    )
-                    slot.process.terminate()
+                    self._claim_gone(slot, job_id)
+
+    def _claim_gone(self, slot: Slot, job_id: int) -> None:
+        """The slot's claim no longer renews: the job ended (its process is exiting: let it) or
+        another attempt holds it now (stop this one)."""
+        job = self._db_round(
+            f"reading job {job_id}", lambda session: session.get(Job, job_id), default=None
+        )
+        if job is not None and JobStatus(job.status).finished:
+            return
+        log.warning(
+            "job %d was claimed again by another attempt: stopping this slot's process", job_id
+        )
+        assert slot.process is not None
+        slot.process.terminate()
 
     def sweep(self) -> None:
         changed = self._db_round(
@@ -306,17 +318,11 @@ class Runner:
         scheduler.add_job(
             self.prune, "interval", hours=1, id="prune", max_instances=1, coalesce=True
         )
-        if not once:
-            scheduler.add_job(
-                self.poll,
-                "interval",
-                seconds=self.settings.runner_poll_seconds,
-                id="poll",
-                max_instances=1,
-                coalesce=True,
-            )
         log.info("runner %s serving %s", self.owner, ", ".join(s.name for s in self.slots))
         scheduler.start()
+        listener = None
+        if not once and listens(self.settings.db_url):
+            listener = QueueListener(self.settings.db_url, self.wake, stop).start()
         try:
             if once:
                 while not stop.is_set():
@@ -326,11 +332,27 @@ class Runner:
                         break
                     stop.wait(0.25)
             else:
-                self.poll()
-                stop.wait()
+                self._serve(stop)
         finally:
+            self.wake.set()
+            if listener is not None:
+                listener.join(5)
             scheduler.shutdown(wait=True)
             self.shutdown()
+
+    def _serve(self, stop: threading.Event) -> None:
+        """Claim work when woken (a NOTIFY on PostgreSQL), when a slot's process ends (reaped at
+        once), and every ``RUNNER_POLL_SECONDS`` in any case (the fallback, and SQLite's way)."""
+        every = self.settings.runner_poll_seconds
+        next_poll = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            ended = any(s.process is not None and not s.process.is_alive() for s in self.slots)
+            if self.wake.is_set() or ended or now >= next_poll:
+                self.wake.clear()
+                self.poll()
+                next_poll = now + every
+            self.wake.wait(min(WAKE_CHECK_SECONDS, max(next_poll - time.monotonic(), 0.0)))
 
     def shutdown(self, grace_seconds: float = 30.0) -> None:
         """Stop children (SIGTERM: each saves a checkpoint and puts its job back in the queue,
@@ -364,6 +386,7 @@ class Runner:
         self.engine.dispose()
 
 
+WAKE_CHECK_SECONDS = 0.1  # how often the loop looks for ended processes between polls
 SLACK_EVENT_RETENTION_DAYS = 2  # Slack retries an event within minutes; a day's ids are plenty
 
 

@@ -48,6 +48,28 @@ def new_lease_token() -> str:
     return uuid.uuid4().hex
 
 
+# PostgreSQL's LISTEN/NOTIFY channel on which runners hear that a job became claimable (queued,
+# requeued, or given its Slack thread): they claim it at once instead of at their next poll.
+QUEUE_CHANNEL = "finetune_jobs"
+
+
+def notify_queue(session: Session) -> None:
+    """Tell listening runners that the queue changed, when the current transaction commits
+    (PostgreSQL delivers a NOTIFY at commit, and not at all on rollback); a no-op on SQLite,
+    whose runners poll."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(QUEUE_CHANNEL, "")))
+
+
+def set_job_thread(session: Session, *, job: Job, thread_ts: str) -> Job:
+    """Give a job its Slack thread (its root message's ts), which makes it claimable; commits."""
+    job.thread_ts = thread_ts
+    session.add(job)
+    notify_queue(session)
+    session.commit()
+    return job
+
+
 def add_job_event(session: Session, *, job_id: int, kind: str, **payload: Any) -> JobEvent:
     event = JobEvent(job_id=job_id, kind=kind, payload=payload)
     session.add(event)
@@ -81,6 +103,7 @@ def create_job(
     session.flush()
     assert job.id is not None
     add_job_event(session, job_id=job.id, kind="queued")
+    notify_queue(session)
     if commit:
         session.commit()
     return job
@@ -236,6 +259,7 @@ def requeue_job(
         session.rollback()
         return False
     add_job_event(session, job_id=job_id, kind="requeued", reason=reason)
+    notify_queue(session)
     session.commit()
     return True
 
@@ -315,6 +339,8 @@ def expire_leases(session: Session, *, max_attempts: int) -> list[tuple[int, str
         job.lease_owner, job.lease_token, job.lease_expires_at = None, None, None
         session.add(job)
         changed.append((job.id, job.status))
+    if any(status == JobStatus.queued.value for _, status in changed):
+        notify_queue(session)
     threadless = session.exec(
         select(Job)
         .where(

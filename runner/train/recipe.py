@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -442,8 +443,20 @@ def answer_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     return causal_lm(model).model(**inputs).last_hidden_state[0, batch.logit_positions]  # type: ignore[no-any-return]
 
 
-def save_checkpoint(
-    directory: Path,
+@dataclass
+class CheckpointSnapshot:
+    """What a checkpoint holds, copied off the live tensors (on the CPU) so that it can be written
+    while training goes on. ``weights``: the adapter's state dict for a LoRA model (None: a whole
+    model, written from the model itself, in the loop's thread)."""
+
+    step: int
+    final: bool
+    weights: dict[str, torch.Tensor] | None
+    state: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def snapshot_checkpoint(
     *,
     model: torch.nn.Module,
     step: int,
@@ -454,27 +467,109 @@ def save_checkpoint(
     named: list[tuple[str, torch.nn.Parameter]],
     meta: dict[str, Any],
     losses: list[float],
-) -> None:
-    model.save_pretrained(str(directory))  # type: ignore[operator]  # PEFT format for adapters; full weights otherwise
+) -> CheckpointSnapshot:
+    """Copy everything a checkpoint holds to the CPU now (the loop changes it next step)."""
+    adapter = hasattr(model, "peft_config")
+    weights = (
+        {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if "lora_" in k}
+        if adapter
+        else None
+    )
     state = {
         "step": step,
         "trainable": {
-            name: m.detach().float().cpu()
+            name: m.detach().float().cpu().clone()
             for (name, _), m in zip(named, masters.masters, strict=True)
         },
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "losses": losses,
+        "optimizer": _to_cpu(optimizer.state_dict()),
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "losses": list(losses),
         "rng": {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
     }
-    torch.save(state, directory / STATE_FILE)
+    return CheckpointSnapshot(step, final, weights, state, {**meta, "step": step, "final": final})
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def write_checkpoint(directory: Path, model: torch.nn.Module, snapshot: CheckpointSnapshot) -> None:
+    """Write a snapshot into ``directory``: the adapter in PEFT's format (or the whole model),
+    ``training_state.pt``, ``meta.json``. With adapter weights in the snapshot, nothing of the
+    live model is read but its configuration: safe beside the training loop."""
+    if snapshot.weights is not None:
+        model.save_pretrained(str(directory), state_dict=snapshot.weights)  # type: ignore[operator]
+    else:
+        model.save_pretrained(str(directory))  # type: ignore[operator]
+    torch.save(snapshot.state, directory / STATE_FILE)
     (directory / "meta.json").write_text(
-        json.dumps({**meta, "step": step, "final": final}, ensure_ascii=False, indent=2) + "\n"
+        json.dumps(snapshot.meta, ensure_ascii=False, indent=2) + "\n"
     )
+
+
+class CheckpointWriter:
+    """Adapter checkpoints written in a background thread while the next steps train (a 7B's
+    LoRA checkpoint is ~250 MB with its optimizer state), at most one in flight; whole models are
+    written in the loop's own thread. The hooks' ``checkpoint_dir`` (the artifact store's staged
+    directory: fsynced, then renamed) runs in the writer; ``on_checkpoint`` (registration) runs
+    in the loop's thread once the files are on disk, at the next ``collect``."""
+
+    def __init__(self, model: torch.nn.Module, hooks: TrainHooks) -> None:
+        self.model = model
+        self.hooks = hooks
+        self._thread: threading.Thread | None = None
+        self._done: list[tuple[int, bool, Path]] = []
+        self._error: BaseException | None = None
+        self.newest: Path | None = None
+
+    def submit(self, snapshot: CheckpointSnapshot) -> None:
+        self.wait()
+        if snapshot.weights is None:
+            self._write(snapshot)
+            self.collect()
+            return
+        self._thread = threading.Thread(
+            target=self._write, args=(snapshot,), name=f"checkpoint-{snapshot.step}", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, snapshot: CheckpointSnapshot) -> None:
+        assert self.hooks.checkpoint_dir is not None
+        try:
+            with self.hooks.checkpoint_dir(snapshot.step, snapshot.final) as directory:
+                write_checkpoint(directory, self.model, snapshot)
+            self._done.append((snapshot.step, snapshot.final, directory))
+        except BaseException as exc:
+            self._error = exc
+
+    def wait(self) -> None:
+        """The write in flight is on disk (and registered); re-raises its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.collect()
+
+    def collect(self) -> Path | None:
+        """Register what finished writing; the newest directory registered now, if any."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        newest = None
+        while self._done:
+            step, final, directory = self._done.pop(0)
+            self.hooks.on_checkpoint(step, final, directory)
+            newest = self.newest = directory
+        return newest
 
 
 class CheckpointUnusable(Exception):
@@ -651,12 +746,13 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         )
     model.train()
 
-    def checkpoint(at: int, final: bool) -> Path | None:
+    writer = CheckpointWriter(model, hooks)
+
+    def checkpoint(at: int, final: bool) -> None:
         if hooks.checkpoint_dir is None:
-            return None
-        with hooks.checkpoint_dir(at, final) as directory:
-            save_checkpoint(
-                directory,
+            return
+        writer.submit(
+            snapshot_checkpoint(
                 model=model,
                 step=at,
                 final=final,
@@ -667,8 +763,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
                 meta={**spec.meta, "config": config.model_dump()},
                 losses=losses,
             )
-        hooks.on_checkpoint(at, final, directory)
-        return directory
+        )
 
     hooks.on_start(resumed_from)
     if device.type == "cuda":
@@ -692,6 +787,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
             ) from exc
         pending.append(loss)
         optimizer_step(masters, optimizer, scheduler, config.max_grad_norm)
+        last_saved = writer.collect() or last_saved  # checkpoints written meanwhile: register
         step += 1
         step_tokens = sum(b.tokens for b in batches)
         tokens += step_tokens
@@ -725,9 +821,11 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
             losses.extend(read)
             pending = []
         if saving or status == "stopped":
-            last_saved = checkpoint(step, final=last) or last_saved
+            checkpoint(step, final=last)
         if status == "stopped":
             break
+    writer.wait()  # the last checkpoint is on disk and registered before train() returns
+    last_saved = writer.newest or last_saved
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started

@@ -366,3 +366,46 @@ def test_rendered_examples_train_on_the_answer_only(tokenizer) -> None:
     )
     batch = pack([example])
     assert tokenizer.decode(batch.targets.tolist()) == "体育<｜end▁of▁sentence｜>"
+
+
+def test_a_checkpoint_is_written_while_the_next_steps_train(tiny_model_dir, tokenizer, tmp_path):
+    """An adapter checkpoint is written in the background: its writer here waits until the loop
+    has gone two steps further, which a write inside the loop could never see (it would wait
+    for itself, and give up). Registration follows once the files are on disk."""
+    import threading
+    from contextlib import contextmanager
+
+    from runner.train.recipe import TrainHooks
+
+    moved_on = threading.Event()
+    registered: list[tuple[int, int]] = []  # (checkpoint step, the loop's step when registered)
+    progress: list[int] = []
+
+    @contextmanager
+    def slow_dir(step: int, final: bool):
+        directory = tmp_path / f"step-{step}"
+        directory.mkdir()
+        if not final:
+            moved_on.wait(20)
+        yield directory
+
+    def on_progress(p: dict) -> bool:
+        progress.append(p["step"])
+        if p["step"] >= 6:
+            moved_on.set()
+        return True
+
+    config = parse_train_args(["epochs=2", "bs=2", "ga=1", "save_steps=4", "logging_steps=1"])
+    result = train(
+        TrainSpec(config=config, examples=examples(tokenizer, synthetic(2)), base=tiny_model_dir),
+        TrainHooks(
+            checkpoint_dir=slow_dir,
+            on_progress=on_progress,
+            on_checkpoint=lambda step, final, path: registered.append((step, progress[-1])),
+        ),
+    )
+    assert moved_on.is_set(), "the loop waited for the checkpoint write"
+    assert registered[0][0] == 4 and registered[0][1] >= 6  # registered after the write
+    assert [step for step, _ in registered] == [4, 8]
+    assert result.checkpoint == tmp_path / "step-8"
+    assert (tmp_path / "step-4" / "adapter_model.safetensors").exists()
