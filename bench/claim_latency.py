@@ -3,9 +3,9 @@
 
     python bench/claim_latency.py [--jobs 20] [--poll 2.0] [--url postgresql+psycopg://...]
 
-Each job is queued at a random moment while an idle runner serves the queue; its latency is the
-time between its ``queued`` and ``claimed`` events (both stamped by the writers' clocks on this
-one machine). The jobs name a base model that does not exist, so each fails at once and frees the
+Each job is queued at a random moment while a runner with one slot serves the queue; its latency
+is the time from the moment it could be claimed (queued, and the slot free: the previous job's end)
+to its ``claimed`` event (all stamped by the writers' clocks on this one machine). The jobs name a base model that does not exist, so each fails at once and frees the
 slot before the next job comes (``--gap``); only the claim is measured.
 """
 
@@ -64,11 +64,15 @@ def measure(
         stop.set()
         thread.join(60)
     latencies = []
+    free_since = None  # when the previous job ended and its slot was free again
     with new_session(engine) as session:
         for job_id in ids:
             events = {e.kind: e.created_at for e in job_events(session, job_id=job_id)}
             if "claimed" in events:
-                latencies.append((events["claimed"] - events["queued"]).total_seconds())
+                ready = max(events["queued"], free_since or events["queued"])
+                latencies.append((events["claimed"] - ready).total_seconds())
+            ended = [events[k] for k in ("failed", "succeeded", "cancelled") if k in events]
+            free_since = max(ended) if ended else free_since
     engine.dispose()
     return latencies
 
