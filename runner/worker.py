@@ -206,9 +206,16 @@ class Runner:
         slot.process.terminate()
 
     def sweep(self) -> None:
+        alive = [
+            slot.token
+            for slot in list(self.slots)
+            if slot.token is not None and slot.process is not None and slot.process.is_alive()
+        ]
         changed = self._db_round(
             "expiring leases",
-            lambda session: expire_leases(session, max_attempts=self.settings.runner_max_attempts),
+            lambda session: expire_leases(
+                session, max_attempts=self.settings.runner_max_attempts, alive=alive
+            ),
             default=[],
         )
         for job_id, status in changed:

@@ -17,7 +17,7 @@ shows what happens to it from the first event on.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -298,16 +298,23 @@ def request_cancel(session: Session, *, job_id: int, by: str | None = None) -> J
     return refreshed
 
 
-def expire_leases(session: Session, *, max_attempts: int) -> list[tuple[int, str]]:
+def expire_leases(
+    session: Session, *, max_attempts: int, alive: Collection[str] = ()
+) -> list[tuple[int, str]]:
     """Jobs whose lease ran out (by the database's clock): queued again (to resume from their
     last checkpoint) while they have attempts left, else failed with the reason; and Slack jobs
-    whose thread was never posted, cancelled. Returns (job id, new status)."""
+    whose thread was never posted, cancelled. Returns (job id, new status).
+
+    ``alive``: the claim tokens of jobs whose process the caller itself runs and sees alive. A
+    runner never expires those: a heartbeat late behind a busy database is not a lost runner
+    (its next heartbeat renews them; another runner still expires them if this one dies)."""
     now = db_now(session)
-    stale = session.exec(
-        select(Job)
-        .where(col(Job.status).in_(ACTIVE), col(Job.lease_expires_at) < now)
-        .with_for_update(skip_locked=True)
-    ).all()
+    query = select(Job).where(col(Job.status).in_(ACTIVE), col(Job.lease_expires_at) < now)
+    if alive:
+        query = query.where(
+            or_(col(Job.lease_token).is_(None), col(Job.lease_token).not_in(list(alive)))
+        )
+    stale = session.exec(query.with_for_update(skip_locked=True)).all()
     changed = []
     for job in stale:
         assert job.id is not None

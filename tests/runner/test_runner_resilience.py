@@ -218,6 +218,41 @@ def test_an_old_attempt_of_a_job_claimed_again_by_another_slot_changes_nothing(
     engine.dispose()
 
 
+def test_a_late_heartbeat_never_makes_a_runner_requeue_its_own_live_job(
+    tmp_path, tiny_model_dir
+) -> None:
+    """On two busy cores a heartbeat can wait on SQLite's write lock past a short lease. The
+    runner's own sweep must not take that for a lost runner and requeue the job it is running
+    (CI saw a job fail "its runner stopped answering 3 times" with one healthy runner); another
+    runner's sweep still expires it, as it must when the host is really gone."""
+    db_url = f"sqlite:///{tmp_path / 'late.db'}"
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    settings = _settings(db_url, tmp_path, tiny_model_dir)
+    dataset_id = _dataset(engine, settings, tmp_path)
+    job_id = _job(engine, settings, dataset_id, **LONG_JOB)
+    runner = Runner(settings, owner="host:1", devices=[None])
+    try:
+        assert runner.poll() == 1
+        _wait(lambda: _get(engine, job_id).status == JobStatus.running, what="the job to run")
+        with new_session(engine) as session:  # its heartbeat is late: the lease ran out
+            session.execute(
+                update(Job)
+                .where(col(Job.id) == job_id)
+                .values(lease_expires_at=utcnow().replace(year=2000))
+            )
+            session.commit()
+        runner.sweep()
+        job = _get(engine, job_id)
+        assert job.status == JobStatus.running and job.attempts == 1
+        assert "requeued" not in _kinds(engine, job_id)
+        Runner(settings, owner="host:2", devices=[]).sweep()  # a runner that does not run it
+        assert _get(engine, job_id).status == JobStatus.queued
+    finally:
+        runner.shutdown(grace_seconds=30)
+        engine.dispose()
+
+
 def test_sigterm_to_the_runner_checkpoints_and_requeues_without_spending_an_attempt(
     tmp_path, tiny_model_dir
 ) -> None:
