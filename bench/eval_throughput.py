@@ -9,6 +9,10 @@ in the same process.
 Every path generates exactly ``--new-tokens`` tokens per prompt (min = max), so each does the same
 work whatever the (random) weights produce. On the GPU the reference setting runs
 ``--reference-batches`` batches of 2 and its time for 100 prompts is extrapolated.
+
+The constrained rows are what an evaluation with a label set runs (issue 14): the same greedy
+generation, then the label reads of ``core.label_scoring`` for 10 labels — after each answer's
+reasoning (its generated tokens, closed) and after an empty ``<think>`` block (reasoning=off).
 """
 
 from __future__ import annotations
@@ -24,7 +28,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner.eval.predict import generate_batched
+from runner.eval.predict import generate_batched, next_token_logprobs
+
+LABELS = ["财经", "房产", "股票", "教育", "科技", "社会", "时政", "体育", "游戏", "娱乐"]
+
+
+def label_reads(prompts, heads, tokens_for, labels, read) -> int:
+    """The reads a constrained evaluation makes, through ``read``: 10 labels whose continuations
+    ``tokens_for(label)`` are appended to prompt + head. Returns how many reads ran."""
+    from core.label_scoring import ScoringPlan, finish, read_requests
+
+    plans = []
+    for prompt, head in zip(prompts, heads, strict=True):
+        tails = [tokens_for(label) for label in labels]
+        firsts = tuple(dict.fromkeys(t[0] for t in tails))
+        assert len(firsts) == len(labels), "the bench's labels must part at their first token"
+        plans.append(
+            ScoringPlan(
+                tuple(labels), list(prompt) + list(head), tails, [1] * len(labels), [((), firsts)]
+            )
+        )
+    requests = [r for plan in plans for r in read_requests(plan)]
+    answers = read(requests)
+    for i, plan in enumerate(plans):
+        finish(plan, [answers[i]])
+    return len(requests)
 
 
 def demo_prompts(tokenizer) -> list[list[int]]:
@@ -87,6 +115,24 @@ def cpu(args: argparse.Namespace) -> list[dict]:
             time.perf_counter() - started,
         )
     )
+    started = time.perf_counter()
+    results = vllm.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    heads = [[*list(r.outputs[0].token_ids), close] for r in results]
+    ids = {lab: tokenizer(f"\n\n{lab}", add_special_tokens=False)["input_ids"] for lab in LABELS}
+    shared = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    tails = {lab: [*v[len(shared) :], tokenizer.eos_token_id] for lab, v in ids.items()}
+    on = label_reads(prompts, [h + shared for h in heads], tails.__getitem__, LABELS, vllm.read)
+    blank = tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]
+    off = label_reads(prompts, [blank] * len(prompts), tails.__getitem__, LABELS, vllm.read)
+    rows.append(
+        _row(
+            f"vLLM-CPU constrained: greedy + {on + off} label reads (reasoning on and off)",
+            len(prompts),
+            sum(len(r.outputs[0].token_ids) for r in results),
+            time.perf_counter() - started,
+        )
+    )
     return rows
 
 
@@ -124,6 +170,33 @@ def gpu(args: argparse.Namespace) -> list[dict]:
     rows.append(
         _row(
             "ours: batched greedy generate, all 100 at once",
+            len(prompts),
+            sum(len(o[0]) for o in outputs),
+            time.perf_counter() - started,
+        )
+    )
+    started = time.perf_counter()
+    outputs = generate_batched(
+        model,
+        prompts,
+        args.new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        batch_size=128,
+        device="cuda",
+        min_new_tokens=args.new_tokens,
+    )
+
+    def read(requests):
+        return next_token_logprobs(model, requests, pad_token_id=0, batch_size=128, device="cuda")
+
+    label_ids = {label: [1000 + i, 7] for i, label in enumerate(LABELS)}  # 2 tokens + eos-like
+    on = label_reads(prompts, [o[0] + [5, 6] for o in outputs], label_ids.__getitem__, LABELS, read)
+    off = label_reads(prompts, [[4, 5, 6]] * len(prompts), label_ids.__getitem__, LABELS, read)
+    torch.cuda.synchronize()
+    rows.append(
+        _row(
+            f"ours constrained: the same + {on + off} label reads (reasoning on and off)",
             len(prompts),
             sum(len(o[0]) for o in outputs),
             time.perf_counter() - started,

@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     serving_max_model_len: int = Field(2048, ge=128)
     serving_max_new_tokens: int = Field(256, ge=1, description="Longest answer /classify makes.")
     serving_max_text_chars: int = Field(2000, ge=1, description="Longest text /classify takes.")
+    serving_min_confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Below this label probability /classify answers 'uncertain' (unset: off).",
+    )
     serving_max_body_bytes: int = Field(
         1 * MiB, ge=1024, description="Largest request body the serving API reads (413 above)."
     )

@@ -30,7 +30,8 @@ from sqlmodel import Session
 
 from core.enums import JobKind, JobStatus
 from core.errors import FinetuneError, NotFound
-from core.protocol import PROTOCOL_VERSION, render_training_example
+from core.label_scoring import answer_style
+from core.protocol import PROTOCOL_VERSION, answer_of, render_training_example
 from core.settings import Settings
 from runner.config import build_train_config
 from runner.datasets.ingest import read_split
@@ -399,6 +400,7 @@ def _prepare(
         "adapter": config.method in ("lora", "qlora"),
         "labels": dataset.labels,
         "prompt_frame": dataset.prompt_frame,
+        "answer_style": answer_style([answer_of(c) for c in conversations]).to_dict(),
         "dataset": {"id": dataset.id, "name": dataset.name, "version": dataset.version},
         "job_id": job.id,
     }
@@ -527,6 +529,9 @@ def _evaluate_checkpoint(
         "checkpoint_id": checkpoint.id,
         "report_path": evaluation.report_path,
         **{key: metrics.get(key) for key in HEADLINE_KEYS},
+        "free_invalid_rate": metrics.get("free_invalid_rate"),
+        "free_truncated_rate": metrics.get("free_truncated_rate"),
+        "per_class": metrics.get("per_class"),
         "vs_base": metrics.get("vs_base"),
         "vs_promoted": metrics.get("vs_promoted"),
         "backend": metrics.get("backend"),

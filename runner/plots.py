@@ -93,3 +93,47 @@ def confusion_png(
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def reliability_png(bins: list[dict[str, Any]], *, ece: float, title: str) -> bytes:
+    """The reliability diagram: each confidence bin's accuracy against its mean confidence (on
+    the diagonal: "90% sure" is right 90% of the time), bar widths the bins, counts annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager
+    from matplotlib import pyplot as plt
+
+    _use_cjk_font(font_manager, plt)
+    figure, axes = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    axes.plot([0, 1], [0, 1], linestyle="--", color="#888888", linewidth=1, label="calibrated")
+    for b in bins:
+        width = b["hi"] - b["lo"]
+        axes.bar(
+            b["lo"],
+            b["accuracy"],
+            width=width,
+            align="edge",
+            color="#1264a3",
+            edgecolor="white",
+            alpha=0.85,
+        )
+        axes.plot(b["confidence"], b["accuracy"], "o", color="#e01e5a", markersize=4)
+        axes.annotate(
+            str(b["count"]),
+            (b["lo"] + width / 2, b["accuracy"]),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{title}\nECE {ece * 100:.1f} points")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -31,7 +31,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, Field
 
 from core.errors import Conflict, FinetuneError, Forbidden, NotFound
-from core.protocol import Message, match_label, parse_answer, render_prompt
+from core.label_scoring import (
+    AnswerStyle,
+    Head,
+    empty_head,
+    finish,
+    plan_scoring,
+    read_requests,
+    reasoning_head,
+)
+from core.protocol import Message, parse_answer, render_prompt, render_prompt_text
 from core.settings import Settings
 from serving.adapters import AdapterRegistry, LoadedAdapter
 from serving.engine import AdapterRefused, Engine, build_engine
@@ -106,14 +115,23 @@ def require_admin(state: StateDep, authorization: Annotated[str | None, Header()
     _check_token(state, authorization, required=True)
 
 
+Reasoning = Literal["on", "off"]
+
+
 class ClassifyRequest(BaseModel):
     text: str = Field(description="the text to classify, e.g. a news headline")
     model: str | None = Field(None, description="base, current (default) or checkpoint-N")
+    reasoning: Reasoning | None = Field(
+        None,
+        description="on (default for data with reasoning): think, then score the labels; "
+        "off: score the labels right after an empty <think> block (faster)",
+    )
 
 
 class ClassifyBatchRequest(BaseModel):
     texts: list[str] = Field(min_length=1, max_length=256)
     model: str | None = None
+    reasoning: Reasoning | None = None
 
 
 class PromoteRequest(BaseModel):
@@ -165,7 +183,11 @@ def _rollback_to(value: str | None) -> RollbackTo:
     raise HTTPException(422, f"to={value!r}: name a checkpoint number or base")
 
 
-async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -> dict[str, Any]:
+async def classify_one(
+    state: State, text: str, adapter: LoadedAdapter | None, reasoning: str | None = None
+) -> dict[str, Any]:
+    """A checkpoint with a label set answers a label from it with its probability
+    (``core.label_scoring``, as evaluation scores it); without one, free text."""
     stripped = text.strip()
     if not stripped:
         raise HTTPException(422, "text is empty: send the headline to classify")
@@ -186,26 +208,72 @@ async def classify_one(state: State, text: str, adapter: LoadedAdapter | None) -
             f"model takes {state.settings.serving_max_model_len}",
         )
     started = time.perf_counter()
-    completion = await state.engine.generate(
-        prompt,
-        max_tokens=min(state.settings.serving_max_new_tokens, room),
-        lora_id=adapter.lora_id if adapter is not None else None,
+    lora_id = adapter.lora_id if adapter is not None else None
+    source = adapter if adapter is not None else state.registry.current
+    labels = source.labels if source is not None else None
+    budget = min(state.settings.serving_max_new_tokens, room)
+    if labels:
+        style = AnswerStyle.from_dict(source.meta.get("answer_style") if source else None)
+        answer = await _classify_labels(
+            state, messages, prompt, labels, style, reasoning, budget, lora_id
+        )
+    else:
+        completion = await state.engine.generate(prompt, max_tokens=budget, lora_id=lora_id)
+        parsed = parse_answer(completion.text)
+        answer = {
+            "kind": "free_text",
+            "answer": parsed.label or completion.text.strip(),
+            "label": None,
+            "confidence": None,
+            "uncertain": None,
+            "scores": None,
+            "reasoning": parsed.reasoning,
+            "truncated": parsed.truncated or not completion.finished,
+            "raw": completion.text,
+        }
+    answer["model"] = _describe(adapter)
+    answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return answer
+
+
+async def _classify_labels(
+    state: State,
+    messages: list[Message],
+    prompt: list[int],
+    labels: list[str],
+    style: AnswerStyle,
+    reasoning: str | None,
+    budget: int,
+    lora_id: int | None,
+) -> dict[str, Any]:
+    if reasoning == "on" and not style.reasoning:
+        raise HTTPException(
+            422, "reasoning=on: this model was trained on answers without reasoning"
+        )
+    head: Head
+    if style.reasoning and reasoning != "off":
+        thought = await state.engine.reason(prompt, max_tokens=budget, lora_id=lora_id)
+        head = reasoning_head(thought.text, finished_by_close=thought.finished)
+    else:
+        prompt_text = await asyncio.to_thread(render_prompt_text, state.tokenizer, messages)
+        head = empty_head(prompt_text=prompt_text, style=style)
+    plan = await asyncio.to_thread(
+        plan_scoring, state.tokenizer, prompt, head.text, labels, separator=style.separator
     )
-    parsed = parse_answer(completion.text)
-    labels = (
-        adapter.labels
-        if adapter is not None
-        else (state.registry.current.labels if state.registry.current else None)
-    )
-    label = match_label(parsed.label, labels) if labels else parsed.label
+    scored = finish(plan, await state.engine.read(read_requests(plan), lora_id=lora_id))
+    threshold = state.settings.serving_min_confidence
+    uncertain = threshold is not None and scored.confidence < threshold
     return {
-        "label": label,
-        "reasoning": parsed.reasoning,
-        "raw": completion.text,
-        "valid_label": label is not None and (not labels or label in labels),
-        "truncated": parsed.truncated or not completion.finished,
-        "model": _describe(adapter),
-        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+        "kind": "label",
+        "answer": "uncertain" if uncertain else scored.label,
+        "label": scored.label,
+        "confidence": round(scored.confidence, 6),
+        "uncertain": uncertain,
+        "min_confidence": threshold,
+        "scores": scored.scores,
+        "reasoning": head.reasoning,
+        "reasoning_mode": head.mode,
+        "reasoning_cut": head.cut,
     }
 
 
@@ -310,12 +378,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     @app.post("/v1/classify", dependencies=[Depends(require_token)])
     async def classify(body: ClassifyRequest, state: StateDep) -> dict[str, Any]:
         adapter = state.registry.resolve(body.model)  # read once: one adapter per answer
-        return await classify_one(state, body.text, adapter)
+        return await classify_one(state, body.text, adapter, body.reasoning)
 
     @app.post("/v1/classify/batch", dependencies=[Depends(require_token)])
     async def classify_batch(body: ClassifyBatchRequest, state: StateDep) -> dict[str, Any]:
         adapter = state.registry.resolve(body.model)
-        results = await asyncio.gather(*(classify_one(state, t, adapter) for t in body.texts))
+        results = await asyncio.gather(
+            *(classify_one(state, t, adapter, body.reasoning) for t in body.texts)
+        )
         return {"results": list(results)}
 
     @app.get("/v1/adapters", dependencies=[Depends(require_token)])

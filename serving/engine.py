@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.errors import FinetuneError
+from core.protocol import THINK_CLOSE
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,18 @@ class Engine(Protocol):
     def stream(
         self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
     ) -> AsyncIterator[str]: ...
+
+    async def reason(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        """Greedy generation that stops after ``</think>`` (``finished``: it closed)."""
+        ...
+
+    async def read(
+        self, requests: list[tuple[list[int], list[int]]], *, lora_id: int | None
+    ) -> list[dict[int, float]]:
+        """For each (token ids, candidates): the candidates' log-probabilities as next token."""
+        ...
 
     async def add_adapter(self, lora_id: int, name: str, path: Path) -> None: ...
 
@@ -95,6 +108,54 @@ class VllmEngine:
         return Completion(
             out.text, out.finish_reason == "stop", len(prompt_ids), len(out.token_ids)
         )
+
+    async def reason(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            skip_special_tokens=True,
+            stop=[THINK_CLOSE],
+            include_stop_str_in_output=True,
+        )
+        final = None
+        async for output in self.engine.generate(
+            {"prompt_token_ids": prompt_ids},
+            params,
+            uuid.uuid4().hex,
+            lora_request=self._lora(lora_id),
+        ):
+            final = output
+        assert final is not None
+        out = final.outputs[0]
+        return Completion(out.text, THINK_CLOSE in out.text, len(prompt_ids), len(out.token_ids))
+
+    async def read(
+        self, requests: list[tuple[list[int], list[int]]], *, lora_id: int | None
+    ) -> list[dict[int, float]]:
+        from vllm import SamplingParams
+
+        from runner.eval.predict import vllm_read
+
+        async def one(ids: list[int], candidates: list[int]) -> dict[int, float]:
+            params = SamplingParams(
+                temperature=0.0, max_tokens=1, logprob_token_ids=list(candidates)
+            )
+            final = None
+            async for output in self.engine.generate(
+                {"prompt_token_ids": ids},
+                params,
+                uuid.uuid4().hex,
+                lora_request=self._lora(lora_id),
+            ):
+                final = output
+            assert final is not None
+            return vllm_read(final, candidates)
+
+        return list(await asyncio.gather(*(one(ids, c) for ids, c in requests)))
 
     async def stream(
         self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
@@ -154,33 +215,69 @@ class TransformersEngine:
         self._names: dict[int, str] = {}
         self._lock = asyncio.Lock()
 
+    @property
+    def _pad(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def _use(self, lora_id: int | None) -> Any:
+        if lora_id is None:
+            return self.model.disable_adapter() if self._names else nullcontext()
+        self.model.set_adapter(self._names[lora_id])
+        return nullcontext()
+
     def _generate_sync(
-        self, prompt_ids: list[int], max_tokens: int, lora_id: int | None
+        self, prompt_ids: list[int], max_tokens: int, lora_id: int | None, *, reason: bool = False
     ) -> Completion:
         import torch
 
         from runner.eval.predict import generate_batched
 
-        pad = self.tokenizer.pad_token_id
-        if lora_id is None:
-            context: Any = self.model.disable_adapter() if self._names else nullcontext()
-        else:
-            self.model.set_adapter(self._names[lora_id])
-            context = nullcontext()
-        with context, torch.no_grad():
+        close = self.tokenizer.convert_tokens_to_ids(THINK_CLOSE) if reason else None
+        stops = [close] if isinstance(close, int) and close != self.tokenizer.unk_token_id else []
+        with self._use(lora_id), torch.no_grad():
             [(new, finished)] = generate_batched(
                 self.model,
                 [prompt_ids],
                 max_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=pad if pad is not None else 0,
+                pad_token_id=self._pad,
                 batch_size=1,
                 device=self.device,
+                stop_token_ids=stops,
             )
         text = str(self.tokenizer.decode(new, skip_special_tokens=True))
-        return Completion(
-            text if finished else text.rstrip("\ufffd"), finished, len(prompt_ids), len(new)
-        )
+        if not finished:
+            text = text.rstrip("\ufffd")
+        if reason:
+            at = text.find(THINK_CLOSE)
+            text = text[: at + len(THINK_CLOSE)] if at >= 0 else text
+            finished = at >= 0
+        return Completion(text, finished, len(prompt_ids), len(new))
+
+    def _read_sync(
+        self, requests: list[tuple[list[int], list[int]]], lora_id: int | None
+    ) -> list[dict[int, float]]:
+        from runner.eval.predict import next_token_logprobs
+
+        with self._use(lora_id):
+            return next_token_logprobs(
+                self.model, requests, pad_token_id=self._pad, batch_size=16, device=self.device
+            )
+
+    async def reason(
+        self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None
+    ) -> Completion:
+        async with self._lock:
+            return await asyncio.to_thread(
+                self._generate_sync, prompt_ids, max_tokens, lora_id, reason=True
+            )
+
+    async def read(
+        self, requests: list[tuple[list[int], list[int]]], *, lora_id: int | None
+    ) -> list[dict[int, float]]:
+        async with self._lock:
+            return await asyncio.to_thread(self._read_sync, requests, lora_id)
 
     async def generate(
         self, prompt_ids: list[int], *, max_tokens: int, lora_id: int | None

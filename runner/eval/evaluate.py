@@ -10,16 +10,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import ConfigError
+from core.label_scoring import (
+    AnswerStyle,
+    LabelScore,
+    answer_style,
+    empty_head,
+    reasoning_head,
+    score_batch,
+)
 from core.protocol import (
     ChatTokenizer,
     Message,
+    PromptFrame,
     answer_of,
     match_label,
     parse_answer,
     render_prompt,
     render_prompt_text,
 )
-from runner.eval.metrics import label_scores, mean_similarity
+from runner.eval.metrics import calibration, label_scores, mean_similarity
 from runner.eval.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -28,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalOutcome:
     metrics: dict[str, Any]
-    predictions: list[dict[str, str]]  # generated_predictions.jsonl rows: prompt, predict, label
+    predictions: list[dict[str, Any]]  # generated_predictions.jsonl rows: prompt, predict, label…
 
 
 def derive_max_new_tokens(tokenizer: ChatTokenizer, answers: Sequence[str]) -> int:
@@ -71,20 +80,27 @@ def evaluate_conversations(
     *,
     max_model_len: int,
     max_new_tokens: int | None = None,
+    frame: PromptFrame | None = None,
 ) -> EvalOutcome:
     """Predict every conversation's answer and score it. A prompt that leaves no room for the
     answer budget in ``max_model_len`` keeps its last tokens and is counted
-    (``truncated_prompts``), whatever the backend, so both backends score the same prompts."""
+    (``truncated_prompts``), whatever the backend, so both backends score the same prompts.
+
+    With a label set the headline scores are serving's label-constrained answers
+    (``core.label_scoring``): the label scored after the model's own reasoning, which is the
+    free generation up to ``</think>`` (greedy decoding makes it the same text serving generates),
+    and again after an empty ``<think>`` block (``reasoning=off``). The free generation itself
+    gives the invalid and truncated rates and ROUGE/BLEU."""
     histories = [c[:-1] for c in conversations]
     references = [answer_of(c) for c in conversations]
     budget = max_new_tokens or derive_max_new_tokens(tokenizer, references)
     room = prompt_room(max_model_len, budget)
     rendered = [render_prompt(tokenizer, h) for h in histories]
     prompts = [fit_prompt(p, room) for p in rendered]
+    prompt_texts = [render_prompt_text(tokenizer, h) for h in histories]
     cut = sum(len(p) > room for p in rendered)
     started = time.perf_counter()
     generations = predictor.generate(prompts, budget)
-    runtime = time.perf_counter() - started
     texts = [g.text for g in generations]
     metrics: dict[str, Any] = {
         "backend": predictor.backend,
@@ -101,24 +117,110 @@ def evaluate_conversations(
         log.warning("%s", metrics["prompts_note"])
     if predictor.note:
         metrics["backend_note"] = predictor.note
+    predictions: list[dict[str, Any]] = [
+        {"prompt": t, "predict": g, "label": r, "text": _text_of(h, frame)}
+        for t, g, r, h in zip(prompt_texts, texts, references, histories, strict=True)
+    ]
     if labels:
+        gold = [parse_answer(r).label or r.strip() for r in references]
+        style = answer_style(references)
         parsed = [parse_answer(t) for t in texts]
-        predicted = [match_label(p.label, labels) for p in parsed]
-        truncated = [
+        free = [match_label(p.label, labels) for p in parsed]
+        free_truncated = [
             not g.finished or p.truncated for g, p in zip(generations, parsed, strict=True)
         ]
-        gold = [parse_answer(r).label or r.strip() for r in references]
-        metrics.update(label_scores(gold, predicted, truncated=truncated, labels=labels))
+        free_scores = label_scores(gold, free, truncated=free_truncated, labels=labels)
+        if style.reasoning:
+            heads = [reasoning_head(g.text, finished_by_close=False) for g in generations]
+        else:
+            heads = [empty_head(prompt_text=t, style=style) for t in prompt_texts]
+        scored = score_batch(tokenizer, prompts, heads, labels, style, predictor.read)
+        metrics.update(
+            _constrained(gold, scored, [h.cut for h in heads], labels),
+            free_accuracy=free_scores["accuracy"],
+            free_macro_f1=free_scores["macro_f1"],
+            invalid_rate=free_scores["invalid_rate"],
+            truncated_rate=free_scores["truncated_rate"],
+            free_invalid_rate=free_scores["invalid_rate"],
+            free_truncated_rate=free_scores["truncated_rate"],
+            free_confusion=free_scores["confusion"],
+            label_scoring=_scoring_note(style),
+        )
+        off: list[LabelScore] | None = None
+        if style.reasoning:
+            blank = [empty_head(prompt_text=t, style=style) for t in prompt_texts]
+            off = score_batch(tokenizer, prompts, blank, labels, style, predictor.read)
+            off_scores = label_scores(
+                gold, [s.label for s in off], truncated=[False] * len(off), labels=labels
+            )
+            off_calibration = calibration(
+                [s.confidence for s in off], [s.label == g for s, g in zip(off, gold, strict=True)]
+            )
+            metrics.update(
+                accuracy_reasoning_off=off_scores["accuracy"],
+                macro_f1_reasoning_off=off_scores["macro_f1"],
+                ece_reasoning_off=off_calibration["ece"],
+            )
+        for i, row in enumerate(predictions):
+            row.update(
+                reference=gold[i],
+                prediction=scored[i].label,
+                confidence=round(scored[i].confidence, 6),
+                correct=scored[i].label == gold[i],
+                scores=scored[i].scores,
+                reasoning=heads[i].reasoning,
+                reasoning_cut=heads[i].cut,
+                free_prediction=free[i],
+            )
+            if off is not None:
+                row.update(
+                    prediction_reasoning_off=off[i].label,
+                    confidence_reasoning_off=round(off[i].confidence, 6),
+                )
     else:
         metrics["samples"] = len(texts)
         metrics["truncated_rate"] = round(
             sum(not g.finished for g in generations) / max(len(texts), 1), 4
         )
+    runtime = time.perf_counter() - started
     metrics.update(mean_similarity(texts, references))
     metrics["predict_runtime"] = round(runtime, 4)
     metrics["predict_samples_per_second"] = round(len(texts) / runtime, 3) if runtime else None
-    predictions = [
-        {"prompt": render_prompt_text(tokenizer, h), "predict": t, "label": r}
-        for h, t, r in zip(histories, texts, references, strict=True)
-    ]
     return EvalOutcome(metrics, predictions)
+
+
+def _constrained(
+    gold: Sequence[str], scored: Sequence[LabelScore], cut: Sequence[bool], labels: Sequence[str]
+) -> dict[str, Any]:
+    scores = label_scores(gold, [s.label for s in scored], truncated=cut, labels=labels)
+    correct = [s.label == g for s, g in zip(scored, gold, strict=True)]
+    confidences = [s.confidence for s in scored]
+    reliability = calibration(confidences, correct)
+    return {
+        "samples": scores["samples"],
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "per_class": scores["per_class"],
+        "confusion": scores["confusion"],
+        "reasoning_cut_rate": scores["truncated_rate"],
+        "ece": reliability["ece"],
+        "reliability": reliability["bins"],
+        "mean_confidence": round(sum(confidences) / max(len(confidences), 1), 4),
+    }
+
+
+def _scoring_note(style: AnswerStyle) -> dict[str, Any]:
+    return {
+        "method": "label-constrained: softmax over the labels' log-probabilities "
+        + ("after the model's reasoning" if style.reasoning else "as the whole answer"),
+        **style.to_dict(),
+    }
+
+
+def _text_of(history: Sequence[Message], frame: PromptFrame | None) -> str:
+    """The variable part of the last user turn (the headline), without the dataset's frame."""
+    users = [m.content for m in history if m.role == "user"]
+    text = users[-1] if users else ""
+    if frame is not None and text.startswith(frame.prefix) and text.endswith(frame.suffix):
+        text = text[len(frame.prefix) : len(text) - len(frame.suffix) or None]
+    return text

@@ -121,11 +121,49 @@ def label_scores(
     }
 
 
+def calibration(
+    confidences: Sequence[float], correct: Sequence[bool], *, bins: int = 10
+) -> dict[str, Any]:
+    """Expected calibration error over ``bins`` equal-width confidence bins (the weighted mean
+    gap between each bin's accuracy and its mean confidence: 0 is "90% sure is right 90% of the
+    time") and the bins themselves, for the reliability plot.
+
+    >>> c = calibration([0.95, 0.9, 0.65, 0.55], [True, False, True, True], bins=10)
+    >>> c["ece"], [(b["lo"], b["count"], b["accuracy"], b["confidence"]) for b in c["bins"]]
+    (0.4125, [(0.5, 1, 1.0, 0.55), (0.6, 1, 1.0, 0.65), (0.9, 2, 0.5, 0.925)])
+    """
+    n = len(confidences)
+    grouped: dict[int, list[int]] = {}
+    for i, confidence in enumerate(confidences):
+        grouped.setdefault(min(int(confidence * bins), bins - 1), []).append(i)
+    table, gap = [], 0.0
+    for b in sorted(grouped):
+        members = grouped[b]
+        accuracy = sum(correct[i] for i in members) / len(members)
+        mean_conf = sum(confidences[i] for i in members) / len(members)
+        gap += len(members) / n * abs(accuracy - mean_conf)
+        table.append(
+            {
+                "lo": round(b / bins, 4),
+                "hi": round((b + 1) / bins, 4),
+                "count": len(members),
+                "accuracy": round(accuracy, 4),
+                "confidence": round(mean_conf, 4),
+            }
+        )
+    return {"ece": round(gap, 4) if n else 0.0, "bins": table}
+
+
 HEADLINE_KEYS = (
     "accuracy",
     "macro_f1",
+    "ece",
+    "accuracy_reasoning_off",
+    "macro_f1_reasoning_off",
+    "free_accuracy",
     "invalid_rate",
     "truncated_rate",
+    "reasoning_cut_rate",
     "predict_rouge-1",
     "predict_rouge-2",
     "predict_rouge-l",

@@ -33,11 +33,19 @@ class Generation:
     finished: bool  # False: cut at max_new_tokens
 
 
+Read = tuple[list[int], list[int]]  # (token ids, candidate next tokens)
+
+
 class Predictor(Protocol):
     backend: str
     note: str | None  # why this backend and not the asked one, for the report (None: as asked)
 
     def generate(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[Generation]: ...
+
+    def read(self, requests: Sequence[Read]) -> list[dict[int, float]]:
+        """The log-probability of each candidate as the token after each request's ids (the
+        label scoring of ``core.label_scoring``)."""
+        ...
 
 
 def vllm_available() -> bool:
@@ -129,6 +137,46 @@ class TransformersPredictor:
             results.append(Generation(text, finished))
         return results
 
+    def read(self, requests: Sequence[Read]) -> list[dict[int, float]]:
+        return next_token_logprobs(
+            self.model,
+            requests,
+            pad_token_id=self.pad_id,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+
+def next_token_logprobs(
+    model: Any, requests: Sequence[Read], *, pad_token_id: int, batch_size: int, device: Any
+) -> list[dict[int, float]]:
+    """One forward pass per batch of similar length, right-padded (positions stay those of the
+    unpadded sequence; a causal model never looks at the padding after a row's last token): the
+    log-softmax at each row's last token, read at its candidates."""
+    import torch
+
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    results: dict[int, dict[int, float]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(requests[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            tokens = requests[i][0]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = torch.tensor([len(requests[i][0]) - 1 for i in chunk], device=logits.device)
+        rows = logits[torch.arange(len(chunk), device=logits.device), last].float()
+        logprobs = torch.log_softmax(rows, dim=-1).cpu()
+        for row, i in enumerate(chunk):
+            candidates = requests[i][1]
+            values = logprobs[row, candidates].tolist()
+            results[i] = dict(zip(candidates, values, strict=True))
+    return [results[i] for i in range(len(requests))]
+
 
 def generate_batched(
     model: Any,
@@ -140,11 +188,16 @@ def generate_batched(
     batch_size: int,
     device: Any,
     min_new_tokens: int = 0,
+    stop_token_ids: Sequence[int] = (),
 ) -> list[tuple[list[int], bool]]:
     """Greedy ``generate`` over ``prompts`` in batches of similar length, left-padded so every
     prompt ends at the same column. Returns each answer's token ids (up to, not including, the
-    end-of-sequence token) and whether it ended by itself."""
+    end-of-sequence token; including a ``stop_token_ids`` token that ended it) and whether it
+    ended by itself."""
     import torch
+
+    stops = [t for t in stop_token_ids if t != eos_token_id]
+    ends: Any = [eos_token_id, *stops] if stops and eos_token_id is not None else eos_token_id
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding
     results: dict[int, tuple[list[int], bool]] = {}
@@ -163,16 +216,16 @@ def generate_batched(
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens,
                 do_sample=False,
-                eos_token_id=eos_token_id,
+                eos_token_id=ends,
                 pad_token_id=pad_token_id,
                 use_cache=True,
             )
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
-            finished = eos_token_id is not None and eos_token_id in new
-            if finished:
-                new = new[: new.index(eos_token_id)]
-            results[i] = (new, finished)
+            end = next((k for k, t in enumerate(new) if t == eos_token_id or t in stops), None)
+            if end is not None:
+                new = new[: end + 1] if new[end] in stops else new[:end]
+            results[i] = (new, end is not None)
     return [results[i] for i in range(len(prompts))]
 
 
@@ -247,6 +300,28 @@ class VllmPredictor:
         return [
             Generation(o.outputs[0].text, o.outputs[0].finish_reason == "stop") for o in outputs
         ]
+
+    def read(self, requests: Sequence[Read]) -> list[dict[int, float]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(candidates))
+            for _, candidates in requests
+        ]
+        prompts: Any = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        return [
+            vllm_read(o, candidates) for o, (_, candidates) in zip(outputs, requests, strict=True)
+        ]
+
+
+def vllm_read(output: Any, candidates: Sequence[int]) -> dict[int, float]:
+    """The candidates' log-probabilities from a vLLM ``RequestOutput`` of a one-token read."""
+    step = output.outputs[0].logprobs[0]
+    missing = [t for t in candidates if t not in step]
+    if missing:
+        raise RuntimeError(f"vLLM returned no log-probability for tokens {missing}")
+    return {t: float(step[t].logprob) for t in candidates}
 
 
 def _free_gpu() -> None:

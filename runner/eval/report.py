@@ -1,5 +1,6 @@
 """Run an evaluation for storage: predictions, scores, deltas against the base model and the
-promoted checkpoint, artifacts (``generated_predictions.jsonl``, ``eval.json``, ``confusion.png``)
+promoted checkpoint, artifacts (``generated_predictions.jsonl``, ``eval.json``, ``confusion.png``,
+``reliability.png``)
 and the ``evaluations`` row."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from sqlmodel import Session
 
 from core.errors import NotFound
+from core.protocol import PromptFrame
 from core.settings import Settings
 from runner.datasets.ingest import read_split
 from runner.eval.evaluate import evaluate_conversations
@@ -58,6 +60,7 @@ def evaluate_model(
             dataset.labels,
             max_model_len=settings.eval_max_model_len,
             max_new_tokens=max_new_tokens,
+            frame=PromptFrame.from_dict(dataset.prompt_frame or {}),
         )
     finally:
         del predictor
@@ -115,7 +118,7 @@ def _write_report(
     subject: str,
     dataset: Dataset,
     metrics: dict[str, Any],
-    predictions: list[dict[str, str]],
+    predictions: list[dict[str, Any]],
 ) -> None:
     with open(directory / "generated_predictions.jsonl", "w", encoding="utf-8") as out:
         for row in predictions:
@@ -138,6 +141,14 @@ def _write_report(
                 confusion["columns"],
                 confusion["matrix"],
                 title=f"{subject} on {dataset.name}",
+            )
+        )
+    if metrics.get("reliability"):
+        from runner.plots import reliability_png
+
+        (directory / "reliability.png").write_bytes(
+            reliability_png(
+                metrics["reliability"], ece=metrics["ece"], title=f"{subject} on {dataset.name}"
             )
         )
 

@@ -48,12 +48,25 @@ def test_a_job_evaluates_its_final_checkpoint_and_the_base_model_once(
         .read_text(encoding="utf-8")
         .splitlines()
     ]
-    assert len(rows) == 20 and set(rows[0]) == {"prompt", "predict", "label"}
+    assert len(rows) == 20 and set(rows[0]) >= {"prompt", "predict", "label", "text"}
+    labels = set(dataset.labels)
+    for row in rows:  # every headline answer is a label from the set, with its distribution
+        assert row["prediction"] in labels and row["reference"] in labels
+        assert row["correct"] == (row["prediction"] == row["reference"])
+        assert set(row["scores"]) == labels and abs(sum(row["scores"].values()) - 1) < 1e-4
+        assert row["confidence"] == max(row["scores"].values()) == row["scores"][row["prediction"]]
+    assert evaluated["accuracy"] == round(sum(r["correct"] for r in rows) / 20, 4)
+    assert 0 <= evaluated["ece"] <= 1
+    reasoning = any("</think>" in r["label"] for r in rows)  # reasoning-off only when it has some
+    assert (evaluated["accuracy_reasoning_off"] is not None) == reasoning
+    assert all(("prediction_reasoning_off" in r) == reasoning for r in rows)
     assert rows[0]["prompt"].endswith("<｜Assistant｜>")
     saved = json.loads((report / "eval.json").read_text(encoding="utf-8"))
     assert saved["accuracy"] == evaluated["accuracy"] and saved["backend"] == "transformers"
     assert sum(map(sum, saved["confusion"]["matrix"])) == 20
     assert (report / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (report / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert sum(b["count"] for b in saved["reliability"]) == 20
 
     with new_session(engine) as session:  # the first job's checkpoint now serves
         session.add(Promotion(checkpoint_id=final.id, action="promote", decided_by="U1"))

@@ -122,6 +122,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         "adapter": True,
         "labels": ["体育", "财经"],
         "prompt_frame": FRAME,
+        "answer_style": {"reasoning": False, "separator": ""},  # the adapters answer bare labels
     }
     specs = {
         "A": ("体育", 8, meta),
@@ -235,6 +236,7 @@ def trained_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
         "adapter": True,
         "labels": LABELS,
         "prompt_frame": FRAME,
+        "answer_style": {"reasoning": False, "separator": ""},  # the adapters answer bare labels
     }
     for name, answer in ANSWERS.items():
         _train_adapter(tiny_model_dir, tokenizer, answer, root / name, meta=meta)

@@ -100,11 +100,15 @@ def test_base_and_adapter_requests_at_once_each_get_their_own_answer(deployment)
             ]
             answers = [f.result() for f in mixed]
     for i, answer in enumerate(answers):
-        if i % 2:
-            assert answer["raw"] == alone["raw"] and answer["model"]["checkpoint_id"] is None
+        if i % 2:  # the base model's own distribution over the promoted label set, unmixed
+            assert answer["model"]["checkpoint_id"] is None and answer["kind"] == "label"
+            assert answer["scores"].keys() == alone["scores"].keys()
+            for label, p in answer["scores"].items():
+                assert abs(p - alone["scores"][label]) < 1e-3, (answer, alone)
         else:
-            assert answer["label"] == "体育"
-    assert alone["raw"] != "体育"
+            assert answer["label"] == "体育" and answer["confidence"] > 0.8, answer
+    trained = min(a["confidence"] for i, a in enumerate(answers) if not i % 2)
+    assert alone["scores"]["体育"] < trained - 0.05, (alone, trained)  # the base is not the adapter
 
 
 def test_a_restart_comes_back_on_the_promoted_adapter(deployment) -> None:
