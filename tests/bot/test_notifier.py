@@ -228,7 +228,7 @@ def test_the_job_thread_tells_the_whole_story(slack, engine, notifiers) -> None:
         if p.get("text") == "Evaluation of checkpoint 1"
     )
     section = report["blocks"][0]["text"]["text"]
-    assert "*Accuracy* 50.0% (+30.0 pt) vs base" in section and "BLEU-4 20.00" in section
+    assert "*Accuracy* 50.0% · +30.0 pt vs base" in section and "BLEU-4 20.00" in section
     buttons = report["blocks"][1]["elements"]
     assert [b["action_id"] for b in buttons] == ["approve_checkpoint", "reject_checkpoint"]
     assert buttons[0]["style"] == "primary" and "confirm" in buttons[0]
@@ -458,7 +458,7 @@ def test_refused_report_buttons_fall_back_to_text_naming_the_promote_command(
     notifiers().deliver_pending()
     texts = _thread_texts(slack, job)
     assert len(texts) == 4 and "Evaluation of checkpoint 1" in texts[-1]
-    assert "*Accuracy* 50.0% (+30.0 pt) vs base" in texts[-1]
+    assert "*Accuracy* 50.0% · +30.0 pt vs base" in texts[-1]
     assert "an approver can promote it with `/finetune promote 1`" in texts[-1]
     evaluated = next(e for e in _events(engine, job.id) if e.kind == "evaluated")
     assert evaluated.delivery_error == (
