@@ -10,15 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.blocks import cut, escape, pct, show_mistakes_button
+from bot.blocks import cut, escape, pct, served_name, show_mistakes_button
 
 MISTAKES_PAGE = 10  # mistakes per thread reply: one section each, well under Slack's 50 blocks
-
-
-def _who(answer: dict[str, Any]) -> str:
-    model = answer.get("model") or {}
-    checkpoint = model.get("checkpoint_id")
-    return f"checkpoint {checkpoint}" if checkpoint is not None else "the base model"
 
 
 def alternatives(scores: dict[str, float] | None, label: str | None, n: int = 2) -> str:
@@ -42,9 +36,10 @@ def classify_blocks(
     A label of the checkpoint's set: ``*体育* · 93%  ←  headline``, the next alternatives and who
     answered in a context line. Below the confidence threshold (``threshold``, serving's
     ``SERVING_MIN_CONFIDENCE``, when the bot knows it) it says it is uncertain and shows its best
-    guess as a guess, never in bold. Free text (a base model without a label set): the text
-    quoted, said to be free text. The reasoning comes last, in a section Slack folds behind
-    "Show more". An answer of the older shape (a label, no confidence) is shown as before.
+    guess as a guess, never in bold. Free text (a base model without a label set, or a
+    checkpoint trained on free-form answers): the text quoted, said to be free text. The
+    reasoning comes last, in a section Slack folds behind "Show more". An answer of the older
+    shape (a label, no confidence) is shown as before.
 
     >>> blocks = classify_blocks("球队夺冠", {"kind": "label", "label": "体育", "confidence": 0.93,
     ...     "uncertain": False, "scores": {"体育": 0.93, "娱乐": 0.05, "社会": 0.02},
@@ -55,7 +50,8 @@ def classify_blocks(
     'then 娱乐 5% · 社会 2% · answered by checkpoint 7 in 41 ms'
     """
     kind = answer.get("kind") or ("label" if answer.get("label") else "free_text")
-    context = [f"answered by {_who(answer)}" + _latency(answer.get("latency_ms"))]
+    who = served_name(answer.get("model"))
+    context = [f"answered by {who}" + _latency(answer.get("latency_ms"))]
     asked = escape(cut(text, 300))
     if kind == "label":
         label, confidence = escape(str(answer.get("label"))), answer.get("confidence")
@@ -82,7 +78,7 @@ def classify_blocks(
         said = escape((answer.get("answer") or "").strip() or "(nothing)")
         quoted = cut(said, 2000).replace("\n", "\n>")
         head = f"“{asked}” →\n>{quoted}"
-        context.append("free text from the base model: it has no label set, so this is no label")
+        context.append(f"free text from {who}: it has no label set, so this is no label")
         if answer.get("truncated"):
             context.append("cut at the length limit")
     blocks: list[dict[str, Any]] = [
