@@ -159,6 +159,24 @@ def _show_mistakes(ctx: BotContext, body: dict[str, Any], client: Any) -> None:
             total=found.total,
         ),
     )
+    if offset and message.get("blocks"):  # a More mistakes click: that page's button is spent
+        _drop_more_button(client, channel, message)
+
+
+def _drop_more_button(client: Any, channel: str, page: dict[str, Any]) -> None:
+    from slack_sdk.errors import SlackApiError
+
+    kept = [
+        b
+        for b in page["blocks"]
+        if not any(e.get("action_id") == SHOW_MISTAKES for e in b.get("elements", []))
+    ]
+    try:
+        client.chat_update(
+            channel=channel, ts=page.get("ts"), text=page.get("text") or "Mistakes", blocks=kept
+        )
+    except SlackApiError as exc:  # the next page is posted; a button left behind is harmless
+        log.warning("could not remove a spent More mistakes button: %s", exc.response.get("error"))
 
 
 def _already(checkpoint_id: int, status: str, decided_by: str | None) -> str:

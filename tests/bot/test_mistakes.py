@@ -77,9 +77,17 @@ def _rows(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def _click(slack, value: str, *, channel: str = "C0CHAN", user: str = "U0VIEWER", ts=REPORT_TS):
+def _click(
+    slack, value: str, *, channel: str = "C0CHAN", user: str = "U0VIEWER", ts=REPORT_TS, blocks=None
+):
     body = block_action_body(
-        "show_mistakes", value, user_id=user, channel_id=channel, message_ts=ts, thread_ts=THREAD
+        "show_mistakes",
+        value,
+        user_id=user,
+        channel_id=channel,
+        message_ts=ts,
+        thread_ts=THREAD,
+        blocks=blocks,
     )
     assert slack.post(body).status_code == 200
 
@@ -110,8 +118,10 @@ def test_anyone_in_the_channel_pages_through_the_mistakes_in_the_reports_thread(
     [more] = first["blocks"][-1]["elements"]
     assert more["text"]["text"] == "More mistakes"
 
-    _click(slack, more["value"], ts=first["_ts"])  # from the first page, in the same thread
+    _click(slack, more["value"], ts=first["_ts"], blocks=first["blocks"])  # in the thread
     second = slack.standin.wait_for("chat.postMessage", 2)[1]
+    [spent] = slack.standin.wait_for("chat.update")  # the first page keeps its list, not its button
+    assert spent["ts"] == first["_ts"] and spent["blocks"] == first["blocks"][:-1]
     assert second["thread_ts"] == THREAD
     assert _sections(second)[0].startswith(":mag: *Mistakes of checkpoint 1*, 11–12 of 12")
     assert [s.split("\n")[0] for s in _sections(second)[1:]] == ["• 新闻3", "• 新闻0"]
