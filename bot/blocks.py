@@ -381,6 +381,10 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
+def _count(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
 def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CHARS) -> str:
     """The per-class table, the weakest F1 first, as much of it as fits in ``limit``.
 
@@ -405,7 +409,7 @@ def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CH
             shown
             + " " * max(column - _width(shown), 0)
             + f"  {pct(scores.get('precision')):>9}  {pct(scores.get('recall')):>6}"
-            f"  {pct(scores.get('f1')):>3}  {scores.get('support', '–'):>7}"
+            f"  {pct(scores.get('f1')):>3}  {_count(scores.get('support')):>7}"
         )
     shown_rows: list[str] = []
     for index, row in enumerate(rows):
@@ -428,12 +432,15 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": {"type": "mrkdwn", "text": cut(head)}}
     ]
-    if payload.get("per_class"):
+    per_class = payload.get("per_class")
+    classes = (
+        {str(k): v for k, v in per_class.items() if isinstance(v, dict)}
+        if isinstance(per_class, dict)
+        else {}
+    )
+    if classes:
         blocks.append(
-            {
-                "type": "section",
-                "text": {"type": "mrkdwn", "text": per_class_text(payload["per_class"])},
-            }
+            {"type": "section", "text": {"type": "mrkdwn", "text": per_class_text(classes)}}
         )
     blocks.append(
         {

@@ -214,6 +214,14 @@ def test_an_older_report_keeps_its_layout_and_has_nothing_it_cannot_show() -> No
     assert "Free generation" not in text
     no_reasoning = {**REPORT, "accuracy_reasoning_off": None, "macro_f1_reasoning_off": None}
     assert "Without reasoning" not in eval_report_blocks(no_reasoning)[0]["text"]["text"]
+    odd = {**REPORT, "per_class": {"体育": {"f1": 0.5, "support": None}, "财经": "?"}}
+    assert eval_report_blocks(odd)[1]["text"]["text"].splitlines()[3].split() == [
+        "体育",
+        "–",
+        "–",
+        "50%",
+        "–",
+    ]
     free_form = {**REPORT, "accuracy": None, "macro_f1": None, "per_class": None}
     assert all(b.get("block_id") != "mistakes-12" for b in eval_report_blocks(free_form))
 
