@@ -173,7 +173,7 @@ def first_line(text: str | None) -> str:
 
 def mistake_text(row: dict[str, Any]) -> str:
     """One mistake: the headline, reference → prediction with its confidence, the reasoning's
-    first line.
+    first line, and whether the answer without reasoning was right.
 
     >>> mistake_text({"text": "球队夺冠", "reference": "体育", "prediction": "娱乐",
     ...               "confidence": 0.81, "reasoning": "像是明星新闻。\\n……"})
@@ -188,6 +188,8 @@ def mistake_text(row: dict[str, Any]) -> str:
     reason = first_line(row.get("reasoning"))
     if reason:
         line += f" · _{escape(cut(reason, 300))}_"
+    if row.get("prediction_reasoning_off") == row.get("reference"):
+        line += " · right without reasoning"  # the reasoning led it astray
     return line
 
 

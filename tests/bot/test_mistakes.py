@@ -113,7 +113,9 @@ def test_anyone_in_the_channel_pages_through_the_mistakes_in_the_reports_thread(
         ":mag: *Mistakes of checkpoint 1*, 1–10 of 12 (12 of 36 eval samples wrong), most "
         "confident first"
     )
-    assert sections[1] == "• 新闻33\n   *体育* → 财经 at 83% · _第33条像是财经新闻。_"
+    assert sections[1] == (
+        "• 新闻33\n   *体育* → 财经 at 83% · _第33条像是财经新闻。_ · right without reasoning"
+    )
     assert [s.split("\n")[0] for s in sections[1:]] == [f"• 新闻{i}" for i in range(33, 3, -3)]
     [more] = first["blocks"][-1]["elements"]
     assert more["text"]["text"] == "More mistakes"
