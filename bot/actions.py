@@ -1,7 +1,9 @@
 """The eval report's buttons and the rollback confirmation's. Only approvers decide (checked here,
 whatever the message shows); a decision replaces the buttons with who decided and when; a second
 click (or a retried request) changes nothing more: a stale rollback confirmation is refused by
-serving with what serves now."""
+serving with what serves now. Show mistakes decides nothing: anyone in the channel may click it,
+and it shows only an evaluation the channel sees (bot/mistakes.py), in the thread it was clicked
+in, a page at a time."""
 
 from __future__ import annotations
 
@@ -9,12 +11,15 @@ import json
 import logging
 from typing import Any
 
-from bot.blocks import decided_blocks, rolled_back_text, served_name
+from bot.answer_blocks import mistakes_blocks, mistakes_text
+from bot.blocks import SHOW_MISTAKES, decided_blocks, rolled_back_text, served_name
 from bot.commands import BotContext
+from bot.mistakes import evaluation_mistakes
 from bot.scope import Scope
 from bot.serving_client import call_serving
 from core.enums import CheckpointStatus
 from core.errors import FinetuneError
+from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import Checkpoint, Job
 from storage.promotions import AlreadyDecided, reject_checkpoint
@@ -38,6 +43,11 @@ def register(app: Any, ctx: BotContext) -> None:
     def handle_confirm_rollback(ack: Any, body: dict[str, Any], client: Any, respond: Any) -> None:
         ack()
         _confirm_rollback(ctx, body, client, respond)
+
+    @app.action(SHOW_MISTAKES)
+    def handle_show_mistakes(ack: Any, body: dict[str, Any], client: Any) -> None:
+        ack()
+        _show_mistakes(ctx, body, client)
 
     @app.action("cancel_rollback")
     def handle_cancel_rollback(ack: Any, body: dict[str, Any], respond: Any) -> None:
@@ -108,6 +118,65 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         user,
         extra={"event": "decision", "checkpoint_id": checkpoint_id, "by": user},
     )
+
+
+def _show_mistakes(ctx: BotContext, body: dict[str, Any], client: Any) -> None:
+    """A page of an evaluation's mistakes as a reply in the thread of the clicked message (the
+    report's, or the previous page's); a refusal, or why there is nothing to list, is told to
+    the user alone and nothing is posted."""
+    user = body["user"]["id"]
+    channel = body["channel"]["id"]
+
+    def tell(text: str) -> None:
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
+
+    try:
+        shown = json.loads(body["actions"][0]["value"])
+        evaluation_id, offset = int(shown["evaluation_id"]), max(int(shown.get("offset", 0)), 0)
+    except (ValueError, KeyError, TypeError):
+        tell(":warning: That button does not name an evaluation; nothing to show.")
+        return
+    try:
+        with new_session(ctx.db) as session:
+            found = evaluation_mistakes(
+                session, ArtifactStore(ctx.settings.artifact_dir), Scope(channel), evaluation_id
+            )
+    except FinetuneError as exc:
+        tell(f":warning: {exc.message}")
+        return
+    message = body.get("message") or {}
+    container = body.get("container") or {}
+    thread = message.get("thread_ts") or container.get("thread_ts") or message.get("ts")
+    client.chat_postMessage(
+        channel=channel,
+        thread_ts=thread,
+        text=mistakes_text(found.wrong, subject=found.subject, offset=offset),
+        blocks=mistakes_blocks(
+            found.wrong,
+            evaluation_id=evaluation_id,
+            subject=found.subject,
+            offset=offset,
+            total=found.total,
+        ),
+    )
+    if offset and message.get("blocks"):  # a More mistakes click: that page's button is spent
+        _drop_more_button(client, channel, message)
+
+
+def _drop_more_button(client: Any, channel: str, page: dict[str, Any]) -> None:
+    from slack_sdk.errors import SlackApiError
+
+    kept = [
+        b
+        for b in page["blocks"]
+        if not any(e.get("action_id") == SHOW_MISTAKES for e in b.get("elements", []))
+    ]
+    try:
+        client.chat_update(
+            channel=channel, ts=page.get("ts"), text=page.get("text") or "Mistakes", blocks=kept
+        )
+    except SlackApiError as exc:  # the next page is posted; a button left behind is harmless
+        log.warning("could not remove a spent More mistakes button: %s", exc.response.get("error"))
 
 
 def _already(checkpoint_id: int, status: str, decided_by: str | None) -> str:

@@ -179,6 +179,15 @@ def checkpoint_line(
     )
 
 
+def escape(text: str) -> str:
+    """Text shown as is in mrkdwn: Slack's three control characters escaped.
+
+    >>> escape("<!channel> & <@U1>")
+    '&lt;!channel&gt; &amp; &lt;@U1&gt;'
+    """
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def text_blocks(text: str) -> list[dict[str, Any]]:
     return [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
 
@@ -252,37 +261,188 @@ def export_text(payload: dict[str, Any]) -> str:
     )
 
 
-def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The evaluation report with Approve & promote / Reject buttons."""
-    base = payload.get("vs_base") or {}
-    promoted = payload.get("vs_promoted") or {}
-    rows = [
-        f"*Accuracy* {_pct(payload.get('accuracy'))}{_delta(base.get('accuracy'), percent=True)}"
-        f" vs base · {_delta(promoted.get('accuracy'), percent=True).strip() or '–'} vs serving",
-        f"*Macro-F1* {_pct(payload.get('macro_f1'))}"
-        f"{_delta(base.get('macro_f1'), percent=True)} vs base",
-        f"Invalid answers {_pct(payload.get('invalid_rate'))} · truncated "
-        f"{_pct(payload.get('truncated_rate'))}",
-        f"ROUGE-1/2/L {payload.get('predict_rouge-1', 0):.2f} / "
-        f"{payload.get('predict_rouge-2', 0):.2f} / {payload.get('predict_rouge-l', 0):.2f} · "
-        f"BLEU-4 {payload.get('predict_bleu-4', 0):.2f} (whole answers, for parity)",
+SHOW_MISTAKES = "show_mistakes"  # the report's Show mistakes button and each page's More mistakes
+DECISIONS = ("approve_checkpoint", "reject_checkpoint")
+
+
+def pct(value: float | None) -> str:
+    """A probability as people read it, in whole percent.
+
+    >>> pct(0.934), pct(0.0004), pct(None), pct(0.0)
+    ('93%', '<1%', '–', '0%')
+    """
+    if value is None:
+        return "–"
+    if 0 < value < 0.005:
+        return "<1%"
+    return f"{value * 100:.0f}%"
+
+
+def mistakes_value(evaluation_id: int, offset: int) -> str:
+    """The value of a Show mistakes / More mistakes button.
+
+    >>> mistakes_value(3, 10)
+    '{"evaluation_id": 3, "offset": 10}'
+    """
+    import json
+
+    return json.dumps({"evaluation_id": evaluation_id, "offset": offset})
+
+
+def show_mistakes_button(evaluation_id: int, *, offset: int = 0) -> dict[str, Any]:
+    """Anyone in the channel may click it (it decides nothing): bot/actions.py shows the
+    evaluation's mistakes, from ``offset`` on, in the thread the click came from."""
+    return {
+        "type": "button",
+        "action_id": SHOW_MISTAKES,
+        "text": {"type": "plain_text", "text": "More mistakes" if offset else "Show mistakes"},
+        "value": mistakes_value(evaluation_id, offset),
+    }
+
+
+def calibration_words(ece: float) -> str:
+    """What an expected calibration error means for someone reading ``/classify``'s percentages.
+
+    >>> calibration_words(0.031)
+    'its confidence is about 3 points off how often it is right: its percentages can be trusted'
+    >>> calibration_words(0.22)
+    'its confidence is about 22 points off how often it is right: its percentages mean little'
+    """
+    if ece < 0.05:
+        verdict = "its percentages can be trusted"
+    elif ece < 0.15:
+        verdict = "read its percentages as rough"
+    else:
+        verdict = "its percentages mean little"
+    return f"its confidence is about {ece * 100:.0f} points off how often it is right: {verdict}"
+
+
+def _versus(payload: dict[str, Any], key: str) -> str:
+    """`` · +12.0 pt vs base · -1.0 pt vs serving``, each part where the payload has it."""
+    parts = []
+    for other, name in (("vs_base", "base"), ("vs_promoted", "serving")):
+        value = (payload.get(other) or {}).get(key)
+        if isinstance(value, int | float):
+            parts.append(f" · {value * 100:+.1f} pt vs {name}")
+    return "".join(parts)
+
+
+def _report_lines(payload: dict[str, Any]) -> list[str]:
+    """The report's head: accuracy, macro-F1, calibration, the deltas, reasoning off, free
+    generation; every key but the first two is optional (older events lack them)."""
+    lines = [
+        f"*Accuracy* {_pct(payload.get('accuracy'))}{_versus(payload, 'accuracy')}",
+        f"*Macro-F1* {_pct(payload.get('macro_f1'))}{_versus(payload, 'macro_f1')}",
     ]
-    rows += [
+    ece = payload.get("ece")
+    if isinstance(ece, int | float):
+        lines.append(
+            f"*Calibration* ECE {_pct(ece)}{_versus(payload, 'ece')} (lower is better): "
+            + calibration_words(ece)
+        )
+    off = payload.get("accuracy_reasoning_off")
+    if isinstance(off, int | float):
+        lines.append(
+            f"*Without reasoning* accuracy {_pct(off)}{_versus(payload, 'accuracy_reasoning_off')}"
+            f" · macro-F1 {_pct(payload.get('macro_f1_reasoning_off'))} (with reasoning "
+            f"{_pct(payload.get('accuracy'))} / {_pct(payload.get('macro_f1'))})"
+        )
+    if "free_invalid_rate" in payload or "free_truncated_rate" in payload:
+        free = (
+            f"Free generation (no label constraint): {_pct(payload.get('free_invalid_rate'))} "
+            f"invalid answers · {_pct(payload.get('free_truncated_rate'))} cut at the length "
+            "limit"
+        )
+        if isinstance(payload.get("reasoning_cut_rate"), int | float):
+            free += f" · reasoning cut in {_pct(payload['reasoning_cut_rate'])}"
+        lines.append(free)
+    else:  # an evaluation before constrained labels
+        lines.append(
+            f"Invalid answers {_pct(payload.get('invalid_rate'))} · truncated "
+            f"{_pct(payload.get('truncated_rate'))}"
+        )
+    lines.append(
+        f"ROUGE-1/2/L {payload.get('predict_rouge-1') or 0:.2f} / "
+        f"{payload.get('predict_rouge-2') or 0:.2f} / {payload.get('predict_rouge-l') or 0:.2f}"
+        f" · BLEU-4 {payload.get('predict_bleu-4') or 0:.2f} (whole answers, for parity)"
+    )
+    lines += [
         f":information_source: {n}"
         for n in (payload.get("backend_note"), payload.get("prompts_note"))
         if n
     ]
+    return lines
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a monospace font (CJK characters take two)."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _count(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CHARS) -> str:
+    """The per-class table, the weakest F1 first, as much of it as fits in ``limit``.
+
+    >>> print(per_class_text({"体育": {"precision": 1.0, "recall": 0.9, "f1": 0.947, "support": 10},
+    ...                       "财经": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 2}}))
+    *Per class* (weakest F1 first)
+    ```
+    label  precision  recall   F1  support
+    财经         50%    100%  67%        2
+    体育        100%     90%  95%       10
+    ```
+    """
+    ranked = sorted(per_class.items(), key=lambda item: (item[1].get("f1") or 0.0, item[0]))
+    names = [escape(name.replace("`", "'")) for name, _ in ranked]
+    column = max([_width("label"), *(_width(n) for n in names)])
+    column = min(column, 24)
+    head, fence = "*Per class* (weakest F1 first)\n```\n", "\n```"
+    rows = ["label" + " " * (column - 5) + "  precision  recall   F1  support"]
+    for name, (_, scores) in zip(names, ranked, strict=True):
+        shown = name if _width(name) <= column else cut(name, column // 2)
+        rows.append(
+            shown
+            + " " * max(column - _width(shown), 0)
+            + f"  {pct(scores.get('precision')):>9}  {pct(scores.get('recall')):>6}"
+            f"  {pct(scores.get('f1')):>3}  {_count(scores.get('support')):>7}"
+        )
+    shown_rows: list[str] = []
+    for index, row in enumerate(rows):
+        rest = len(rows) - index
+        more = f"\n… {rest - 1} more classes" if rest > 1 else ""
+        if len(head) + len("\n".join([*shown_rows, row])) + len(more) + len(fence) > limit:
+            return head + "\n".join(shown_rows) + f"\n… {rest} more classes" + fence
+        shown_rows.append(row)
+    return head + "\n".join(shown_rows) + fence
+
+
+def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation report (``payload``: the ``evaluated`` event, runner/job.py): the scores
+    that matter first, the per-class table, Approve & promote / Reject, and Show mistakes (a
+    page of the misclassified eval samples in the thread) when the evaluation has labels."""
     checkpoint = payload["checkpoint_id"]
-    return [
-        {
-            "type": "section",
-            "text": {
-                "type": "mrkdwn",
-                "text": f":bar_chart: *Evaluation of checkpoint {checkpoint}*"
-                + "\n"
-                + "\n".join(rows),
-            },
-        },
+    head = f":bar_chart: *Evaluation of checkpoint {checkpoint}*\n" + "\n".join(
+        _report_lines(payload)
+    )
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": cut(head)}}
+    ]
+    per_class = payload.get("per_class")
+    classes = (
+        {str(k): v for k, v in per_class.items() if isinstance(v, dict)}
+        if isinstance(per_class, dict)
+        else {}
+    )
+    if classes:
+        blocks.append(
+            {"type": "section", "text": {"type": "mrkdwn", "text": per_class_text(classes)}}
+        )
+    blocks.append(
         {
             "type": "actions",
             "block_id": f"decide-{checkpoint}",
@@ -312,13 +472,29 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "value": str(checkpoint),
                 },
             ],
-        },
-    ]
+        }
+    )
+    evaluation = payload.get("evaluation_id")
+    if evaluation is not None and payload.get("accuracy") is not None:
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": f"mistakes-{evaluation}",
+                "elements": [show_mistakes_button(int(evaluation))],
+            }
+        )
+    return blocks
 
 
 def decided_blocks(report: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """The report with its buttons replaced by who decided and when."""
-    kept = [b for b in report if b.get("type") != "actions"]
+    """The report with its decision buttons replaced by who decided and when (Show mistakes
+    stays: the mistakes are worth reading whatever was decided)."""
+    kept = [
+        b
+        for b in report
+        if b.get("type") != "actions"
+        or not any(e.get("action_id") in DECISIONS for e in b.get("elements", []))
+    ]
     return [*kept, {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}]
 
 
@@ -393,43 +569,6 @@ def rolled_back_text(user: str, result: dict[str, Any]) -> str:
         f":rewind: <@{user}> rolled back: {served_name(result.get('current'))} answers "
         f"`/classify` now (instead of {served_name(result.get('previous'))})."
     )
-
-
-def classify_blocks(text: str, answer: dict[str, Any]) -> list[dict[str, Any]]:
-    """/classify's answer: the label, the model that answered, the reasoning in a context block."""
-    model = answer.get("model") or {}
-    who = (
-        f"checkpoint {model['checkpoint_id']}"
-        if model.get("checkpoint_id") is not None
-        else "the base model"
-    )
-    label = answer.get("label") or "(no label)"
-    flags = []
-    if answer.get("truncated"):
-        flags.append("answer cut at the length limit")
-    if not answer.get("valid_label", True):
-        flags.append("not one of the trained labels")
-    head = f"*{label}*  ←  {text}" + (f"  _({'; '.join(flags)})_" if flags else "")
-    blocks: list[dict[str, Any]] = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": head}},
-        {
-            "type": "context",
-            "elements": [
-                {"type": "mrkdwn", "text": f"answered by {who} in {answer.get('latency_ms')} ms"}
-            ],
-        },
-    ]
-    if answer.get("reasoning"):
-        reasoning = answer["reasoning"]
-        if len(reasoning) > 1500:
-            reasoning = reasoning[:1500] + "…"
-        blocks.append(
-            {
-                "type": "context",
-                "elements": [{"type": "mrkdwn", "text": f":thought_balloon: {reasoning}"}],
-            }
-        )
-    return blocks
 
 
 def compare_text(rows: list[tuple[str, dict[str, Any]]]) -> str:

@@ -20,8 +20,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from bot import checkpoint_commands, dataset_commands, job_commands
+from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
-from bot.blocks import classify_blocks
 from bot.job_commands import queue_job
 from bot.serving_client import call_serving
 from core.errors import FinetuneError, NotFound
@@ -141,35 +141,65 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
 }
 
 
+CLASSIFY_USAGE = (
+    "What should I classify? `/classify <text>` (optionally `--model base` or `--model "
+    "<checkpoint>` first, and `reasoning=off` to answer without thinking first)"
+)
+
+
+def parse_classify(text: str) -> tuple[dict[str, Any], str | None]:
+    """``/classify``'s words as serving's request, or a usage line for what it cannot take.
+
+    >>> parse_classify("--model 7 reasoning=off 球队 夺冠")
+    ({'text': '球队 夺冠', 'model': 'checkpoint-7', 'reasoning': 'off'}, None)
+    >>> parse_classify("reasoning=maybe 球队夺冠")[1]
+    '`reasoning=` takes `on` or `off`, not `maybe`'
+    """
+    words = text.split()
+    request: dict[str, Any] = {"model": None}
+    while words:
+        if len(words) >= 2 and words[0] == "--model":
+            request["model"] = words[1] if not words[1].isdigit() else f"checkpoint-{words[1]}"
+            words = words[2:]
+        elif words[0].lower().startswith("reasoning="):
+            mode = words[0].split("=", 1)[1].lower()
+            if mode not in ("on", "off"):
+                return {}, f"`reasoning=` takes `on` or `off`, not `{mode}`"
+            request["reasoning"] = mode
+            words = words[1:]
+        else:
+            break
+    asked = " ".join(words).strip()
+    if not asked:
+        return {}, CLASSIFY_USAGE
+    return {"text": asked, **request}, None
+
+
 def register_classify(app: Any, ctx: BotContext) -> None:
     @app.command("/classify")
     def handle_classify(ack: Callable[..., None], command: dict[str, Any], respond: Any) -> None:
         ack()
-        words = (command.get("text") or "").split()
-        model = None
-        if len(words) >= 2 and words[0] == "--model":
-            model = words[1] if not words[1].isdigit() else f"checkpoint-{words[1]}"
-            words = words[2:]
-        text = " ".join(words).strip()
-        if not text:
-            respond(
-                text="What should I classify? `/classify <text>` (optionally `--model base` "
-                "or `--model <checkpoint>` first)",
-                response_type="ephemeral",
-            )
+        request, problem = parse_classify(command.get("text") or "")
+        if problem is not None:
+            respond(text=problem, response_type="ephemeral")
             return
         try:
-            answer = call_serving(
-                ctx.settings, "POST", "/v1/classify", {"text": text, "model": model}
-            )
+            answer = call_serving(ctx.settings, "POST", "/v1/classify", request)
         except FinetuneError as exc:
             respond(text=f":warning: {exc.message}", response_type="ephemeral")
             return
         respond(
-            blocks=classify_blocks(text, answer),
-            text=str(answer.get("label")),
+            blocks=classify_blocks(request["text"], answer, threshold=_min_confidence(ctx)),
+            text=classify_text(answer),
             response_type="in_channel",
         )
+
+
+def _min_confidence(ctx: BotContext) -> float | None:
+    """Serving's SERVING_MIN_CONFIDENCE, to say what an uncertain answer fell below (None until
+    the setting exists; the answer then says "below the threshold")."""
+    value = getattr(ctx.settings, "serving_min_confidence", None)
+    return float(value) if isinstance(value, int | float) else None
 
 
 def register_views(app: Any, ctx: BotContext) -> None:

@@ -1,8 +1,8 @@
 """Relay the job-event outbox to Slack threads.
 
-Per job, in event order: milestones become thread replies (the loss curve and the confusion
-matrix uploaded with them, the eval report with its buttons), progress events are coalesced into
-one ``chat.update`` of the root message's header.
+Per job, in event order: milestones become thread replies (the loss curve, the confusion matrix
+and the reliability diagram uploaded with them, the eval report with its buttons), progress events
+are coalesced into one ``chat.update`` of the root message's header.
 
 Delivery is **at least once**. An event, and each part of it (``_delivered_parts`` in its
 payload), is marked delivered only after Slack accepted it, so nothing is lost; but a crash or a
@@ -358,6 +358,19 @@ class Notifier:
                         None,
                     ),
                 )
+            if payload.get("ece") is not None:  # confidences come with a reliability diagram
+                self._part(
+                    run,
+                    event,
+                    "reliability",
+                    lambda: self._upload(
+                        run,
+                        self._report_file(payload["report_path"], "reliability.png"),
+                        "reliability.png",
+                        "Reliability: stated confidence against how often it was right",
+                        None,
+                    ),
+                )
             report = self._part(
                 run,
                 event,
@@ -547,7 +560,7 @@ class Notifier:
     def _report_as_text(self, run: _JobRun, payload: dict[str, Any], refused: str) -> str:
         """The eval report without its buttons, saying how to promote without them."""
         checkpoint = payload["checkpoint_id"]
-        section = eval_report_blocks(payload)[0]["text"]["text"]
+        section = _blocks_text(eval_report_blocks(payload))
         note = (
             f"\n_Slack refused the report's buttons ({refused.split(' ')[0]}): an approver can "
             f"promote it with `/finetune promote {checkpoint}`._"

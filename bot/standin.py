@@ -470,7 +470,11 @@ def block_action_body(
     response_url: str = "",
     team_id: str = "T0TEST",
     blocks: list[dict[str, Any]] | None = None,
+    thread_ts: str | None = None,
 ) -> str:
+    """A button click on message ``message_ts`` (a thread reply when ``thread_ts`` is given, as
+    Slack sends it: in the message and in the container)."""
+    in_thread = {"thread_ts": thread_ts} if thread_ts else {}
     payload = {
         "type": "block_actions",
         "team": {"id": team_id},
@@ -479,8 +483,13 @@ def block_action_body(
         "channel": {"id": channel_id},
         "response_url": response_url,
         "trigger_id": "T0TRIGGER",
-        "container": {"type": "message", "message_ts": message_ts, "channel_id": channel_id},
-        "message": {"ts": message_ts, "text": "", "blocks": blocks or []},
+        "container": {
+            "type": "message",
+            "message_ts": message_ts,
+            "channel_id": channel_id,
+            **in_thread,
+        },
+        "message": {"ts": message_ts, "text": "", "blocks": blocks or [], **in_thread},
         "actions": [
             {
                 "action_id": action_id,

@@ -3,6 +3,7 @@ one decision per checkpoint, every decision audited."""
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -171,7 +172,8 @@ def test_classify_promote_rollback_and_compare_commands(
     slack.command("球队夺冠", command="/classify")
     answer = slack.reply(2)
     assert answer["response_type"] == "in_channel"
-    assert answer["blocks"][0]["text"]["text"].startswith("*体育*  ←  球队夺冠")
+    # `*体育*  ←  …` from a serving without confidences, `*体育* · 87%  ←  …` with them
+    assert re.match(r"\*体育\*( · \d+%)?  ←  球队夺冠$", answer["blocks"][0]["text"]["text"])
     assert f"answered by checkpoint {good}" in answer["blocks"][1]["elements"][0]["text"]
     slack.command("--model base 球队夺冠", command="/classify")
     assert "answered by the base model" in slack.reply(3)["blocks"][1]["elements"][0]["text"]

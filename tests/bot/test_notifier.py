@@ -228,7 +228,7 @@ def test_the_job_thread_tells_the_whole_story(slack, engine, notifiers) -> None:
         if p.get("text") == "Evaluation of checkpoint 1"
     )
     section = report["blocks"][0]["text"]["text"]
-    assert "*Accuracy* 50.0% (+30.0 pt) vs base" in section and "BLEU-4 20.00" in section
+    assert "*Accuracy* 50.0% · +30.0 pt vs base" in section and "BLEU-4 20.00" in section
     buttons = report["blocks"][1]["elements"]
     assert [b["action_id"] for b in buttons] == ["approve_checkpoint", "reject_checkpoint"]
     assert buttons[0]["style"] == "primary" and "confirm" in buttons[0]
@@ -458,13 +458,48 @@ def test_refused_report_buttons_fall_back_to_text_naming_the_promote_command(
     notifiers().deliver_pending()
     texts = _thread_texts(slack, job)
     assert len(texts) == 4 and "Evaluation of checkpoint 1" in texts[-1]
-    assert "*Accuracy* 50.0% (+30.0 pt) vs base" in texts[-1]
+    assert "*Accuracy* 50.0% · +30.0 pt vs base" in texts[-1]
     assert "an approver can promote it with `/finetune promote 1`" in texts[-1]
     evaluated = next(e for e in _events(engine, job.id) if e.kind == "evaluated")
     assert evaluated.delivery_error == (
         "report: invalid_blocks; report_text: sent as plain text, without the buttons"
     )
     assert len(_thread_uploads(slack, job.thread_ts)) == 2
+
+
+def test_a_report_with_confidences_uploads_the_reliability_plot_and_offers_the_mistakes(
+    slack, engine, notifiers
+) -> None:
+    job = _run_a_job(slack, engine)
+    store = ArtifactStore(slack.settings.artifact_dir)
+    (store.path(f"evals/{job.id}") / "reliability.png").write_bytes(loss_curve_png([0.1, 0.2]))
+    with new_session(engine) as session:  # the keys an evaluation with confidences adds
+        event = session.exec(
+            select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.kind == "evaluated")
+        ).one()
+        event.payload = {
+            **event.payload,
+            "evaluation_id": 3,
+            "ece": 0.08,
+            "per_class": {"体育": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}},
+        }
+        session.add(event)
+        session.commit()
+    notifiers().deliver_pending()
+    uploads = _thread_uploads(slack, job.thread_ts)
+    titles = [f.get("title") for u in uploads for f in u.get("files") or []]
+    assert titles[-1] == "Reliability: stated confidence against how often it was right"
+    assert len(uploads) == 3
+    report = slack.standin.calls_to("chat.postMessage", accepted_only=True)[-1]
+    assert report["thread_ts"] == job.thread_ts
+    assert "*Calibration* ECE 8.0%" in report["blocks"][0]["text"]["text"]
+    assert report["blocks"][1]["text"]["text"].startswith("*Per class*")
+    assert [b["elements"][0]["action_id"] for b in report["blocks"][2:]] == [
+        "approve_checkpoint",
+        "show_mistakes",
+    ]
+    evaluated = next(e for e in _events(engine, job.id) if e.kind == "evaluated")
+    assert evaluated.delivery_error is None
 
 
 def test_a_huge_failure_is_cut_to_fit_in_the_reply_and_in_the_header(

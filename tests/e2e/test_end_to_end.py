@@ -103,7 +103,10 @@ def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_
     approved = seen["approved"]
     assert approved["ts"] == report["_ts"]
     assert f"Approved and promoted by <@{LEAD}>" in approved["text"]
-    assert not any(b.get("type") == "actions" for b in approved["blocks"])  # buttons gone
+    left = [
+        e["action_id"] for b in approved["blocks"] if b["type"] == "actions" for e in b["elements"]
+    ]
+    assert not {"approve_checkpoint", "reject_checkpoint"} & set(left)  # decisions gone
     assert [(p.action, p.checkpoint_id, p.decided_by) for p in promotions] == [
         ("promote", checkpoint.id, LEAD),
         ("rollback", None, LEAD),
