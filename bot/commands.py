@@ -189,16 +189,16 @@ def register_classify(app: Any, ctx: BotContext) -> None:
             respond(text=f":warning: {exc.message}", response_type="ephemeral")
             return
         respond(
-            blocks=classify_blocks(request["text"], answer, threshold=_min_confidence(ctx)),
+            blocks=classify_blocks(request["text"], answer, threshold=_min_confidence(ctx, answer)),
             text=classify_text(answer),
             response_type="in_channel",
         )
 
 
-def _min_confidence(ctx: BotContext) -> float | None:
-    """Serving's SERVING_MIN_CONFIDENCE, to say what an uncertain answer fell below (None until
-    the setting exists; the answer then says "below the threshold")."""
-    value = getattr(ctx.settings, "serving_min_confidence", None)
+def _min_confidence(ctx: BotContext, answer: dict[str, Any]) -> float | None:
+    """The SERVING_MIN_CONFIDENCE an uncertain answer fell below: serving's own, as it answered
+    it (``min_confidence``), else this process's setting (an older serving)."""
+    value = answer.get("min_confidence", ctx.settings.serving_min_confidence)
     return float(value) if isinstance(value, int | float) else None
 
 
