@@ -189,6 +189,7 @@ def generate_batched(
     device: Any,
     min_new_tokens: int = 0,
     stop_token_ids: Sequence[int] = (),
+    cache_implementation: str | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Greedy ``generate`` over ``prompts`` in batches of similar length, left-padded so every
     prompt ends at the same column. Returns each answer's token ids (up to, not including, the
@@ -219,6 +220,7 @@ def generate_batched(
                 eos_token_id=ends,
                 pad_token_id=pad_token_id,
                 use_cache=True,
+                **({"cache_implementation": cache_implementation} if cache_implementation else {}),
             )
         for row, i in enumerate(chunk):
             new = out[row, width:].tolist()
