@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     runner_token_budget: int = Field(
         16384, ge=256, description="Most tokens in one packed micro-batch."
     )
+    runner_warm_worker: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run a device slot's jobs one after another in one long-lived process that "
+        "keeps the base model resident in host memory and kernels compiled (auto: on GPUs).",
+    )
+    runner_warm_idle_seconds: float = Field(
+        600.0, gt=0, description="A warm worker with no job for this long exits (memory back)."
+    )
     runner_compile: bool = Field(
         False,
         description="torch.compile each decoder layer on GPU: faster steps after a "

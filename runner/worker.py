@@ -55,6 +55,8 @@ class Slot:
     process: BaseProcess | None = None
     job_id: int | None = None
     token: str | None = None  # the claim this slot's process works under
+    conn: Any = None  # a warm worker's end of its pipe (None: a process per job)
+    warm_key: str | None = None  # the base model the warm worker has resident
 
     @property
     def name(self) -> str:
@@ -93,27 +95,88 @@ class Ended:
     exitcode: int | None
 
 
-def _child_main(job_id: int, token: str, device: str | None, settings: Settings) -> None:
-    """Entry point of a job's process: pin the GPU before torch is imported, then run the job.
-    Exits ``EXIT_REQUEUE`` when the database stayed away (the runner requeues the job)."""
+def _prepare_process(device: str | None, settings: Settings) -> None:
+    """Pin the GPU before torch is imported; keep Triton's compiled kernels (runner/train/
+    kernels.py) with the artifacts: compiled once per host (~2.5 s for a 7B's shapes), loaded in
+    milliseconds by every later job."""
     os.environ["CUDA_VISIBLE_DEVICES"] = device if device is not None else ""
-    # Triton's compiled kernels (runner/train/kernels.py) kept with the artifacts: compiled once
-    # per host (~2.5 s for a 7B's shapes), loaded in milliseconds by every later job.
     os.environ.setdefault("TRITON_CACHE_DIR", str(Path(settings.artifact_dir) / "cache" / "triton"))
+
+
+def _log_as(job_id: int) -> None:
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s job {job_id} %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format=f"%(asctime)s job {job_id} %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
-    from runner.job import STOP, run_job
+
+
+def _run_one(job_id: int, token: str, settings: Settings) -> Any:
+    """Run the job; exits ``EXIT_REQUEUE`` when the database stayed away (the runner requeues
+    the job)."""
+    from runner.job import run_job
     from runner.jobdb import DatabaseAway
 
-    STOP.install()  # SIGTERM: checkpoint and requeue instead of dying mid-step
     try:
-        run_job(job_id, token, settings)
+        return run_job(job_id, token, settings)
     except DatabaseAway as exc:
         logging.getLogger(__name__).error(
             "job %d: %s; asking the runner to requeue it", job_id, exc
         )
         sys.exit(EXIT_REQUEUE)
+
+
+def _child_main(job_id: int, token: str, device: str | None, settings: Settings) -> None:
+    """Entry point of a job's process: one job, then the process ends."""
+    _prepare_process(device, settings)
+    _log_as(job_id)
+    from runner.job import STOP
+
+    STOP.install()  # SIGTERM: checkpoint and requeue instead of dying mid-step
+    _run_one(job_id, token, settings)
+
+
+def _warm_main(conn: Any, device: str | None, settings: Settings) -> None:
+    """Entry point of a warm worker: jobs one after another, each sent as (job id, token) and
+    answered ("done", job id) once it ended by itself (succeeded, failed, cancelled). Anything
+    else ends the process as a job's own process would end (a SIGTERM's requeue, a lost claim,
+    the database away, a crash), so the runner reads its exit code as before. With no job for
+    ``RUNNER_WARM_IDLE_SECONDS`` it exits, giving its memory back."""
+    _prepare_process(device, settings)
+    from runner import warm
+    from runner.job import STOP
+
+    warm.enable()
+    STOP.install()
+    while True:
+        idle_until = time.monotonic() + settings.runner_warm_idle_seconds
+        while not conn.poll(0.5):
+            if STOP.requested.is_set():
+                return  # SIGTERM between jobs: nothing to hand back
+            if time.monotonic() >= idle_until:
+                logging.getLogger(__name__).info("warm worker idle: exiting")
+                return
+        try:
+            job_id, token = conn.recv()
+        except EOFError:  # the runner is gone
+            return
+        _log_as(job_id)
+        status = _run_one(job_id, token, settings)
+        if status is None or STOP.requested.is_set():
+            return  # requeued, or another attempt holds the job: as a job's process would end
+        _free_device_memory()
+        conn.send(("done", job_id))
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class Runner:
@@ -146,7 +209,7 @@ class Runner:
         with self._lock:
             self._reap()
             for slot in self.slots:
-                if slot.process is not None:
+                if slot.job_id is not None:
                     continue
                 job = self._db_round(
                     "claiming a job",
@@ -160,17 +223,62 @@ class Runner:
                 if job is None:
                     continue  # another slot may take another kind
                 assert job.id is not None and job.lease_token is not None
-                process = self._context.Process(
-                    target=_child_main,
-                    args=(job.id, job.lease_token, slot.device, self.settings),
-                    name=f"job-{job.id}",
-                    daemon=False,
-                )
-                process.start()
-                slot.process, slot.job_id, slot.token = process, job.id, job.lease_token
+                if self._warm(slot):
+                    self._send_warm(slot, job)
+                else:
+                    self._stop_worker(slot)
+                    process = self._context.Process(
+                        target=_child_main,
+                        args=(job.id, job.lease_token, slot.device, self.settings),
+                        name=f"job-{job.id}",
+                        daemon=False,
+                    )
+                    process.start()
+                    slot.process = process
+                slot.job_id, slot.token = job.id, job.lease_token
                 started += 1
-                log.info("job %d started on %s (pid %s)", job.id, slot.name, process.pid)
+                assert slot.process is not None
+                log.info("job %d started on %s (pid %s)", job.id, slot.name, slot.process.pid)
         return started
+
+    def _warm(self, slot: Slot) -> bool:
+        """Whether this slot runs its jobs in a warm worker."""
+        mode = self.settings.runner_warm_worker
+        if slot.kinds == (JobKind.ingest,) or mode == "off":
+            return False
+        return mode == "on" or slot.device is not None
+
+    def _send_warm(self, slot: Slot, job: Job) -> None:
+        """Hand ``job`` to the slot's warm worker: the live one when it has the job's base model
+        resident, else a fresh one (a changed base model starts a fresh worker)."""
+        alive = slot.process is not None and slot.process.is_alive()
+        if not alive or slot.warm_key != job.base_model:
+            self._stop_worker(slot)
+            ours, theirs = self._context.Pipe()
+            process = self._context.Process(
+                target=_warm_main,
+                args=(theirs, slot.device, self.settings),
+                name=f"warm-{slot.name}",
+                daemon=False,
+            )
+            process.start()
+            theirs.close()
+            slot.process, slot.conn, slot.warm_key = process, ours, job.base_model
+            log.info("warm worker started on %s (pid %s)", slot.name, process.pid)
+        assert slot.conn is not None
+        slot.conn.send((job.id, job.lease_token))
+
+    def _stop_worker(self, slot: Slot) -> None:
+        """End an idle warm worker (its base model is not the one needed, or warm is off)."""
+        if slot.process is not None and slot.process.is_alive():
+            slot.process.terminate()
+            slot.process.join(30)
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+        if slot.conn is not None:
+            slot.conn.close()
+        slot.process, slot.conn, slot.warm_key = None, None, None
 
     def heartbeat(self) -> None:
         with self._lock:
@@ -256,15 +364,35 @@ class Runner:
 
     def _reap(self) -> None:
         for slot in self.slots:
-            if slot.process is None or slot.process.is_alive():
+            if slot.process is None:
+                continue
+            if slot.conn is not None and slot.job_id is not None and _done(slot.conn):
+                assert slot.token is not None
+                self._ended.append(Ended(slot.job_id, slot.token, 0))
+                log.info("job %d ended in the warm worker", slot.job_id)
+                slot.job_id, slot.token = None, None
+                continue
+            if slot.process.is_alive():
                 continue
             slot.process.join()
             code = slot.process.exitcode
             if slot.job_id is not None and slot.token is not None:
                 self._ended.append(Ended(slot.job_id, slot.token, code))
                 log.info("job %d process ended (exit code %s)", slot.job_id, code)
+            if slot.conn is not None:
+                slot.conn.close()
             slot.process, slot.job_id, slot.token = None, None, None
+            slot.conn, slot.warm_key = None, None
         self._record_ended()
+
+    def _ended_now(self) -> bool:
+        """A job's process ended, or a warm worker said its job did."""
+        for slot in self.slots:
+            if slot.process is not None and not slot.process.is_alive():
+                return True
+            if slot.conn is not None and slot.job_id is not None and slot.conn.poll():
+                return True
+        return False
 
     def _record_ended(self) -> None:
         """What ended children left to record: a requeue (exit EXIT_REQUEUE), or the failure of
@@ -282,7 +410,7 @@ class Runner:
 
     def busy(self) -> bool:
         with self._lock:
-            return any(slot.process is not None for slot in self.slots) or bool(self._ended)
+            return any(slot.job_id is not None for slot in self.slots) or bool(self._ended)
 
     def queued(self) -> int:
         """Queued jobs a slot could claim now (a Slack job waiting for its thread is not)."""
@@ -354,7 +482,7 @@ class Runner:
         next_poll = 0.0
         while not stop.is_set():
             now = time.monotonic()
-            ended = any(s.process is not None and not s.process.is_alive() for s in self.slots)
+            ended = self._ended_now()
             if self.wake.is_set() or ended or now >= next_poll:
                 self.wake.clear()
                 self.poll()
@@ -382,7 +510,10 @@ class Runner:
             for slot in self.slots:
                 if slot.process is not None and slot.job_id is not None and slot.token is not None:
                     self._ended.append(Ended(slot.job_id, slot.token, EXIT_REQUEUE))
+                if slot.conn is not None:
+                    slot.conn.close()
                 slot.process, slot.job_id, slot.token = None, None, None
+                slot.conn, slot.warm_key = None, None
             self._record_ended()
             if self._ended:
                 log.warning(
@@ -391,6 +522,14 @@ class Runner:
                     ", ".join(str(e.job_id) for e in self._ended),
                 )
         self.engine.dispose()
+
+
+def _done(conn: Any) -> bool:
+    """Read a warm worker's "job done" message if one is waiting."""
+    try:
+        return bool(conn.poll()) and conn.recv()[0] == "done"
+    except (EOFError, OSError):
+        return False
 
 
 WAKE_CHECK_SECONDS = 0.1  # how often the loop looks for ended processes between polls

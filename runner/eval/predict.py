@@ -105,7 +105,12 @@ class TransformersPredictor:
         config = model_dir / "config.json"
         quantized = config.exists() and "quantization_config" in json.loads(config.read_text())
         kwargs: dict[str, Any] = {"device_map": {"": self.device.index or 0}} if quantized else {}
-        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
+        if quantized:
+            model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
+        else:  # in a warm worker: a copy of the resident base, not a reload
+            from runner import warm
+
+            model = warm.load(model_dir, dtype=dtype, attn_implementation=None, device=self.device)
         if adapter_dir is not None:
             from peft import PeftModel
 

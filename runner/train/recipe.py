@@ -133,7 +133,11 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device.index or 0}
-    if isinstance(spec.base, Path | str):
+    if isinstance(spec.base, Path | str) and config.method != "qlora":
+        from runner import warm
+
+        model = warm.load(spec.base, dtype=dtype, attn_implementation=impl, device=device)
+    elif isinstance(spec.base, Path | str):
         model = AutoModelForCausalLM.from_pretrained(str(spec.base), **kwargs)
     else:  # a config: random weights, built directly on the device
         base_config = (
@@ -149,6 +153,7 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    torch.manual_seed(config.seed)  # the adapter's init: the same however the base was loaded
     trainable = apply_method(model, config)
     if spec.compile_layers:
         for layer in decoder_layers(trainable):
