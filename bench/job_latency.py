@@ -9,9 +9,10 @@ tokenizer), and so is the dataset: 300 train samples of ~260 tokens (normal, sd 
 96-512; a third prompt) and 100 eval samples with ~150-token answers, as ShareGPT records with the
 demo's prompt and ``<think>…</think>`` answers whose text the tokenizer encodes to those lengths.
 Each job is the reference job (LoRA rank 8 on all linear layers, LoRA+ 16, lr 5e-6, batch 2 ×
-grad accum 2, 3 epochs), queued with ``storage.jobs.create_job`` and run by ``Runner.run(once=
-True)``: a child process per job, training, the evaluation of base and checkpoint in the job (the
-base once per eval set), the report event. Phases, from the events' times:
+grad accum 2, 3 epochs), queued with ``storage.jobs.create_job`` when the one before it ended, and run by one ``Runner``
+serving in a thread: on a GPU the slot's warm worker (``RUNNER_WARM_WORKER``; elsewhere a process
+per job), training, the evaluation of base and checkpoint in the job (the base once per eval set),
+the report event. Phases, from the events' times:
 
 - claim: ``queued`` → ``claimed``;  start: ``claimed`` → ``started`` (process, model load, kernels,
   graph planning);  train: ``started`` → ``trained``;  evaluate: ``trained`` → ``evaluated``;
@@ -188,14 +189,24 @@ def main() -> None:
             tokenizer=tokenizer,
         )
     rows = []
+    # One runner serves all the jobs, as on a host: a job right after another finds the slot's
+    # warm worker (RUNNER_WARM_WORKER, auto: on GPUs) with the base model resident.
+    import threading
+
+    from storage.models import Job
+
+    stop = threading.Event()
+    runner = threading.Thread(target=Runner(settings, owner="bench").run, kwargs={"stop": stop})
+    runner.start()
     for index in range(args.jobs):
         with new_session(engine) as session:
             job = create_job(session, base_model=str(model), dataset_id=dataset.id, config=JOB)
-        Runner(settings, owner="bench").run(once=True)
-        with new_session(engine) as session:
-            from storage.models import Job
-
-            status = session.get(Job, job.id).status
+        while True:
+            with new_session(engine) as session:
+                status = session.get(Job, job.id).status
+            if status in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.2)
         rows.append(
             (
                 "cold" if index == 0 else f"#{index + 1}, right after",
@@ -203,6 +214,8 @@ def main() -> None:
                 phase_times(engine, job.id),
             )
         )
+    stop.set()
+    runner.join(120)
     print(f"model and data ready in {built:.1f} s (cached after the first run)")
     print("| job | status | " + " | ".join(f"{name} s" for name, _, _ in PHASES) + " |")
     print("| --- | --- |" + " --- |" * len(PHASES))
