@@ -1,5 +1,7 @@
-"""The reference training job on our trainer and on the plain transformers Trainer + PEFT path
-(padded batch 2, gradient checkpointing: what LLaMA-Factory runs), in the same process.
+"""The reference training job on our trainer, on the plain transformers Trainer + PEFT path
+(padded batch 2, gradient checkpointing: what LLaMA-Factory runs), and on the strongest setting of
+that tool (``peer``: padding-free batches, no checkpointing, Liger kernels when carried), in the
+same process.
 
     python bench/train_throughput.py                 # on the GPU: the 7B architecture
     python bench/train_throughput.py --model tiny    # a dry run on CPU
@@ -326,7 +328,7 @@ def run_peer(shape: str, examples: list[TrainingExample], steps: int, warmup: in
         {"input_ids": e.input_ids, "labels": [-100] * e.prompt_len + e.input_ids[e.prompt_len :]}
         for e in order
     ]
-    liger = liger_available()
+    liger = device == "cuda" and liger_available()  # Triton kernels: GPU only
     times: list[float] = []
     # Each step is one forward (no accumulation): its loss, left on the device until the end and
     # at full precision (the Trainer's logs round it, and reading them back each step syncs).
@@ -395,7 +397,7 @@ def run_peer(shape: str, examples: list[TrainingExample], steps: int, warmup: in
         "final_loss": losses[-1] if losses else float("nan"),
         "losses": losses,
         "liger": liger_used,
-        "liger_importable": liger,
+        "liger_requested": liger,  # on the GPU, with liger-kernel importable
         "extrapolated": True,
     }
 
