@@ -1,5 +1,7 @@
-"""The reference training job on our trainer and on the plain transformers Trainer + PEFT path
-(padded batch 2, gradient checkpointing: what LLaMA-Factory runs), in the same process.
+"""The reference training job on our trainer, on the plain transformers Trainer + PEFT path
+(padded batch 2, gradient checkpointing: what LLaMA-Factory runs), and on the strongest setting of
+that tool (``peer``: padding-free batches, no checkpointing, Liger kernels when carried), in the
+same process.
 
     python bench/train_throughput.py                 # on the GPU: the 7B architecture
     python bench/train_throughput.py --model tiny    # a dry run on CPU
@@ -267,6 +269,139 @@ def run_baseline(shape: str, examples: list[TrainingExample], steps: int, warmup
     }
 
 
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_peer(shape: str, examples: list[TrainingExample], steps: int, warmup: int) -> dict:
+    """The strongest setting of the same tool: transformers.Trainer + PEFT with the baseline's LoRA
+    (rank 8, all linear layers, LoRA+ 16 through peft), but padding-free batches of the 4 samples
+    of a step (``DataCollatorWithFlattening``: one sequence whose position ids restart per sample,
+    from which sdpa builds a per-sample causal mask), no gradient checkpointing, and Liger kernels
+    (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) when liger-kernel is importable.
+
+    It sees the samples in our trainer's order (``Schedule`` at 4 samples/step, the job's seed;
+    the Trainer's sequential sampler) and starts from the same random weights (the job's seed
+    before ``from_config``), so its first-step loss is comparable with ours (``loss_agreement``).
+    Run it after our paths: Liger patches functions of transformers' Qwen2 module in place.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from runner.train.packing import Schedule
+
+    free_memory()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = parse_train_args(JOB)
+    torch.manual_seed(config.seed)  # what our trainer does before building the same random model
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            model_config(shape), dtype=dtype, attn_implementation="sdpa"
+        )
+    model.config.use_cache = False
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    optimizer = create_loraplus_optimizer(
+        model, optimizer_cls=torch.optim.AdamW, lr=5e-6, loraplus_lr_ratio=16
+    )
+    per_step = 4
+    schedule = Schedule(len(examples), per_step, config.num_train_epochs, config.seed)
+    order = [
+        examples[i]
+        for s in range(warmup + steps)
+        for i in schedule.indices(s % schedule.total_steps)
+    ]
+    rows = [
+        {"input_ids": e.input_ids, "labels": [-100] * e.prompt_len + e.input_ids[e.prompt_len :]}
+        for e in order
+    ]
+    liger = device == "cuda" and liger_available()  # Triton kernels: GPU only
+    times: list[float] = []
+    # Each step is one forward (no accumulation): its loss, left on the device until the end and
+    # at full precision (the Trainer's logs round it, and reading them back each step syncs).
+    step_losses: list[torch.Tensor] = []
+    model.register_forward_hook(lambda module, inputs, out: step_losses.append(out.loss.detach()))
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        use_liger_kernel=liger,
+        learning_rate=5e-6,
+        lr_scheduler_type="cosine",
+        max_steps=warmup + steps,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        seed=config.seed,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorWithFlattening(return_position_ids=True),
+        optimizers=(optimizer, None),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    # Liger only patches what it recognises: record whether its kernels are in the model.
+    liger_used = any(
+        getattr(getattr(m, "forward", None), "__module__", "").startswith("liger_kernel")
+        for m in model.modules()
+    )
+    losses = [float(x) for x in step_losses]
+    measured = times[warmup:]
+    seconds = measured[-1] - times[warmup - 1]
+    done = order[warmup * per_step : (warmup + len(measured)) * per_step]
+    tokens = sum(len(e.input_ids) for e in done)
+    answers = sum(e.answer_len for e in done)
+    job_steps = math.ceil(len(examples) / per_step) * 3
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+    del trainer, model, optimizer
+    return {
+        "path": "peer (Trainer + PEFT, padding-free, no grad ckpt; liger: "
+        + ("yes" if liger_used else "no, installed but not applied" if liger else "no")
+        + ")",
+        "samples_per_step": per_step,
+        "steps": len(measured),
+        "train_s": seconds / len(measured) * job_steps,
+        "wall_s": float("nan"),
+        "tokens_per_s": tokens / seconds,
+        "mfu": useful_flops(shape, tokens, answers) / seconds / PEAK_FLOPS,
+        "peak_gb": peak,
+        "final_loss": losses[-1] if losses else float("nan"),
+        "losses": losses,
+        "liger": liger_used,
+        "liger_requested": liger,  # on the GPU, with liger-kernel importable
+        "extrapolated": True,
+    }
+
+
 def save_random_model(shape: str, directory: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -291,6 +426,7 @@ def loss_agreement(rows: list[dict]) -> str:
                 and a is not b
                 and "CUDA graphs" in b["path"]
                 and "CUDA graphs" not in a["path"]
+                and a["path"].startswith("ours")
                 and "compile" not in a["path"]
                 and a["samples_per_step"] == b["samples_per_step"]
                 and len(a["losses"]) == len(b["losses"])
@@ -301,22 +437,62 @@ def loss_agreement(rows: list[dict]) -> str:
                     f"loss agreement, {b['samples_per_step']} samples/step: max |graphed - eager|"
                     f" = {diff:.4g} over {len(a['losses'])} steps ({rel:.2%} of the largest loss)"
                 )
+    lines += peer_loss_agreement(rows)
     return "\n".join(lines)
 
 
-def table(rows: list[dict], baseline: dict | None) -> str:
+def peer_loss_agreement(rows: list[dict]) -> list[str]:
+    """The peer's first step sees our first step's samples from the same initial weights (LoRA B
+    starts at zero, so that loss is the base model's): the two first-step losses must agree. Only
+    the first step: later ones differ by design (other optimizer numerics, fp32 vs bf16 adapters)."""
+    peer = next((r for r in rows if r["path"].startswith("peer")), None)
+    if peer is None:
+        return []
+    if not peer.get("losses"):
+        return ["peer loss agreement: the peer logged no loss, nothing to compare"]
+    ours = [
+        r
+        for r in rows
+        if r["path"].startswith("ours (lora")
+        and r["samples_per_step"] == peer["samples_per_step"]
+        and r.get("losses")
+    ]
+    lines = [
+        f"peer loss agreement, step 1: peer {peer['losses'][0]:.6f},"
+        f" {r['path']} {r['losses'][0]:.6f}, |diff| = {abs(peer['losses'][0] - r['losses'][0]):.4g}"
+        f" ({abs(peer['losses'][0] - r['losses'][0]) / abs(r['losses'][0]):.3%})"
+        for r in ours
+    ]
+    if not ours:
+        lines.append(
+            f"peer loss agreement: no run of ours at {peer['samples_per_step']} samples/step in"
+            " this invocation (run ours4 or graphs4 with it) to compare the first-step loss with"
+        )
+    if any(r["path"].startswith("baseline") for r in rows):
+        lines.append(
+            "peer vs baseline: not compared (the baseline draws samples in the Trainer's random"
+            " order, with other random weights, and records no loss)"
+        )
+    return lines
+
+
+def table(rows: list[dict], baseline: dict | None, peer: dict | None = None) -> str:
     head = (
         "| path | samples/step | steps run | tokens/s | MFU | peak GB | job train s "
-        "| × baseline tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| × baseline tokens/s | × peer tokens/s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
+
+    def times(row: dict, reference: dict | None) -> str:
+        return f"{row['tokens_per_s'] / reference['tokens_per_s']:.1f}×" if reference else ""
+
     lines = [head]
     for r in rows:
-        ratio = r["tokens_per_s"] / baseline["tokens_per_s"] if baseline else float("nan")
         job = f"{r['train_s']:.1f}" + (" (extrapolated)" if r.get("extrapolated") else "")
         lines.append(
             f"| {r['path']} | {r['samples_per_step']} | {r['steps']} | "
             f"{r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% | {r['peak_gb']:.1f} | "
-            f"{job} | {ratio:.1f}× |"
+            f"{job} | {times(r, baseline)} | {times(r, peer)} |"
         )
     return "\n".join(lines)
 
@@ -327,12 +503,17 @@ def main() -> None:
     )
     parser.add_argument("--model", choices=sorted(SHAPES), default="7b")
     parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--baseline-steps", type=int, default=12)
+    parser.add_argument(
+        "--baseline-steps",
+        type=int,
+        default=12,
+        help="optimizer steps timed for the baseline and the peer, after 2 warm-up steps",
+    )
     parser.add_argument(
         "--runs",
-        default="baseline,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
-        help="comma list of: baseline, ours4, graphs4, graphs4-layers, ours16, graphs16, compile4, compile16, "
-        "qlora",
+        default="baseline,peer,ours4,graphs4,ours16,graphs16,compile4,compile16,qlora",
+        help="comma list of: baseline, peer, ours4, graphs4, graphs4-layers, ours16, graphs16, "
+        "compile4, compile16, qlora (the peer always runs last: Liger patches transformers)",
     )
     parser.add_argument(
         "--label", default="", help="appended to each path name (e.g. 'warm cache')"
@@ -355,16 +536,16 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         (args.out / "train_throughput.json").write_text(json.dumps(rows, indent=2))
 
-    baseline = None
+    baseline = peer = None
     previous = args.out / "train_throughput.json"
     if "baseline" in runs:
         baseline = run_baseline(args.model, examples, args.baseline_steps, warmup=2)
         record(baseline)
     elif previous.exists():  # an earlier invocation in the same $OUT measured it
-        baseline = next(
-            (r for r in json.loads(previous.read_text()) if r["path"].startswith("baseline")), None
-        )
-        rows.extend(json.loads(previous.read_text()))
+        earlier = json.loads(previous.read_text())
+        baseline = next((r for r in earlier if r["path"].startswith("baseline")), None)
+        peer = next((r for r in earlier if r["path"].startswith("peer")), None)
+        rows.extend(earlier)
     plan = [
         ("ours4", 2, 2, False, False),
         ("graphs4", 2, 2, False, True),
@@ -386,7 +567,6 @@ def main() -> None:
                 row["path"] = row["path"].replace(")", ", transformers layers)")
             row["path"] += f" {args.label}".rstrip()
             record(row)
-    print(loss_agreement(rows), flush=True)
     qlora_runs = [r for r in args.runs.split(",") if r.startswith("qlora")]
     if qlora_runs:  # "qlora-unchunked": the loss over all answer positions at once (as before)
         chunk = memory.LOSS_CHUNK
@@ -409,8 +589,13 @@ def main() -> None:
                     row["path"] = row["path"].replace(")", ", loss unchunked)")
                 record(row)
             memory.LOSS_CHUNK = chunk
-    print(table(rows, baseline), flush=True)
-    (args.out / "train_throughput.md").write_text(table(rows, baseline) + "\n")
+    if "peer" in runs:  # last: Liger patches functions of transformers' Qwen2 module in place
+        peer = run_peer(args.model, examples, args.baseline_steps, warmup=2)
+        peer["path"] += f" {args.label}".rstrip()
+        record(peer)
+    print(loss_agreement(rows), flush=True)
+    print(table(rows, baseline, peer), flush=True)
+    (args.out / "train_throughput.md").write_text(table(rows, baseline, peer) + "\n")
 
 
 if __name__ == "__main__":
