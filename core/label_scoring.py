@@ -181,11 +181,12 @@ def plan_scoring(
             candidates = reads.setdefault(tuple(tail[:k]), [])
             if tail[k] not in candidates:
                 candidates.append(tail[k])
-    if any(len(c) > MAX_CANDIDATES for c in reads.values()):
-        raise ValueError(f"more than {MAX_CANDIDATES} labels start alike: cannot score them")
-    return ScoringPlan(
-        tuple(labels), context, tails, depths, [(p, tuple(c)) for p, c in reads.items()]
-    )
+    chunks = [  # vLLM reads at most MAX_CANDIDATES tokens at once: a larger set takes more reads
+        (prefix, tuple(candidates[i : i + MAX_CANDIDATES]))
+        for prefix, candidates in reads.items()
+        for i in range(0, len(candidates), MAX_CANDIDATES)
+    ]
+    return ScoringPlan(tuple(labels), context, tails, depths, chunks)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,9 @@ class LabelScore:
 
 def finish(plan: ScoringPlan, read_logprobs: Sequence[dict[int, float]]) -> LabelScore:
     """Each label's score from the reads (in ``plan.reads`` order), then the softmax."""
-    by_prefix = {prefix: lp for (prefix, _), lp in zip(plan.reads, read_logprobs, strict=True)}
+    by_prefix: dict[tuple[int, ...], dict[int, float]] = {}
+    for (prefix, _), logprobs in zip(plan.reads, read_logprobs, strict=True):
+        by_prefix.setdefault(prefix, {}).update(logprobs)
     sums = []
     for tail, depth in zip(plan.tails, plan.depths, strict=True):
         sums.append(sum(by_prefix[tuple(tail[:k])][tail[k]] for k in range(depth)))

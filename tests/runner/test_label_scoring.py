@@ -93,3 +93,17 @@ def test_a_reasoning_that_never_closes_is_closed_and_marked_cut() -> None:
     assert head.cut and head.text.endswith("</think>") and head.reasoning == "这条讲的是"
     done = reasoning_head("<think>\n球赛\n</think>\n\n体育", finished_by_close=False)
     assert not done.cut and done.text == "<think>\n球赛\n</think>"
+
+
+def test_a_label_set_larger_than_one_read_is_scored_in_several() -> None:
+    """vLLM reads at most 128 candidate tokens per request: 300 labels take 3 reads at the root,
+    and the distribution still covers every label."""
+    from core.label_scoring import MAX_CANDIDATES, _Chars, finish
+
+    labels = [chr(0x4E00 + i) for i in range(300)]  # one character (token) each: all part at once
+    plan = plan_scoring(_Chars(), [1], "", labels, separator="")
+    assert [len(c) for _, c in plan.reads] == [MAX_CANDIDATES, MAX_CANDIDATES, 300 - 2 * 128]
+    reads = [{t: -float(t % 7) for t in candidates} for _, candidates in plan.reads]
+    scored = finish(plan, reads)
+    assert len(scored.scores) == 300 and abs(sum(scored.scores.values()) - 1) < 1e-4
+    assert ord(scored.label) % 7 == 0
