@@ -8,10 +8,17 @@ a model that writes ``<!channel>`` must not ping a channel.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bot.blocks import cut, escape, pct, served_name, show_mistakes_button
 
+FEEDBACK_BLOCK = "feedback"
+CORRECT_LABEL = "correct_label"  # the "Wrong label?" select under a /classify answer
+CONFIRM_LABEL = "confirm_label"  # its 👍
+BUTTON_VALUE_MAX = 2000  # Slack's limits: a button's value, a select's options and their values
+SELECT_OPTIONS_MAX = 100
+FEEDBACK_LABEL_MAX = 150
 MISTAKES_PAGE = 10  # mistakes per thread reply: one section each, well under Slack's 50 blocks
 
 
@@ -96,7 +103,67 @@ def classify_blocks(
                 },
             }
         )
+    control = feedback_control(text, answer) if kind == "label" else None
+    if control is not None:
+        blocks.append(control)
     return blocks
+
+
+def feedback_control(text: str, answer: dict[str, Any]) -> dict[str, Any] | None:
+    """The "Wrong label?" select (the checkpoint's other labels) and a 👍 under a label answer
+    of a checkpoint; bot/feedback.py records the choice. The 👍's value carries the answer (the
+    headline, the label, its confidence, the checkpoint) for both: a select option's value holds
+    only the label. None where it cannot be offered: the base model, a label or headline too long
+    for Slack's limits, fewer than two labels.
+
+    >>> control = feedback_control("球队夺冠", {"label": "体育", "confidence": 0.93,
+    ...     "scores": {"体育": 0.93, "娱乐": 0.05}, "model": {"checkpoint_id": 7}})
+    >>> [o["value"] for o in control["elements"][0]["options"]]
+    ['娱乐']
+    >>> json.loads(control["elements"][1]["value"])
+    {'text': '球队夺冠', 'label': '体育', 'confidence': 0.93, 'checkpoint_id': 7}
+    """
+    checkpoint_id = (answer.get("model") or {}).get("checkpoint_id")
+    label, labels = answer.get("label"), list(answer.get("scores") or {})
+    others = [other for other in labels if other != label]
+    if not isinstance(checkpoint_id, int) or not isinstance(label, str) or not others:
+        return None
+    if any(len(item) > FEEDBACK_LABEL_MAX for item in labels) or len(others) > SELECT_OPTIONS_MAX:
+        return None
+    confidence = answer.get("confidence")
+    value = json.dumps(
+        {
+            "text": text,
+            "label": label,
+            "confidence": round(confidence, 4) if isinstance(confidence, int | float) else None,
+            "checkpoint_id": checkpoint_id,
+        },
+        ensure_ascii=False,
+    )
+    if len(value) > BUTTON_VALUE_MAX:
+        return None
+    options = [
+        {"text": {"type": "plain_text", "text": cut(other, 75)}, "value": other}
+        for other in sorted(others)
+    ]
+    return {
+        "type": "actions",
+        "block_id": FEEDBACK_BLOCK,
+        "elements": [
+            {
+                "type": "static_select",
+                "action_id": CORRECT_LABEL,
+                "placeholder": {"type": "plain_text", "text": "Wrong label?"},
+                "options": options,
+            },
+            {
+                "type": "button",
+                "action_id": CONFIRM_LABEL,
+                "text": {"type": "plain_text", "text": ":+1:", "emoji": True},
+                "value": value,
+            },
+        ],
+    }
 
 
 def _latency(ms: float | None) -> str:
