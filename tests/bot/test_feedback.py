@@ -21,7 +21,6 @@ from core.protocol import PromptFrame, answer_of, parse_answer, render_training_
 from runner.datasets.ingest import read_split
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
-from storage.feedback import prune_feedback
 from storage.models import Checkpoint, Dataset, Feedback, Job
 from storage.types import utcnow
 from tests.bot.conftest import ingest
@@ -283,7 +282,9 @@ def test_only_label_answers_of_a_checkpoint_carry_the_control(slack, engine, ser
     assert not [b for b in _classify(slack, "球队夺冠") if b.get("block_id") == FEEDBACK_BLOCK]
 
 
-def test_feedback_past_its_retention_is_pruned(slack, engine, serving) -> None:
+def test_feedback_past_its_retention_is_pruned_by_the_runner(slack, engine, serving) -> None:
+    from runner.worker import Runner
+
     serving.checkpoint_id = _checkpoint(slack, engine, "C0CHAN")
     answer = _classify(slack, "球队夺冠")
     _choose(slack, answer, ts="500.1", user="U0ALICE", label="财经")
@@ -293,5 +294,28 @@ def test_feedback_past_its_retention_is_pruned(slack, engine, serving) -> None:
         old.created_at = utcnow() - timedelta(days=181)
         session.add(old)
         session.commit()
-        assert prune_feedback(session, older_than=timedelta(days=180)) == 1
+    worker = Runner(slack.settings.model_copy(update={"feedback_retention_days": 180}), devices=[])
+    worker.prune()
+    worker.engine.dispose()
     assert [row[1] for row in _feedback(engine)] == ["U0BOB"]
+
+
+def test_a_failed_export_stores_no_dataset_and_marks_nothing_exported(
+    slack, engine, serving, monkeypatch
+) -> None:
+    import runner.datasets.feedback
+
+    serving.checkpoint_id = _checkpoint(slack, engine, "C0CHAN")
+    answer = _classify(slack, "央行宣布降准")
+    _choose(slack, answer, ts="600.1", user="U0ALICE", label="财经")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(runner.datasets.feedback, "mark_feedback_exported", fail)
+    assert "Something went wrong" in slack.ask("feedback export")["text"]
+    assert "feedback" not in _datasets(engine)
+    with new_session(engine) as session:
+        assert session.exec(select(Feedback)).one().exported_at is None
+    monkeypatch.undo()
+    assert "dataset *feedback* v1" in slack.ask("feedback export")["text"]
