@@ -19,8 +19,10 @@ from bot.answer_blocks import FEEDBACK_BLOCK
 from bot.standin import block_action_body
 from core.protocol import PromptFrame, answer_of, parse_answer, render_training_example
 from runner.datasets.ingest import read_split
+from runner.job import run_job
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
+from storage.jobs import claim_next_job
 from storage.models import Checkpoint, Dataset, Feedback, Job
 from storage.types import utcnow
 from tests.bot.conftest import ingest
@@ -74,8 +76,11 @@ def serving() -> Iterator[Any]:
 
 
 @pytest.fixture
-def bot_extra_settings(serving) -> dict:
-    return {"serving_url": f"http://127.0.0.1:{serving.server_address[1]}"}
+def bot_extra_settings(serving, tiny_model_dir) -> dict:
+    return {
+        "serving_url": f"http://127.0.0.1:{serving.server_address[1]}",
+        "base_model": str(tiny_model_dir),
+    }
 
 
 def _checkpoint(slack, engine, channel: str) -> int:
@@ -206,11 +211,22 @@ def test_a_correction_and_a_confirmation_become_a_dataset_version_a_job_is_queue
     assert "nothing new to export" in again
 
     before = len(slack.standin.calls_to("chat.postMessage"))
-    slack.command("start dataset=feedback")
+    slack.command("start dataset=feedback epochs=1")
     slack.standin.wait_for("chat.postMessage", before + 1)
     with new_session(engine) as session:
         job = session.exec(select(Job).where(Job.dataset_id == dataset_id)).one()
         assert (job.kind, job.status, job.channel_id) == ("train", "queued", "C0CHAN")
+        claimed = claim_next_job(session, owner="inline", lease_seconds=60)
+        assert claimed is not None and claimed.id == job.id
+        token = claimed.lease_token
+    run_job(job.id, token, slack.settings)  # a runner's own code, on the tiny model
+    with new_session(engine) as session:
+        trained = session.get(Job, job.id)
+        assert trained is not None and trained.status == "succeeded", trained
+        final = session.exec(select(Checkpoint).where(Checkpoint.job_id == job.id)).all()[-1]
+        assert final.meta["labels"] == LABELS
+        assert final.meta["prompt_frame"] == frame.to_dict()
+        assert final.meta["answer_style"]["reasoning"] is True
 
 
 def test_confirmations_stay_out_of_an_export_unless_asked_and_a_changed_choice_is_new(
