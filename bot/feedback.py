@@ -180,7 +180,8 @@ def feedback(ctx: BotContext, command: dict, args: list[str], respond: Any, clie
             f"on checkpoint{'s' if len(export.checkpoint_ids) > 1 else ''} "
             f"{', '.join(map(str, export.checkpoint_ids))}) as dataset *{dataset.name}* "
             f"v{dataset.version}: {dataset.train_samples} train samples, no eval split. "
-            f"`/finetune start dataset={dataset.name}` trains on it."
+            f"`/finetune start dataset={dataset.name}` trains on it (so does `/finetune start` "
+            "without a dataset: it is this channel's newest)."
             + (f" ({'; '.join(notes)}.)" if notes else "")
         )
     respond(text=text, response_type="in_channel")
