@@ -80,9 +80,8 @@ def _answer_of(body: dict[str, Any]) -> dict[str, Any] | None:
 def _record(ctx: BotContext, body: dict[str, Any], client: Any, *, chosen: str | None) -> None:
     """Store the user's choice on the answer (``chosen`` None: the 👍), told to them alone."""
     user, channel = body["user"]["id"], body["channel"]["id"]
-    message_ts = (body.get("container") or {}).get("message_ts") or (body.get("message") or {}).get(
-        "ts"
-    )
+    shown_in = body.get("container") or {}
+    message_ts = shown_in.get("message_ts") or (body.get("message") or {}).get("ts")
 
     def tell(text: str) -> None:
         client.chat_postEphemeral(channel=channel, user=user, text=text)
@@ -120,7 +119,10 @@ def _record(ctx: BotContext, body: dict[str, Any], client: Any, *, chosen: str |
         tell(f":warning: {exc.message}; nothing was recorded.")
         return
     if kind == FeedbackKind.correction:
-        said = f"*{escape(right)}* is the right label (checkpoint {checkpoint_id} said {escape(predicted)})"
+        said = (
+            f"*{escape(right)}* is the right label (checkpoint {checkpoint_id} said "
+            f"{escape(predicted)})"
+        )
     else:
         said = f"checkpoint {checkpoint_id} got it right: *{escape(right)}*"
     tell(
