@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from core.enums import FeedbackKind
@@ -162,6 +163,12 @@ def export_feedback(
             session, feedback_ids=[r.id for r in taken if r.id is not None], dataset_id=dataset.id
         )
         session.commit()
+    except IntegrityError as exc:  # the same version taken meanwhile (an upload, an export)
+        session.rollback()
+        raise Conflict(
+            f"dataset {name} got a new version while this export was written; nothing was "
+            "stored or marked exported: export again"
+        ) from exc
     except BaseException:
         session.rollback()
         raise

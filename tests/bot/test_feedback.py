@@ -335,3 +335,22 @@ def test_a_failed_export_stores_no_dataset_and_marks_nothing_exported(
         assert session.exec(select(Feedback)).one().exported_at is None
     monkeypatch.undo()
     assert "dataset *feedback* v1" in slack.ask("feedback export")["text"]
+
+
+def test_an_export_racing_another_version_of_its_name_stores_nothing(
+    slack, engine, serving, monkeypatch
+) -> None:
+    import storage.datasets
+
+    serving.checkpoint_id = _checkpoint(slack, engine, "C0CHAN")
+    answer = _classify(slack, "央行宣布降准")
+    _choose(slack, answer, ts="700.1", user="U0ALICE", label="财经")
+    assert "dataset *feedback* v1" in slack.ask("feedback export")["text"]
+    _choose(slack, answer, ts="700.1", user="U0ALICE", label="娱乐")
+    # What a concurrent export sees: it read the next version before the other one committed.
+    monkeypatch.setattr(storage.datasets, "next_dataset_version", lambda *a, **k: 1)
+    said = slack.ask("feedback export")["text"]
+    assert "got a new version while this export was written; nothing was stored" in said
+    with new_session(engine) as session:
+        assert session.exec(select(Feedback)).one().exported_at is None
+    assert _datasets(engine).count("feedback") == 1
