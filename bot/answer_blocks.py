@@ -40,22 +40,24 @@ def classify_blocks(
 ) -> list[dict[str, Any]]:
     """``/classify``'s answer (``answer`` is serving's ``POST /v1/classify``).
 
-        A label of the checkpoint's set: ``*体育* · 93%  ←  headline``, the next alternatives and who
-        answered in a context line. Below the confidence threshold (``threshold``, serving's
-        ``SERVING_MIN_CONFIDENCE``, when the bot knows it) it says it is uncertain and shows its best
-        guess as a guess, never in bold. Under a checkpoint's label: the "Wrong label?" select and a
-    👍 (:func:`feedback_control`). Free text (a base model without a label set, or a
-        checkpoint trained on free-form answers): the text quoted, said to be free text. The
-        reasoning comes last, in a section Slack folds behind "Show more". An answer of the older
-        shape (a label, no confidence) is shown as before.
+    A label of the checkpoint's set: ``*体育* · 93%  ←  headline``, the next alternatives and who
+    answered in a context line. Below the confidence threshold (``threshold``, serving's
+    ``SERVING_MIN_CONFIDENCE``, when the bot knows it) it says it is uncertain and shows its best
+    guess as a guess, never in bold. Under a checkpoint's label, the "Wrong label?" select and a
+    👍 (:func:`feedback_control`). Free text (a base model without a label set, or a checkpoint
+    trained on free-form answers): the text quoted, said to be free text. The reasoning comes
+    last, in a section Slack folds behind "Show more". An answer of the older shape (a label, no
+    confidence) is shown as before.
 
-        >>> blocks = classify_blocks("球队夺冠", {"kind": "label", "label": "体育", "confidence": 0.93,
-        ...     "uncertain": False, "scores": {"体育": 0.93, "娱乐": 0.05, "社会": 0.02},
-        ...     "model": {"checkpoint_id": 7}, "latency_ms": 41.2})
-        >>> blocks[0]["text"]["text"]
-        '*体育* · 93%  ←  球队夺冠'
-        >>> blocks[1]["elements"][0]["text"]
-        'then 娱乐 5% · 社会 2% · answered by checkpoint 7 in 41 ms'
+    >>> blocks = classify_blocks("球队夺冠", {"kind": "label", "label": "体育", "confidence": 0.93,
+    ...     "uncertain": False, "scores": {"体育": 0.93, "娱乐": 0.05, "社会": 0.02},
+    ...     "model": {"checkpoint_id": 7}, "latency_ms": 41.2})
+    >>> blocks[0]["text"]["text"]
+    '*体育* · 93%  ←  球队夺冠'
+    >>> blocks[1]["elements"][0]["text"]
+    'then 娱乐 5% · 社会 2% · answered by checkpoint 7 in 41 ms'
+    >>> blocks[2]["block_id"]
+    'feedback'
     """
     kind = answer.get("kind") or ("label" if answer.get("label") else "free_text")
     who = served_name(answer.get("model"))
