@@ -8,10 +8,17 @@ a model that writes ``<!channel>`` must not ping a channel.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bot.blocks import cut, escape, pct, served_name, show_mistakes_button
 
+FEEDBACK_BLOCK = "feedback"
+CORRECT_LABEL = "correct_label"  # the "Wrong label?" select under a /classify answer
+CONFIRM_LABEL = "confirm_label"  # its 👍
+BUTTON_VALUE_MAX = 2000  # Slack's limits: a button's value, a select's options and their values
+SELECT_OPTIONS_MAX = 100
+FEEDBACK_LABEL_MAX = 150
 MISTAKES_PAGE = 10  # mistakes per thread reply: one section each, well under Slack's 50 blocks
 
 
@@ -36,10 +43,11 @@ def classify_blocks(
     A label of the checkpoint's set: ``*体育* · 93%  ←  headline``, the next alternatives and who
     answered in a context line. Below the confidence threshold (``threshold``, serving's
     ``SERVING_MIN_CONFIDENCE``, when the bot knows it) it says it is uncertain and shows its best
-    guess as a guess, never in bold. Free text (a base model without a label set, or a
-    checkpoint trained on free-form answers): the text quoted, said to be free text. The
-    reasoning comes last, in a section Slack folds behind "Show more". An answer of the older
-    shape (a label, no confidence) is shown as before.
+    guess as a guess, never in bold. Under a checkpoint's label, the "Wrong label?" select and a
+    👍 (:func:`feedback_control`). Free text (a base model without a label set, or a checkpoint
+    trained on free-form answers): the text quoted, said to be free text. The reasoning comes
+    last, in a section Slack folds behind "Show more". An answer of the older shape (a label, no
+    confidence) is shown as before.
 
     >>> blocks = classify_blocks("球队夺冠", {"kind": "label", "label": "体育", "confidence": 0.93,
     ...     "uncertain": False, "scores": {"体育": 0.93, "娱乐": 0.05, "社会": 0.02},
@@ -48,6 +56,8 @@ def classify_blocks(
     '*体育* · 93%  ←  球队夺冠'
     >>> blocks[1]["elements"][0]["text"]
     'then 娱乐 5% · 社会 2% · answered by checkpoint 7 in 41 ms'
+    >>> blocks[2]["block_id"]
+    'feedback'
     """
     kind = answer.get("kind") or ("label" if answer.get("label") else "free_text")
     who = served_name(answer.get("model"))
@@ -85,6 +95,9 @@ def classify_blocks(
         {"type": "section", "text": {"type": "mrkdwn", "text": cut(head)}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(" · ".join(context))}]},
     ]
+    control = feedback_control(text, answer) if kind == "label" else None
+    if control is not None:  # above the reasoning: seen without unfolding it
+        blocks.append(control)
     if answer.get("reasoning"):
         blocks.append(
             {
@@ -97,6 +110,63 @@ def classify_blocks(
             }
         )
     return blocks
+
+
+def feedback_control(text: str, answer: dict[str, Any]) -> dict[str, Any] | None:
+    """The "Wrong label?" select (the checkpoint's other labels) and a 👍 under a label answer
+    of a checkpoint; bot/feedback.py records the choice. The 👍's value carries the answer (the
+    headline, the label, its confidence, the checkpoint) for both: a select option's value holds
+    only the label. None where it cannot be offered: the base model, a label or headline too long
+    for Slack's limits, fewer than two labels.
+
+    >>> control = feedback_control("球队夺冠", {"label": "体育", "confidence": 0.93,
+    ...     "scores": {"体育": 0.93, "娱乐": 0.05}, "model": {"checkpoint_id": 7}})
+    >>> [o["value"] for o in control["elements"][0]["options"]]
+    ['娱乐']
+    >>> json.loads(control["elements"][1]["value"])
+    {'text': '球队夺冠', 'label': '体育', 'confidence': 0.93, 'checkpoint_id': 7}
+    """
+    checkpoint_id = (answer.get("model") or {}).get("checkpoint_id")
+    label, labels = answer.get("label"), list(answer.get("scores") or {})
+    others = [other for other in labels if other != label]
+    if not isinstance(checkpoint_id, int) or not isinstance(label, str) or not others:
+        return None
+    if any(len(item) > FEEDBACK_LABEL_MAX for item in labels) or len(others) > SELECT_OPTIONS_MAX:
+        return None
+    confidence = answer.get("confidence")
+    value = json.dumps(
+        {
+            "text": text,
+            "label": label,
+            "confidence": round(confidence, 4) if isinstance(confidence, int | float) else None,
+            "checkpoint_id": checkpoint_id,
+        },
+        ensure_ascii=False,
+    )
+    if len(value) > BUTTON_VALUE_MAX:
+        return None
+    options = [
+        {"text": {"type": "plain_text", "text": cut(other, 75)}, "value": other}
+        for other in sorted(others)
+    ]
+    return {
+        "type": "actions",
+        "block_id": FEEDBACK_BLOCK,
+        "elements": [
+            {
+                "type": "static_select",
+                "action_id": CORRECT_LABEL,
+                "placeholder": {"type": "plain_text", "text": "Wrong label?"},
+                "options": options,
+            },
+            {
+                "type": "button",
+                "action_id": CONFIRM_LABEL,
+                "text": {"type": "plain_text", "text": ":+1:", "emoji": True},
+                "value": value,
+            },
+        ],
+    }
 
 
 def _latency(ms: float | None) -> str:

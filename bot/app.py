@@ -24,7 +24,7 @@ def create_app(
 
     from slack_bolt import App
 
-    from bot import actions, commands, events
+    from bot import actions, commands, events, feedback
     from bot.auth import Approvers
     from runner.models import base_model_name
     from storage.db import make_engine
@@ -67,6 +67,7 @@ def create_app(
     commands.register_classify(app, context)
     commands.register_views(app, context)
     actions.register(app, context)
+    feedback.register(app, context)
     events.register(app, context)
     return app
 

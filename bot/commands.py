@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from bot import checkpoint_commands, dataset_commands, job_commands
+from bot import checkpoint_commands, dataset_commands, feedback, job_commands
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
 from bot.job_commands import queue_job
@@ -58,6 +58,11 @@ USAGE = {
     "an intermediate one of a failed or cancelled job, needs `force`",
     "rollback [to <checkpoint>|to base]": "serve what served before the current checkpoint "
     "(or a checkpoint that served before); shows the target and asks to confirm (approvers)",
+    "feedback": "this channel's corrections and 👍 of `/classify` answers: per label, and how "
+    "often the model was right on the answers people judged",
+    "feedback export [name] [confirmations=on]": "store the corrections (and 👍, if asked) no "
+    "export took yet as the next version of dataset *name* (default `feedback`), train split "
+    "only, written as the checkpoint was trained; then `start dataset=<name>`",
     "export <checkpoint> [bits=8|4]": "a standalone merged model, optionally quantized, "
     "verified before it is announced (approvers)",
 }
@@ -134,6 +139,7 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "cancel": job_commands.cancel,
     "evaluate": job_commands.evaluate,
     "export": job_commands.export,
+    "feedback": feedback.feedback,
     "checkpoints": checkpoint_commands.checkpoints,
     "compare": checkpoint_commands.compare,
     "promote": checkpoint_commands.promote,

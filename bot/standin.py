@@ -471,10 +471,17 @@ def block_action_body(
     team_id: str = "T0TEST",
     blocks: list[dict[str, Any]] | None = None,
     thread_ts: str | None = None,
+    selected: str | None = None,
 ) -> str:
     """A button click on message ``message_ts`` (a thread reply when ``thread_ts`` is given, as
-    Slack sends it: in the message and in the container)."""
+    Slack sends it: in the message and in the container); with ``selected``, the choice of that
+    option's value in a ``static_select`` instead (``value`` unused)."""
     in_thread = {"thread_ts": thread_ts} if thread_ts else {}
+    action: dict[str, Any] = (
+        {"type": "static_select", "selected_option": {"text": {}, "value": selected}}
+        if selected is not None
+        else {"type": "button", "value": value}
+    )
     payload = {
         "type": "block_actions",
         "team": {"id": team_id},
@@ -494,8 +501,7 @@ def block_action_body(
             {
                 "action_id": action_id,
                 "block_id": "b",
-                "value": value,
-                "type": "button",
+                **action,
                 "action_ts": str(time.time()),
             }
         ],

@@ -33,3 +33,8 @@ class CheckpointStatus(StrEnum):
 class Split(StrEnum):
     train = "train"
     eval = "eval"
+
+
+class FeedbackKind(StrEnum):
+    correction = "correction"  # the model's label was wrong: the user chose the right one
+    confirmation = "confirmation"  # a 👍: the model's label was right

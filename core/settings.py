@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="Delivered job events of finished jobs older than this are deleted (hourly, "
         "by the runner); jobs, checkpoints, evaluations, promotions and the audit log are kept.",
     )
+    feedback_retention_days: float = Field(
+        180,
+        gt=0,
+        description="Corrections and confirmations of `/classify` answers (the headline text, "
+        "who, which checkpoint) older than this are deleted, exported or not (hourly, by the "
+        "runner); a dataset exported from them keeps its copy.",
+    )
     runner_token_budget: int = Field(
         16384, ge=256, description="Most tokens in one packed micro-batch."
     )

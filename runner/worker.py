@@ -34,6 +34,7 @@ from core.settings import Settings
 from runner.jobdb import EXIT_REQUEUE, is_connection_error
 from runner.queue_listener import QueueListener, listens
 from storage.db import make_engine, new_session
+from storage.feedback import prune_feedback
 from storage.jobs import (
     claim_next_job,
     expire_leases,
@@ -344,6 +345,15 @@ class Runner:
         )
         if any(pruned):
             log.info("pruned %d job events and %d Slack event ids past retention", *pruned)
+        feedback = self._db_round(
+            "pruning old feedback",
+            lambda session: prune_feedback(
+                session, older_than=timedelta(days=self.settings.feedback_retention_days)
+            ),
+            default=0,
+        )
+        if feedback:
+            log.info("pruned %d feedback rows past FEEDBACK_RETENTION_DAYS", feedback)
 
     def _db_round(self, what: str, call: Any, default: Any = None) -> Any:
         """Run one timer's database work; a database that does not answer skips the round."""

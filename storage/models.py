@@ -174,3 +174,29 @@ class SlackEvent(SQLModel, table=True):
 
     event_id: str = Field(primary_key=True, max_length=64)
     received_at: datetime = _when()
+
+
+class Feedback(SQLModel, table=True):
+    """A correction or a confirmation of one ``/classify`` answer, recorded only when a user
+    chose it on the answer (the headline is stored then, not when it was typed). One row per
+    user and answer: a later choice on the same answer replaces the earlier one. Rows older than
+    ``FEEDBACK_RETENTION_DAYS`` are deleted; an export points at the dataset it went into."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        Index("uq_feedback_answer_user", "channel_id", "message_ts", "user_id", unique=True),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, description="correction or confirmation")
+    channel_id: str = Field(max_length=32)
+    message_ts: str = Field(max_length=32, description="the answer's message")
+    user_id: str = Field(max_length=32)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    predicted_label: str = Field(max_length=150)
+    confidence: float | None = None
+    correct_label: str = Field(max_length=150)
+    checkpoint_id: int = Field(foreign_key="checkpoints.id", index=True)
+    created_at: datetime = _when()
+    exported_at: datetime | None = _when(nullable=True)
+    dataset_id: int | None = Field(default=None, foreign_key="datasets.id")

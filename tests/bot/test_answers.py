@@ -5,9 +5,16 @@ per-class table) and a page of mistakes, each within Slack's limits."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from bot.answer_blocks import classify_blocks, classify_text, mistakes, mistakes_blocks
+from bot.answer_blocks import (
+    FEEDBACK_BLOCK,
+    classify_blocks,
+    classify_text,
+    mistakes,
+    mistakes_blocks,
+)
 from bot.blocks import decided_blocks, eval_report_blocks
 from bot.commands import CLASSIFY_USAGE, parse_classify
 from bot.console import blocks_text
@@ -44,12 +51,21 @@ def _texts(blocks: list[dict[str, Any]]) -> list[str]:
 
 def test_a_label_shows_its_confidence_the_alternatives_and_folds_the_reasoning() -> None:
     blocks = classify_blocks("球队夺冠", LABELLED)
-    head, context, reasoning = _texts(blocks)
+    head, context, _, reasoning = _texts(blocks)
     assert head == "*体育* · 93%  ←  球队夺冠"
     assert context.strip() == (
         "then 娱乐 4% · 社会 2% · 财经 1% · answered by checkpoint 7 in 182 ms"
     )
-    assert blocks[2]["type"] == "section" and blocks[2]["expand"] is False  # "Show more"
+    select, thumbs = blocks[2]["elements"]  # the feedback control, above the reasoning
+    assert select["placeholder"]["text"] == "Wrong label?"
+    assert [o["value"] for o in select["options"]] == ["娱乐", "社会", "财经"]
+    assert json.loads(thumbs["value"]) == {
+        "text": "球队夺冠",
+        "label": "体育",
+        "confidence": 0.934,
+        "checkpoint_id": 7,
+    }
+    assert blocks[3]["type"] == "section" and blocks[3]["expand"] is False  # "Show more"
     assert reasoning == ":thought_balloon: _reasoning:_ 标题说球队夺冠。\n所以是体育。"
     assert classify_text(LABELLED) == "体育 · 93%"
 
@@ -99,9 +115,22 @@ def test_free_text_of_the_base_model_is_quoted_and_never_shown_as_a_label() -> N
 def test_reasoning_off_and_a_cut_reasoning_are_said() -> None:
     off = {**LABELLED, "reasoning": None, "reasoning_mode": "off"}
     blocks = classify_blocks("球队夺冠", off)
-    assert len(blocks) == 2 and blocks[1]["elements"][0]["text"].endswith("without reasoning")
+    assert len(blocks) == 3 and blocks[1]["elements"][0]["text"].endswith("without reasoning")
     cut = {**LABELLED, "reasoning_cut": True}
     assert "its reasoning was cut at the length limit" in _texts(classify_blocks("x", cut))[1]
+
+
+def test_the_feedback_control_only_where_slack_and_the_answer_allow_it() -> None:
+    def control(answer: dict[str, Any], text: str = "球队夺冠") -> bool:
+        return any(b.get("block_id") == FEEDBACK_BLOCK for b in classify_blocks(text, answer))
+
+    assert control(LABELLED)
+    assert control({**LABELLED, "uncertain": True})  # a guess is worth correcting too
+    assert not control({**LABELLED, "model": {"adapter": None, "checkpoint_id": None}})
+    assert not control({**LABELLED, "scores": {"体育": 1.0}})  # nothing else to choose
+    assert not control(LABELLED, text="长" * 2000)  # the 👍's value would pass 2,000 chars
+    many = {f"类{i}": 0.001 for i in range(102)}
+    assert not control({**LABELLED, "label": "类0", "scores": many})  # over 100 options
 
 
 def test_an_answer_of_the_older_shape_still_shows_its_label() -> None:

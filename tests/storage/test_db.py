@@ -26,6 +26,7 @@ TABLES = {
     "promotions",
     "audit_log",
     "slack_events",
+    "feedback",
     "alembic_version",
 }
 
