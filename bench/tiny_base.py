@@ -77,26 +77,34 @@ def label_accuracy(
     *,
     reasoning: bool,
 ) -> float:
-    """Share of ``conversations`` whose reference label has the highest likelihood."""
+    """Share of ``conversations`` whose reference label has the highest likelihood. The context is
+    run once; the labels continue from its cache as one batch."""
     label_ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     eos = tokenizer.eos_token_id
+    rows = [[*ids, eos] for ids in label_ids]  # what is scored after the context
     correct = 0
     for conversation in conversations:
         context = render_prompt(tokenizer, conversation[:-1])
         answer = conversation[-1].content
         if reasoning:
-            head = answer[: answer.rindex(THINK_CLOSE) + len(THINK_CLOSE)] + "\n\n"
-            context += tokenizer(head, add_special_tokens=False)["input_ids"]
+            thinking = answer[: answer.rindex(THINK_CLOSE) + len(THINK_CLOSE)] + "\n\n"
+            context += tokenizer(thinking, add_special_tokens=False)["input_ids"]
         reference = answer[answer.rindex(THINK_CLOSE) + len(THINK_CLOSE) :].strip()
-        rows = [context + ids + [eos] for ids in label_ids]
+        first = causal(input_ids=torch.tensor([context]), use_cache=True, logits_to_keep=1)
+        after_context = torch.log_softmax(first.logits[0, -1].float(), dim=-1)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(len(rows))
         width = max(map(len, rows))
         batch = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
-        logprobs = torch.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
-        scores = []
-        for i, row in enumerate(rows):
-            targets = torch.tensor(row[len(context) :])
-            positions = torch.arange(len(context) - 1, len(row) - 1)
-            scores.append(float(logprobs[i, positions, targets].sum()))
+        logprobs = torch.log_softmax(
+            causal(input_ids=batch, past_key_values=cache).logits.float(), dim=-1
+        )
+        scores = [
+            float(after_context[row[0]])
+            + sum(float(logprobs[i, j - 1, row[j]]) for j in range(1, len(row)))
+            for i, row in enumerate(rows)
+        ]
         correct += labels[max(range(len(labels)), key=scores.__getitem__)] == reference
     return correct / len(conversations)
 
@@ -117,46 +125,64 @@ def main() -> int:
     parser.add_argument("--source", type=Path, default=REPO.parent / "shared/data/thucnews")
     parser.add_argument("--steps", type=int, default=PretrainPlan.steps)
     parser.add_argument("--settings", default=DEMO_START_SETTINGS)
+    parser.add_argument(
+        "--with-random", action="store_true", help="also fine-tune the random-weight model"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the models here (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="score the models an earlier run left in --work"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for fine-tuning (default: torch's)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, args.work or Path(tmp))
+    return 0
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train_split, eval_split = read_demo_split("train.json"), read_demo_split("eval.json")
     labels = demo_builder().LABELS_ZH
     sets = {"demo eval (100)": eval_split, "held-out (500)": held_out(args.source)}
-    results: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    random_dir, base_dir = root / "random", root / "base"
+    if not args.reuse:
         started = time.monotonic()
-        random_dir = build_tiny_model(root / "random")
+        build_tiny_model(random_dir)
         timings["build random"] = time.monotonic() - started
         started = time.monotonic()
-        base_dir = build_tiny_model(root / "base", pretrain=PretrainPlan(steps=args.steps))
+        build_tiny_model(base_dir, pretrain=PretrainPlan(steps=args.steps))
         timings["build pre-trained"] = time.monotonic() - started
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        config = parse_train_args(args.settings.split())
-        examples = [render_training_example(tokenizer, c) for c in train_split]
-        started = time.monotonic()
-        fitted: dict[str, Path] = {}
-        for name, directory in (("random", random_dir), ("pre-trained", base_dir)):
-            with _checkpoints(root / f"ckpt-{name}") as hooks:
-                result = train(
-                    TrainSpec(config=config, examples=examples, base=directory, device="cpu"), hooks
-                )
-            assert result.checkpoint is not None
-            fitted[name] = result.checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    config = parse_train_args(args.settings.split())
+    examples = [render_training_example(tokenizer, c) for c in train_split]
+    bases = {"pre-trained": base_dir, **({"random": random_dir} if args.with_random else {})}
+    fitted: dict[str, Path] = {}
+    for name, directory in bases.items():
+        ckpts = root / f"ckpt-{name}"
+        if not args.reuse:
+            with _checkpoints(ckpts) as hooks:
+                spec = TrainSpec(config=config, examples=examples, base=directory, device="cpu")
+                result = train(spec, hooks)
             timings[f"fine-tune {name}"] = result.seconds
+        fitted[name] = max(ckpts.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    results: dict[str, dict[str, float]] = {}
+    torch.set_num_threads(1)  # small ops: a second thread only waits for a shared core
+    for name, directory in bases.items():
         models = {
-            "random base": AutoModelForCausalLM.from_pretrained(random_dir),
-            "random + LoRA": PeftModel.from_pretrained(
-                AutoModelForCausalLM.from_pretrained(random_dir), str(fitted["random"])
-            ),
-            "pre-trained base": AutoModelForCausalLM.from_pretrained(base_dir),
-            "pre-trained + LoRA": PeftModel.from_pretrained(
-                AutoModelForCausalLM.from_pretrained(base_dir), str(fitted["pre-trained"])
+            f"{name} base": AutoModelForCausalLM.from_pretrained(directory),
+            f"{name} + LoRA": PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(directory), str(fitted[name])
             ),
         }
         for model_name, model in models.items():
@@ -164,19 +190,29 @@ def main() -> int:
             for set_name, conversations in sets.items():
                 for reasoning in (False, True):
                     key = f"{set_name}, {'reasoning' if reasoning else 'chat, no reasoning'}"
-                    results.setdefault(model_name, {})[key] = label_accuracy(
+                    started = time.monotonic()
+                    results.setdefault(model_name, {})[key] = accuracy = label_accuracy(
                         model, tokenizer, conversations, labels, reasoning=reasoning
                     )
-        provenance = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
+                    logging.info(
+                        "%s, %s: %.1f%% (%.0f s)",
+                        model_name,
+                        key,
+                        100 * accuracy,
+                        time.monotonic() - started,
+                    )
+    provenance = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
     print_table(results, timings, args, provenance)
     if args.out:
         args.out.write_text(json.dumps({"results": results, "timings": timings}, indent=2) + "\n")
-    return 0
 
 
 def print_table(results: dict, timings: dict, args: argparse.Namespace, provenance: dict) -> None:
     columns = list(next(iter(results.values())))
-    print(f"\nfine-tune settings: {args.settings}; pre-training steps {args.steps}")
+    print(
+        f"\nfine-tune settings: {args.settings}; pre-training steps {args.steps}; "
+        f"torch threads {torch.get_num_threads()} (scoring 1)"
+    )
     print("| model | " + " | ".join(columns) + " |")
     print("| --- |" + " --- |" * len(columns))
     for name, row in results.items():
@@ -196,7 +232,7 @@ def print_table(results: dict, timings: dict, args: argparse.Namespace, provenan
     print(
         "\n"
         + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-        + f"; pre-training loss {loss['first']} → {loss['last']} "
+        + f"; pre-training {provenance['seconds']} s, loss {loss['first']} → {loss['last']} "
         f"({provenance['epochs']} epochs of {provenance['headlines']} headlines)"
     )
 

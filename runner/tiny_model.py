@@ -116,6 +116,9 @@ def build_tiny_model(
         from runner.tiny_pretrain import pretrain as run_pretraining
 
         provenance = run_pretraining(model, tokenizer, pretrain)
+        provenance["rebuild"] = (
+            f"python -m runner.tiny_model OUT_DIR --pretrain --steps {pretrain.steps} --seed {seed}"
+        )
     kind = "tiny-random" if provenance is None else "tiny-pretrained"
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
@@ -125,9 +128,6 @@ def build_tiny_model(
             json.dumps({"kind": kind, "seed": seed, "corpus": corpus.name}) + "\n"
         )
         if provenance is not None:
-            provenance["rebuild"] = (
-                f"python -m runner.tiny_model OUT_DIR --pretrain --steps {pretrain.steps} --seed {seed}"
-            )
             (tmp / "provenance.json").write_text(
                 json.dumps(provenance, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
             )

@@ -26,7 +26,7 @@ TUTORIAL_FOLDER = REPO / "examples" / "news_demo"
 VIEWER = "U0VIEWER"  # a channel member who is not an approver
 HEADLINE = "国足客场击败对手晋级世界杯预选赛下一轮"
 # Settings that learn on the tiny pre-trained base in the demo's seconds (bench/tiny_base.py): a
-# 1M-parameter model needs a learning rate ~1000× the tutorial's lr=5e-6, which is for a 7B.
+# 1.4M-parameter model needs a learning rate ~1000× the tutorial's lr=5e-6, which is for a 7B.
 DEMO_START_SETTINGS = "lr=5e-3 epochs=10 lora_rank=16"
 
 
