@@ -5,9 +5,11 @@ scores the random base, the pre-trained base and the fine-tuned adapter by label
     python bench/tiny_base.py [--source ../shared/data/thucnews] [--steps N] [--settings "lr=…"]
 
 Label likelihood, teacher-forced: for each sample, the sum of the log-probabilities of a label's
-tokens and the end of sequence after the prompt and the reference reasoning up to ``</think>\\n\\n``;
-the prediction is the argmax over the label set. "chat, no reasoning" scores the label right after
-the chat prompt (what a base model that was never taught the reasoning format would answer). Scored
+tokens and the end of sequence after the prompt and the reference reasoning up to
+``</think>\\n\\n``; the prediction is the argmax over the label set. "chat, no reasoning" scores the label right after
+the chat prompt (what a base model that was never taught the reasoning format would answer).
+"generated": the model writes its answer greedily and the label is parsed from it, as the job's
+evaluation does (transformers here, vLLM there: the same greedy decoding). Scored
 on the demo's eval split (100) and on 500 held-out headlines that are in no demo split, not in the
 tokenizer's corpus and not in the pre-training corpus (``examples/news_demo/build.py``).
 """
@@ -31,7 +33,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from core.protocol import THINK_CLOSE, Message, render_prompt, render_training_example  # noqa: E402
+from core.protocol import (  # noqa: E402
+    THINK_CLOSE,
+    Message,
+    match_label,
+    parse_answer,
+    render_prompt,
+    render_training_example,
+)
 from runner.config import parse_train_args  # noqa: E402
 from runner.tiny_model import build_tiny_model  # noqa: E402
 from runner.tiny_pretrain import PretrainPlan  # noqa: E402
@@ -106,6 +115,29 @@ def label_accuracy(
             for i, row in enumerate(rows)
         ]
         correct += labels[max(range(len(labels)), key=scores.__getitem__)] == reference
+    return correct / len(conversations)
+
+
+@torch.no_grad()
+def generated_accuracy(
+    model: Any, tokenizer: Any, conversations: Sequence[list[Message]], labels: Sequence[str]
+) -> float:
+    """Share answered right when the model writes its answer greedily (reasoning, then label),
+    parsed as evaluation and serving parse it."""
+    correct = 0
+    for conversation in conversations:
+        prompt = render_prompt(tokenizer, conversation[:-1])
+        reference = parse_answer(conversation[-1].content).label
+        limit = len(tokenizer(conversation[-1].content, add_special_tokens=False)["input_ids"])
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=limit + 16,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+        correct += match_label(parse_answer(text).label, labels) == reference
     return correct / len(conversations)
 
 
@@ -201,6 +233,18 @@ def run(args: argparse.Namespace, root: Path) -> None:
                         100 * accuracy,
                         time.monotonic() - started,
                     )
+            key = "demo eval (100), generated"
+            started = time.monotonic()
+            results[model_name][key] = accuracy = generated_accuracy(
+                model, tokenizer, eval_split, labels
+            )
+            logging.info(
+                "%s, %s: %.1f%% (%.0f s)",
+                model_name,
+                key,
+                100 * accuracy,
+                time.monotonic() - started,
+            )
     provenance = json.loads((base_dir / "provenance.json").read_text(encoding="utf-8"))
     print_table(results, timings, args, provenance)
     if args.out:

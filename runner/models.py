@@ -35,7 +35,7 @@ def tiny_model_dir(settings: Settings) -> Path:
 
 
 def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | None = None) -> None:
-    """Build the tiny model (about a minute on two cores); one process builds, others wait."""
+    """Build the tiny model (a minute or two on two cores); one process builds, others wait."""
     import fcntl
 
     from runner.tiny_model import build_tiny_model
@@ -47,9 +47,9 @@ def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | N
         try:
             if (path / "config.json").exists():
                 return  # another process built it while this one waited
-            log.info("building the tiny local model in %s (pre-training, about a minute)", path)
+            log.info("building the tiny local model in %s (pre-training, a minute or two)", path)
             if on_status:
-                on_status("building the tiny base model (pre-training, about a minute)")
+                on_status("building the tiny base model (pre-training, a minute or two)")
             build_tiny_model(path, pretrain=PretrainPlan())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

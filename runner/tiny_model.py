@@ -3,8 +3,8 @@ on the fly on real headlines (so Chinese text tokenizes sensibly) and a chat tem
 DeepSeek-R1-Distill style. Loadable by AutoModelForCausalLM/AutoTokenizer and vLLM.
 
 Random weights by default (tests: fast); ``--pretrain`` (what ``BASE_MODEL=tiny`` builds on first
-use) then pre-trains it for about 40 s on news headlines (``runner.tiny_pretrain``) so that a LoRA
-job on the demo dataset learns, and writes what it learned from into ``provenance.json``.
+use) then pre-trains it for a minute or two on news headlines (``runner.tiny_pretrain``) so that a
+LoRA job on the demo dataset learns, and writes what it learned from into ``provenance.json``.
 
     python -m runner.tiny_model OUT_DIR [--pretrain [--steps N]] [--corpus FILE] [--seed N]
 """

@@ -31,8 +31,9 @@ LINE_FORMAT = "{headline}。类别：{label}"
 
 @dataclass(frozen=True)
 class PretrainPlan:
-    """How long and how the tiny model is pre-trained. The defaults take about 40 s on two
-    CPU cores."""
+    """How long and how the tiny model is pre-trained. The defaults: 1.98 epochs of the
+    headlines; 125 s on one thread of a 2-core box loaded by other work (bench/tiny_base.py,
+    docs/benchmarks.md), less on an idle one."""
 
     steps: int = 200
     batch_size: int = 16  # packed sequences per step
@@ -41,6 +42,7 @@ class PretrainPlan:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     seed: int = 0
+    line_format: str = LINE_FORMAT
     threads: int = 1  # torch CPU threads: the same on every machine, and no waits on shared cores
 
 
@@ -84,11 +86,11 @@ def _deterministic(threads: int) -> Iterator[None]:
 
 
 def _token_stream(
-    tokenizer: Any, rows: list[tuple[int, str, str]], rng: random.Random
+    tokenizer: Any, rows: list[tuple[int, str, str]], rng: random.Random, line_format: str
 ) -> list[int]:
     order = rows[:]
     rng.shuffle(order)
-    texts = [LINE_FORMAT.format(headline=h, label=label) for _, h, label in order]
+    texts = [line_format.format(headline=h, label=label) for _, h, label in order]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stream: list[int] = []
     for ids in encoded:
@@ -104,7 +106,7 @@ def _batches(tokenizer: Any, rows: list[tuple[int, str, str]], plan: PretrainPla
     block = plan.batch_size * plan.seq_len
     pending: list[int] = []
     while True:
-        pending += _token_stream(tokenizer, rows, rng)
+        pending += _token_stream(tokenizer, rows, rng, plan.line_format)
         while len(pending) >= block:
             chunk, pending = pending[:block], pending[block:]
             yield torch.tensor(chunk, dtype=torch.long).view(plan.batch_size, plan.seq_len)
@@ -155,7 +157,7 @@ def pretrain(
         losses[0],
         losses[-1],
     )
-    epoch_tokens = len(_token_stream(tokenizer, rows, random.Random(plan.seed)))
+    epoch_tokens = len(_token_stream(tokenizer, rows, random.Random(plan.seed), plan.line_format))
     return provenance(rows, plan, losses, seconds, corpus, epoch_tokens)
 
 
@@ -188,7 +190,6 @@ def provenance(
         "headlines": len(rows),
         "labels": sorted({label for _, _, label in rows}),
         "source_lines": _line_ranges(numbers),
-        "line_format": LINE_FORMAT,
         "plan": asdict(plan),
         "tokens_seen": tokens,
         "epochs": round(tokens / epoch_tokens, 2),
