@@ -6,8 +6,8 @@ scores the random base, the pre-trained base and the fine-tuned adapter by label
 
 Label likelihood, teacher-forced: for each sample, the sum of the log-probabilities of a label's
 tokens and the end of sequence after the prompt and the reference reasoning up to
-``</think>\\n\\n``; the prediction is the argmax over the label set. "chat, no reasoning" scores the label right after
-the chat prompt (what a base model that was never taught the reasoning format would answer).
+``</think>\\n\\n``; the prediction is the argmax over the label set. "chat, no reasoning" scores the
+label right after the chat prompt (what a base model never taught the reasoning format answers).
 "generated": the model writes its answer greedily and the label is parsed from it, as the job's
 evaluation does (transformers here, vLLM there: the same greedy decoding). Scored
 on the demo's eval split (100) and on 500 held-out headlines that are in no demo split, not in the
