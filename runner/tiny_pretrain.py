@@ -185,8 +185,8 @@ def provenance(
         "source_file": "test.txt (../shared/data/thucnews in the development checkout)",
         "corpus_file": f"runner/assets/{corpus.name}",
         "corpus_sha256": sha256_of(corpus),
-        "selection": "examples/news_demo/build.py: every headline of the source but the demo's "
-        "train/eval ones and the 500 held out for bench/tiny_base.py",
+        "selection": "examples/news_demo/build.py: every distinct headline of the source but the "
+        "demo's train/eval ones and the 500 held out for bench/tiny_base.py",
         "headlines": len(rows),
         "labels": sorted({label for _, _, label in rows}),
         "source_lines": _line_ranges(numbers),
