@@ -2,7 +2,8 @@
 
 A base model is named by a local directory, a ModelScope id (downloaded with ``modelscope`` into
 ``ARTIFACT_DIR/models/modelscope/<id>``, resumed when a download was cut) or ``tiny``: the tiny local
-model (``runner.tiny_model``), built on first use. ``BASE_MODEL`` unset means ``tiny``.
+model (``runner.tiny_model``, pre-trained on news headlines), built on first use into
+``ARTIFACT_DIR/models/<TINY_MODEL_BUILD>``. ``BASE_MODEL`` unset means ``tiny``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny"
+# The folder of this build of the tiny model. A build whose weights differ gets a new name, so an
+# ARTIFACT_DIR holding an older one (``models/tiny``: random weights, which no LoRA job can teach
+# in a demo's seconds) is not reused; the old folder is left alone (delete it by hand).
+TINY_MODEL_BUILD = "tiny-news-v1"
 
 
 class ModelUnavailable(FinetuneError):
@@ -26,7 +31,28 @@ class ModelUnavailable(FinetuneError):
 
 
 def tiny_model_dir(settings: Settings) -> Path:
-    return Path(settings.artifact_dir).resolve() / "models" / TINY_MODEL_NAME
+    return Path(settings.artifact_dir).resolve() / "models" / TINY_MODEL_BUILD
+
+
+def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | None = None) -> None:
+    """Build the tiny model (a minute or two on two cores); one process builds, others wait."""
+    import fcntl
+
+    from runner.tiny_model import build_tiny_model
+    from runner.tiny_pretrain import PretrainPlan
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.build.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (path / "config.json").exists():
+                return  # another process built it while this one waited
+            log.info("building the tiny local model in %s (pre-training, a minute or two)", path)
+            if on_status:
+                on_status("building the tiny base model (pre-training, a minute or two)")
+            build_tiny_model(path, pretrain=PretrainPlan())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def modelscope_cache_dir(settings: Settings, model_id: str) -> Path:
@@ -50,10 +76,7 @@ def model_dir_for(
     if name == TINY_MODEL_NAME:
         path = tiny_model_dir(settings)
         if not (path / "config.json").exists():
-            from runner.tiny_model import build_tiny_model
-
-            log.info("building the tiny local model in %s", path)
-            build_tiny_model(path)
+            build_pretrained_tiny_model(path, on_status)
         return path
     candidate = Path(name).expanduser()
     if candidate.is_dir():

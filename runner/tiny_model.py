@@ -1,8 +1,12 @@
-"""A tiny Qwen2 model for tests and the demo: random weights, small dimensions, a byte-level BPE
-tokenizer trained on the fly on real headlines (so Chinese text tokenizes sensibly) and a chat
-template in the DeepSeek-R1-Distill style. Loadable by AutoModelForCausalLM/AutoTokenizer and vLLM.
+"""A tiny Qwen2 model for tests and the demo: small dimensions, a byte-level BPE tokenizer trained
+on the fly on real headlines (so Chinese text tokenizes sensibly) and a chat template in the
+DeepSeek-R1-Distill style. Loadable by AutoModelForCausalLM/AutoTokenizer and vLLM.
 
-    python -m runner.tiny_model OUT_DIR [--corpus FILE] [--seed N]
+Random weights by default (tests: fast); ``--pretrain`` (what ``BASE_MODEL=tiny`` builds on first
+use) then pre-trains it for a minute or two on news headlines (``runner.tiny_pretrain``) so that a
+LoRA job on the demo dataset learns, and writes what it learned from into ``provenance.json``.
+
+    python -m runner.tiny_model OUT_DIR [--pretrain [--steps N]] [--corpus FILE] [--seed N]
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from runner.tiny_pretrain import PretrainPlan
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,15 @@ def train_tokenizer(corpus: Path, vocab_size: int = VOCAB_SIZE):
     return tokenizer
 
 
-def build_tiny_model(out_dir: Path, *, corpus: Path = CORPUS, seed: int = 0) -> Path:
-    """Write the model and tokenizer to ``out_dir`` (built in a temporary folder, then renamed)."""
+def build_tiny_model(
+    out_dir: Path,
+    *,
+    corpus: Path = CORPUS,
+    seed: int = 0,
+    pretrain: PretrainPlan | None = None,
+) -> Path:
+    """Write the model and tokenizer to ``out_dir`` (built in a temporary folder, then renamed):
+    random weights, pre-trained by ``pretrain`` when given."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -98,13 +111,26 @@ def build_tiny_model(out_dir: Path, *, corpus: Path = CORPUS, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.do_sample = False
+    provenance = None
+    if pretrain is not None:
+        from runner.tiny_pretrain import pretrain as run_pretraining
+
+        provenance = run_pretraining(model, tokenizer, pretrain)
+        provenance["rebuild"] = (
+            f"python -m runner.tiny_model OUT_DIR --pretrain --steps {pretrain.steps} --seed {seed}"
+        )
+    kind = "tiny-random" if provenance is None else "tiny-pretrained"
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "finetune_bot.json").write_text(
-            json.dumps({"kind": "tiny-random", "seed": seed, "corpus": corpus.name}) + "\n"
+            json.dumps({"kind": kind, "seed": seed, "corpus": corpus.name}) + "\n"
         )
+        if provenance is not None:
+            (tmp / "provenance.json").write_text(
+                json.dumps(provenance, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+            )
         if out_dir.exists():
             out_dir.rmdir()  # only an empty leftover folder; a model raises above
         tmp.chmod(0o755)
@@ -112,7 +138,7 @@ def build_tiny_model(out_dir: Path, *, corpus: Path = CORPUS, seed: int = 0) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("tiny model written to %s (vocab %d)", out_dir, vocab)
+    log.info("tiny model (%s) written to %s (vocab %d)", kind, out_dir, vocab)
     return out_dir
 
 
@@ -125,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pretrain", action="store_true", help="pre-train on news headlines (the demo's base)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=PretrainPlan.steps, help="pre-training steps (--pretrain)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_tiny_model(args.out_dir, corpus=args.corpus, seed=args.seed)
+    plan = PretrainPlan(steps=args.steps, seed=args.seed) if args.pretrain else None
+    build_tiny_model(args.out_dir, corpus=args.corpus, seed=args.seed, pretrain=plan)
     return 0
 
 

@@ -3,12 +3,14 @@ setting must resolve against where the user started it, once, for every process.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+from runner.models import TINY_MODEL_BUILD
 from tests.conftest import REPO
 
 
@@ -31,4 +33,6 @@ def test_prepare_from_another_directory_uses_that_directorys_var(tmp_path: Path)
     with sqlite3.connect(database) as connection:
         names = [row[0] for row in connection.execute("SELECT name FROM datasets")]
     assert names == ["news-demo"]
-    assert (tmp_path / "var" / "artifacts" / "models" / "tiny" / "config.json").exists()
+    tiny = tmp_path / "var" / "artifacts" / "models" / TINY_MODEL_BUILD
+    assert (tiny / "config.json").exists()
+    assert json.loads((tiny / "provenance.json").read_text(encoding="utf-8"))["headlines"] > 9000

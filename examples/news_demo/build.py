@@ -3,8 +3,15 @@
     python examples/news_demo/build.py [--source ../shared/data/thucnews]
 
 Writes examples/news_demo/{dataset_info.json,train.json,eval.json} (300 train and 100 eval samples,
-ShareGPT format, a short <think> block before each label) and runner/assets/tokenizer_corpus.txt
-(the text the tiny model's tokenizer is trained on). Deterministic for a given source.
+ShareGPT format, a short <think> block before each label), runner/assets/tokenizer_corpus.txt
+(the text the tiny model's tokenizer is trained on) and runner/assets/pretrain_headlines.tsv (the
+headlines the tiny model is pre-trained on, ``source_line<TAB>headline<TAB>label``). Deterministic
+for a given source.
+
+Each class's headlines are shuffled once (seed 42) and cut in order: 30 train, 10 eval, 100 for the
+tokenizer corpus, 50 held out from everything (bench/tiny_base.py scores on them), the rest. The
+pre-training headlines are the tokenizer-corpus ones and the rest: never a demo train/eval headline,
+never a held-out one.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ INSTRUCTION = (
     + "、".join(LABELS_ZH)
     + "），先简要思考，再只回答类别名称。\n标题："
 )
-TRAIN_PER_CLASS, EVAL_PER_CLASS, CORPUS_EXTRA_PER_CLASS = 30, 10, 100
+TRAIN_PER_CLASS, EVAL_PER_CLASS, CORPUS_EXTRA_PER_CLASS, HELD_OUT_PER_CLASS = 30, 10, 100, 50
 
 
 def sample(headline: str, label: str) -> dict:
@@ -48,27 +55,49 @@ def sample(headline: str, label: str) -> dict:
     }
 
 
+def split_headlines(
+    source: Path, rng: random.Random | None = None
+) -> dict[str, dict[str, list[tuple[int, str]]]]:
+    """Per label, the ``(source line, headline)`` pairs of each use: train, eval, corpus (the
+    tokenizer's extra text), held_out, rest. The cut described in the module docstring; ``rng``
+    (default ``Random(42)``) is left where the demo's sample shuffles continue from."""
+    by_class: dict[int, list[tuple[int, str]]] = {}
+    seen: set[str] = set()
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        headline, _, index = line.rpartition("\t")
+        if headline and headline not in seen:
+            seen.add(headline)
+            by_class.setdefault(int(index), []).append((number, headline))
+    rng = rng or random.Random(42)
+    cuts = {
+        "train": TRAIN_PER_CLASS,
+        "eval": EVAL_PER_CLASS,
+        "corpus": CORPUS_EXTRA_PER_CLASS,
+        "held_out": HELD_OUT_PER_CLASS,
+    }
+    splits: dict[str, dict[str, list[tuple[int, str]]]] = {}
+    for index, label in enumerate(LABELS_ZH):
+        headlines = by_class[index][:]
+        rng.shuffle(headlines)
+        at = 0
+        for use, size in cuts.items():
+            splits.setdefault(use, {})[label] = headlines[at : at + size]
+            at += size
+        splits.setdefault("rest", {})[label] = headlines[at:]
+    return splits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=REPO.parent / "shared/data/thucnews")
     args = parser.parse_args()
-    by_class: dict[int, list[str]] = {}
-    seen: set[str] = set()
-    for line in (args.source / "test.txt").read_text(encoding="utf-8").splitlines():
-        headline, _, index = line.rpartition("\t")
-        if headline and headline not in seen:
-            seen.add(headline)
-            by_class.setdefault(int(index), []).append(headline)
     rng = random.Random(42)
+    splits = split_headlines(args.source / "test.txt", rng)
     train, evals, corpus = [], [], []
-    for index, label in enumerate(LABELS_ZH):
-        headlines = by_class[index][:]
-        rng.shuffle(headlines)
-        train += [sample(h, label) for h in headlines[:TRAIN_PER_CLASS]]
-        evals += [
-            sample(h, label) for h in headlines[TRAIN_PER_CLASS : TRAIN_PER_CLASS + EVAL_PER_CLASS]
-        ]
-        corpus += headlines[TRAIN_PER_CLASS + EVAL_PER_CLASS :][:CORPUS_EXTRA_PER_CLASS]
+    for label in LABELS_ZH:
+        train += [sample(h, label) for _, h in splits["train"][label]]
+        evals += [sample(h, label) for _, h in splits["eval"][label]]
+        corpus += [h for _, h in splits["corpus"][label]]
     rng.shuffle(train)
     rng.shuffle(evals)
     entry = {
@@ -93,7 +122,20 @@ def main() -> None:
     (REPO / "runner/assets/tokenizer_corpus.txt").write_text(
         "\n".join(texts) + "\n", encoding="utf-8"
     )
-    print(f"{len(train)} train, {len(evals)} eval, {len(texts)} corpus lines")
+    pretrain = sorted(
+        (number, headline, label)
+        for use in ("corpus", "rest")
+        for label, pairs in splits[use].items()
+        for number, headline in pairs
+    )
+    (REPO / "runner/assets/pretrain_headlines.tsv").write_text(
+        "".join(f"{number}\t{headline}\t{label}\n" for number, headline, label in pretrain),
+        encoding="utf-8",
+    )
+    print(
+        f"{len(train)} train, {len(evals)} eval, {len(texts)} corpus lines, "
+        f"{len(pretrain)} pre-training headlines"
+    )
 
 
 if __name__ == "__main__":
