@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     runner_token_budget: int = Field(
         16384, ge=256, description="Most tokens in one packed micro-batch."
     )
+    runner_cpu_threads: int = Field(
+        1,
+        ge=0,
+        description="torch threads of a job on the CPU (0: torch's default, one per core). "
+        "Small models gain nothing from more, and on cores shared with serving a second "
+        "thread mostly waits.",
+    )
     runner_warm_worker: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Run a device slot's jobs one after another in one long-lived process that "

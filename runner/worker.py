@@ -102,6 +102,8 @@ def _prepare_process(device: str | None, settings: Settings) -> None:
     milliseconds by every later job."""
     os.environ["CUDA_VISIBLE_DEVICES"] = device if device is not None else ""
     os.environ.setdefault("TRITON_CACHE_DIR", str(Path(settings.artifact_dir) / "cache" / "triton"))
+    if device is None and settings.runner_cpu_threads:  # read by torch when it starts
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.runner_cpu_threads))
 
 
 def _log_as(job_id: int) -> None:
