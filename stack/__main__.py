@@ -91,13 +91,15 @@ def play_demo(settings: Settings, started: float) -> int:
         console.close()
     from bot.console import blocks_text
 
-    answered = blocks_text(seen["classified"].get("blocks") or []).splitlines()[-1].strip()
+    lines = blocks_text(seen["classified"].get("blocks") or []).splitlines() or [""]
+    answered = next((line for line in lines if "←" in line), lines[0]).strip()
     console.say(
         f"\ndemo finished in {time.monotonic() - started:.0f} s: job {seen['job_id']} trained, "
         f"evaluated, approved and served ({answered}), then rolled back to the base model. "
         "(The tiny base is a 1.4M-parameter model pre-trained for a minute or two on news "
-        "headlines: it shows the flow and that a LoRA job learns, not a production classifier; "
-        "set BASE_MODEL for a real one.)"
+        "headlines: it shows the whole flow, not a classifier — it cannot write the demo's "
+        "reasoning, so its labels are near chance, as the report says. Set BASE_MODEL for a "
+        "real model.)"
     )
     return 0
 
