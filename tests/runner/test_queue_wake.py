@@ -40,7 +40,9 @@ def test_a_queued_job_wakes_a_runner_that_polls_only_every_minute(postgres_url, 
         runner_poll_seconds=60,
         runner_ingest_slots=0,
     )
-    runner = Runner(settings, owner="listener-test", devices=[None])
+    # Two slots: the Slack job's wake-up must not wait for the first job's process to end (its
+    # imports alone take seconds on a loaded machine; CI saw that pass the 5 s window).
+    runner = Runner(settings, owner="listener-test", devices=[None, None])
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, kwargs={"stop": stop})
     thread.start()
