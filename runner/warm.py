@@ -30,10 +30,6 @@ def enable() -> None:
     _enabled = True
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def forget() -> None:
     _resident.clear()
 
