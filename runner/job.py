@@ -36,7 +36,7 @@ from core.settings import Settings
 from runner.config import build_train_config
 from runner.datasets.ingest import read_split
 from runner.jobdb import ClaimLost, DatabaseAway, JobDb, fenced
-from runner.models import load_tokenizer, model_dir_for
+from runner.models import base_model_build, load_tokenizer, model_dir_for
 from storage.artifacts import ArtifactStore
 from storage.db import make_engine
 from storage.jobs import (
@@ -396,6 +396,7 @@ def _prepare(
     meta = {
         "protocol_version": PROTOCOL_VERSION,
         "base_model": job.base_model,
+        **({"base_build": build} if (build := base_model_build(job.base_model)) else {}),
         "method": config.method,
         "adapter": config.method in ("lora", "qlora"),
         "labels": dataset.labels,

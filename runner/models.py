@@ -23,7 +23,7 @@ TINY_MODEL_NAME = "tiny"
 # The folder of this build of the tiny model. A build whose weights differ gets a new name, so an
 # ARTIFACT_DIR holding an older one (``models/tiny``: random weights, which no LoRA job can teach
 # in a demo's seconds) is not reused; the old folder is left alone (delete it by hand).
-TINY_MODEL_BUILD = "tiny-news-v1"
+TINY_MODEL_BUILD = "tiny-news-v2"
 
 
 class ModelUnavailable(FinetuneError):
@@ -35,7 +35,7 @@ def tiny_model_dir(settings: Settings) -> Path:
 
 
 def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | None = None) -> None:
-    """Build the tiny model (a minute or two on two cores); one process builds, others wait."""
+    """Build the tiny model (about a minute and a half on two cores); one process builds, others wait."""
     import fcntl
 
     from runner.tiny_model import build_tiny_model
@@ -47,9 +47,12 @@ def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | N
         try:
             if (path / "config.json").exists():
                 return  # another process built it while this one waited
-            log.info("building the tiny local model in %s (pre-training, a minute or two)", path)
+            log.info(
+                "building the tiny local model in %s (pre-training, about a minute and a half)",
+                path,
+            )
             if on_status:
-                on_status("building the tiny base model (pre-training, a minute or two)")
+                on_status("building the tiny base model (pre-training, about a minute and a half)")
             build_tiny_model(path, pretrain=PretrainPlan())
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -57,6 +60,13 @@ def build_pretrained_tiny_model(path: Path, on_status: Callable[[str], None] | N
 
 def modelscope_cache_dir(settings: Settings, model_id: str) -> Path:
     return Path(settings.artifact_dir).resolve() / "models" / "modelscope" / model_id
+
+
+def base_model_build(name: str) -> str | None:
+    """Which build of the base ``name`` is: the tiny model's folder name (its weights change
+    between builds under the same name ``tiny``), None for any other base (its name says it).
+    Recorded in each checkpoint's meta.json; serving refuses an adapter of another build."""
+    return TINY_MODEL_BUILD if name == TINY_MODEL_NAME else None
 
 
 def base_model_name(settings: Settings) -> str:

@@ -3,7 +3,7 @@ on the fly on real headlines (so Chinese text tokenizes sensibly) and a chat tem
 DeepSeek-R1-Distill style. Loadable by AutoModelForCausalLM/AutoTokenizer and vLLM.
 
 Random weights by default (tests: fast); ``--pretrain`` (what ``BASE_MODEL=tiny`` builds on first
-use) then pre-trains it for a minute or two on news headlines (``runner.tiny_pretrain``) so that a
+use) then pre-trains it for about a minute and a half on news headlines (``runner.tiny_pretrain``) so that a
 LoRA job on the demo dataset learns, and writes what it learned from into ``provenance.json``.
 
     python -m runner.tiny_model OUT_DIR [--pretrain [--steps N]] [--corpus FILE] [--seed N]

@@ -64,6 +64,10 @@ class LoadedAdapter:
         return PromptFrame.from_dict(self.meta.get("prompt_frame") or {})
 
 
+def _build(name: str | None) -> str:
+    return f"build {name}" if name else "an unrecorded (older) build"
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -74,11 +78,13 @@ class AdapterRegistry:
         base_model: str,
         max_lora_rank: int,
         tokenizer: Any,
+        base_build: str | None = None,
     ) -> None:
         self.engine = engine
         self.db = db
         self.store = store
         self.base_model = base_model
+        self.base_build = base_build  # runner.models.base_model_build: the tiny model's build
         self.max_lora_rank = max_lora_rank
         self.tokenizer = tokenizer
         self.current: LoadedAdapter | None = None
@@ -114,6 +120,11 @@ class AdapterRegistry:
         if meta.get("base_model") != self.base_model:
             problems.append(
                 f"it was trained on {meta.get('base_model')}, this server runs {self.base_model}"
+            )
+        elif meta.get("base_build") != self.base_build:
+            problems.append(
+                f"it was trained on {_build(meta.get('base_build'))} of {self.base_model}, "
+                f"this server runs {_build(self.base_build)}"
             )
         if meta.get("protocol_version") != PROTOCOL_VERSION:
             problems.append(

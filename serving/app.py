@@ -295,7 +295,7 @@ async def _follow(state: State, every: float) -> None:
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from runner.models import base_model_name, load_tokenizer, model_dir_for
+        from runner.models import base_model_build, base_model_name, load_tokenizer, model_dir_for
         from storage.artifacts import ArtifactStore
         from storage.db import make_engine
         from storage.migrate import check_schema
@@ -313,6 +313,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             base_model=base_model_name(settings),
             max_lora_rank=settings.serving_max_lora_rank,
             tokenizer=tokenizer,
+            base_build=base_model_build(base_model_name(settings)),
         )
         await registry.restore()
         state = State(settings, built, registry, tokenizer)

@@ -93,13 +93,14 @@ def play_demo(settings: Settings, started: float) -> int:
 
     lines = blocks_text(seen["classified"].get("blocks") or []).splitlines() or [""]
     answered = next((line for line in lines if "←" in line), lines[0]).strip()
+    report = blocks_text(seen["report"].get("blocks") or []).splitlines()
+    accuracy = next((line.strip() for line in report if line.strip().startswith("*Accuracy*")), "")
+    scored = f" Its evaluation: {accuracy.replace('*', '')}." if accuracy else ""
     console.say(
         f"\ndemo finished in {time.monotonic() - started:.0f} s: job {seen['job_id']} trained, "
-        f"evaluated, approved and served ({answered}), then rolled back to the base model. "
-        "(The tiny base is a 1.4M-parameter model pre-trained for a minute or two on news "
-        "headlines: it shows the whole flow, not a classifier — it cannot write the demo's "
-        "reasoning, so its labels are near chance, as the report says. Set BASE_MODEL for a "
-        "real model.)"
+        f"evaluated, approved and served ({answered}), then rolled back to the base model."
+        f"{scored} (The tiny base is a 1.4M-parameter model pre-trained for about a minute on "
+        "news headlines, a stand-in for what a real base knows; set BASE_MODEL for a real model.)"
     )
     return 0
 

@@ -9,7 +9,7 @@ headlines the tiny model is pre-trained on, ``source_line<TAB>headline<TAB>label
 for a given source.
 
 Each class's headlines are shuffled once (seed 42) and cut in order: 30 train, 10 eval, 100 for the
-tokenizer corpus, 50 held out from everything (bench/tiny_base.py scores on them), the rest. The
+tokenizer corpus, 50 held out from everything (bench/tiny_recipes.py scores on them), the rest. The
 pre-training headlines are the tokenizer-corpus ones and the rest: never a demo train/eval headline,
 never a held-out one.
 """
@@ -46,7 +46,10 @@ TRAIN_PER_CLASS, EVAL_PER_CLASS, CORPUS_EXTRA_PER_CLASS, HELD_OUT_PER_CLASS = 30
 
 
 def sample(headline: str, label: str) -> dict:
-    thinking = f"这条标题“{headline}”讲的是{TOPICS[label]}方面的内容，所以属于{label}类。"
+    # Short enough for the tiny default model to write: the topic, then the label. (The headline
+    # copied into the reasoning, as the tutorial's teacher wrote it, is beyond a 1.4M-parameter
+    # model: bench/tiny_recipes.py in docs/benchmarks.md.)
+    thinking = f"{TOPICS[label]}，属于{label}类。"
     return {
         "conversations": [
             {"from": "human", "value": INSTRUCTION + headline},

@@ -13,6 +13,7 @@ from sqlmodel import select
 
 from bot.console import Console, blocks_text
 from core.settings import Settings
+from runner.models import TINY_MODEL_BUILD
 from stack.__main__ import prepare
 from stack.demo import HEADLINE, VIEWER, Demo
 from stack.processes import free_port, start_stack
@@ -92,6 +93,7 @@ def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_
         promotions = session.exec(select(Promotion).order_by(Promotion.id)).all()
     engine.dispose()
     assert job.status == "succeeded" and job.config["learning_rate"] == 5e-6
+    assert checkpoint.meta["base_build"] == TINY_MODEL_BUILD  # serving refuses other builds
     assert f"Evaluation of checkpoint {checkpoint.id}" in report["text"]
 
     # A non-approver's click is refused, privately, and changes nothing.

@@ -22,14 +22,14 @@ def _weights_sha256(model_dir: Path) -> str:
 
 
 def _demo_headlines() -> set[str]:
-    """The headline of every demo sample (train and eval), read back from its reasoning."""
+    """The headline of every demo sample (train and eval), read back from its prompt."""
     headlines = set()
     for name in ("train.json", "eval.json"):
         for record in json.loads((DEMO_DATASET / name).read_text(encoding="utf-8")):
             user = record["conversations"][0]["value"]
             headlines.add(user.rsplit("标题：", 1)[1])
-            reasoning = parse_answer(record["conversations"][1]["value"]).reasoning or ""
-            assert user.rsplit("标题：", 1)[1] in reasoning
+            answer = parse_answer(record["conversations"][1]["value"])
+            assert answer.reasoning and answer.label  # a short reasoning, then the label
     return headlines
 
 
@@ -63,3 +63,44 @@ def test_pretraining_headlines_are_in_no_demo_or_test_data() -> None:
     assert not pretraining & tests_data
     # The demo eval split and the tests' fixtures build on the demo files: nothing else of the
     # source is read by a test, so disjoint from these is disjoint from every test's data.
+
+
+def test_the_label_tokens_carry_the_label_weight_and_weight_one_is_plain_language_modelling(
+    tmp_path: Path,
+) -> None:
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner.tiny_pretrain import _loss, _token_stream
+
+    model_dir = build_tiny_model(tmp_path / "random")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [(1, "国足客场击败对手", "体育"), (2, "股市今日大涨", "股票")]
+    ids, weights = _token_stream(
+        tokenizer, rows, random.Random(0), "{headline}。类别：{label}", 10.0
+    )
+    assert len(ids) == len(weights)
+    lines: list[tuple[list[int], list[float]]] = []
+    for token, weight in zip(ids, weights, strict=True):
+        if token == tokenizer.bos_token_id:
+            lines.append(([], []))
+        lines[-1][0].append(token)
+        lines[-1][1].append(weight)
+    assert len(lines) == 2
+    for line, line_weights in lines:
+        text = tokenizer.decode(line[1:-1])
+        label = text.rsplit("类别：", 1)[1]
+        heavy = [t for t, w in zip(line, line_weights, strict=True) if w == 10.0]
+        assert tokenizer.decode(heavy[:-1]) == label and heavy[-1] == tokenizer.eos_token_id
+        assert set(line_weights) == {1.0, 10.0}
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        plain = _loss(model, batch, torch.ones_like(batch, dtype=torch.float32))
+        reference = model(input_ids=batch, labels=batch).loss
+        weighted = _loss(model, batch, torch.tensor([weights]))
+    assert torch.allclose(plain, reference, atol=1e-5)
+    assert not torch.allclose(weighted, plain)

@@ -128,6 +128,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
         "A": ("体育", 8, meta),
         "B": ("财经", 8, meta),
         "wrong_base": ("体育", 8, {**meta, "base_model": "deepseek-ai/other-model"}),
+        "other_build": ("体育", 8, {**meta, "base_build": "tiny-news-v1"}),
         "wrong_protocol": ("体育", 8, {**meta, "protocol_version": 99}),
         "rank_too_high": ("体育", 128, meta),
     }

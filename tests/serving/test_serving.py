@@ -48,6 +48,7 @@ def test_promote_a_then_b_without_restart_then_roll_back(deployment) -> None:
     ("name", "reason"),
     [
         ("wrong_base", "it was trained on deepseek-ai/other-model"),
+        ("other_build", "it was trained on build tiny-news-v1 of "),
         ("wrong_protocol", "its prompt protocol is version 99"),
         ("rank_too_high", "its LoRA rank 128 is above the server's max_lora_rank 64"),
         ("incomplete", "adapter_model.safetensors missing"),
