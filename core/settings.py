@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="Delivered job events of finished jobs older than this are deleted (hourly, "
         "by the runner); jobs, checkpoints, evaluations, promotions and the audit log are kept.",
     )
+    sweep_max_runs: int = Field(
+        8,
+        ge=2,
+        le=64,
+        description="The most runs one `/finetune sweep` may queue (the product of its lists).",
+    )
     feedback_retention_days: float = Field(
         180,
         gt=0,

@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="queue a training job")
     submit.add_argument("--dataset", required=True, help="dataset name (its newest version)")
     submit.add_argument("settings", nargs="*", help="training settings as key=value")
+    sweep = sub.add_parser(
+        "sweep", help="queue a sweep: every combination of comma-listed settings as one job"
+    )
+    sweep.add_argument("--dataset", required=True, help="dataset name (its newest version)")
+    sweep.add_argument("settings", nargs="+", help="key=value or key=v1,v2,… (lr=1e-5,5e-5)")
+    sweep_status = sub.add_parser("sweep-status", help="a sweep's comparison table")
+    sweep_status.add_argument("sweep", type=int)
+    sweep_cancel = sub.add_parser("sweep-cancel", help="cancel every run of a sweep")
+    sweep_cancel.add_argument("sweep", type=int)
     status = sub.add_parser("status", help="show a job or the latest jobs")
     status.add_argument("job", nargs="?", type=int)
     cancel = sub.add_parser("cancel", help="cancel a job")
@@ -85,7 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings()
     try:
-        if args.command in (None, "submit", "status", "cancel", "help", "evaluate", "export"):
+        if args.command in (
+            None,
+            "submit",
+            "sweep",
+            "sweep-status",
+            "sweep-cancel",
+            "status",
+            "cancel",
+            "help",
+            "evaluate",
+            "export",
+        ):
             return _run_queue_command(args, settings)
         return _run(args, settings)
     except DatasetRejected as exc:
@@ -127,6 +147,8 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
     with new_session(engine) as session:
         if args.command == "submit":
             return _submit(session, settings, args)
+        if args.command in ("sweep", "sweep-status", "sweep-cancel"):
+            return _sweep(session, settings, args)
         if args.command == "evaluate":
             return _evaluate(session, settings, args)
         if args.command == "export":
@@ -163,6 +185,47 @@ def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> i
     print(
         f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, "
         f"{len(dataset.labels or [])} labels"
+    )
+    return 0
+
+
+def _sweep(session: Session, settings: Settings, args: argparse.Namespace) -> int:
+    from core.errors import NotFound
+    from runner.config import parse_train_args
+    from runner.models import base_model_name
+    from runner.sweep import format_table, parse_sweep, run_configs
+    from storage.datasets import get_dataset
+    from storage.sweeps import best_row, cancel_sweep, create_sweep, get_sweep, sweep_rows
+
+    if args.command == "sweep-status":
+        sweep = get_sweep(session, args.sweep)
+        rows = sweep_rows(session, sweep)
+        best = best_row(rows)
+        state = "finished" if sweep.finished_at else "running"
+        print(f"sweep {sweep.id} ({state}), {len(rows)} runs:")
+        print(format_table(rows, best.job_id if best else None))
+        return 0
+    if args.command == "sweep-cancel":
+        get_sweep(session, args.sweep)
+        asked = cancel_sweep(session, sweep_id=args.sweep, by="cli")
+        print(f"sweep {args.sweep}: cancel asked of {len(asked)} runs")
+        return 0
+    plan = parse_sweep(args.settings, max_runs=settings.sweep_max_runs)
+    dataset = get_dataset(session, name=args.dataset)
+    if dataset is None:
+        raise NotFound(f"no dataset named {args.dataset}: ingest one first")
+    sweep, jobs = create_sweep(
+        session,
+        base_model=base_model_name(settings),
+        dataset_id=dataset.id,
+        grid=plan.grid,
+        fixed=parse_train_args(plan.fixed).model_dump(exclude_defaults=True),
+        runs=run_configs(plan),
+        requested_by="cli",
+    )
+    print(
+        f"queued sweep {sweep.id}: {len(jobs)} runs of {dataset.name} v{dataset.version} "
+        f"(jobs {', '.join(str(j.id) for j in jobs)})"
     )
     return 0
 

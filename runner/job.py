@@ -16,6 +16,7 @@ it interrupts the phase and requeues the job the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -196,6 +197,7 @@ def _run_training(
         hooks.flush_quietly()
         return _fail(db, exc)
     curve = store.put_bytes(_loss_curve(result.losses, job.id))
+    losses = store.put_bytes(json.dumps([round(x, 5) for x in result.losses]).encode())
     summary: dict[str, Any] = {
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -204,6 +206,7 @@ def _run_training(
         "seconds": round(result.seconds, 2),
         "tokens_per_s": round(result.tokens_per_second, 1),
         "loss_curve_sha256": curve.sha256,
+        "losses_sha256": losses.sha256,  # the per-step losses as JSON (a sweep's overlaid plot)
         "dataset": dataset.name,
     }
     if result.status == "stopped" and STOP.requested.is_set():

@@ -137,3 +137,63 @@ def reliability_png(bins: list[dict[str, Any]], *, ece: float, title: str) -> by
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def sweep_loss_curves_png(curves: dict[str, list[float]], *, title: str) -> bytes:
+    """Every run's training loss on one plot (each run's curve smoothed when long), by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager
+    from matplotlib import pyplot as plt
+
+    _use_cjk_font(font_manager, plt)
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, losses in curves.items():
+        window = max(len(losses) // 20, 1)
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1])
+            / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        axes.plot(range(1, len(smooth) + 1), smooth, linewidth=1.5, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss per answer token")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def sweep_scores_png(scores: dict[str, tuple[float | None, float | None]], *, title: str) -> bytes:
+    """Accuracy and macro-F1 by run (label → (accuracy, macro-F1)); a run without an evaluation
+    shows no bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import font_manager
+    from matplotlib import pyplot as plt
+
+    _use_cjk_font(font_manager, plt)
+    labels = list(scores)
+    figure, axes = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 4), dpi=100)
+    width = 0.4
+    for offset, (name, index) in ((-width / 2, ("accuracy", 0)), (width / 2, ("macro-F1", 1))):
+        values = [100 * (scores[k][index] or 0.0) for k in labels]
+        axes.bar([i + offset for i in range(len(labels))], values, width, label=name)
+    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    axes.set_ylabel("%")
+    axes.set_ylim(0, 100)
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

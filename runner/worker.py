@@ -333,6 +333,22 @@ class Runner:
             log.warning("job %d: lease expired, now %s", job_id, status)
         self._record_ended()
 
+    def finish_sweeps(self) -> None:
+        """Draw and announce every sweep whose runs all ended, however they ended (trained,
+        failed, cancelled while queued, expired): the first runner to see it does it once."""
+        from runner.sweep import after_run
+        from storage.artifacts import ArtifactStore
+        from storage.sweeps import unfinished_sweeps_done
+
+        done = self._db_round("finding ended sweeps", unfinished_sweeps_done, default=[])
+        store = ArtifactStore(self.settings.artifact_dir)
+        for sweep_id in done:
+            self._db_round(
+                f"finishing sweep {sweep_id}",
+                lambda session, sweep_id=sweep_id: after_run(session, store, sweep_id=sweep_id),
+                default=False,
+            )
+
     def prune(self) -> None:
         from datetime import timedelta
 
@@ -465,6 +481,14 @@ class Runner:
         scheduler.add_job(
             self.prune, "interval", hours=1, id="prune", max_instances=1, coalesce=True
         )
+        scheduler.add_job(
+            self.finish_sweeps,
+            "interval",
+            seconds=2,
+            id="finish_sweeps",
+            max_instances=1,
+            coalesce=True,
+        )
         log.info("runner %s serving %s", self.owner, ", ".join(s.name for s in self.slots))
         scheduler.start()
         listener = None
@@ -476,6 +500,7 @@ class Runner:
                     self.sweep()
                     self.poll()
                     if not self.busy() and self.queued() == 0:
+                        self.finish_sweeps()
                         break
                     stop.wait(0.25)
             else:

@@ -59,6 +59,26 @@ class Dataset(SQLModel, table=True):
     created_at: datetime = _when()
 
 
+class Sweep(SQLModel, table=True):
+    """Several training jobs queued together over a grid of settings (``/finetune sweep``), to
+    compare in one thread. Its runs are the jobs whose ``sweep_id`` is its id."""
+
+    __tablename__ = "sweeps"
+
+    id: int | None = Field(default=None, primary_key=True)
+    dataset_id: int | None = Field(default=None, foreign_key="datasets.id")
+    base_model: str = Field(max_length=255)
+    grid: dict[str, Any] = _json(default_factory=dict)  # setting → its values, as given
+    fixed: dict[str, Any] = _json(default_factory=dict)  # the settings every run shares
+    requested_by: str | None = Field(default=None, max_length=32)
+    channel_id: str | None = Field(default=None, max_length=32)
+    thread_ts: str | None = Field(default=None, max_length=32)
+    cancel_requested: bool = False
+    created_at: datetime = _when()
+    # Set once, by whoever sees its last run end (an atomic update): that one draws the plots.
+    finished_at: datetime | None = _when(nullable=True)
+
+
 class Job(SQLModel, table=True):
     """A unit of work for a runner. Its row is its place in the queue."""
 
@@ -88,6 +108,7 @@ class Job(SQLModel, table=True):
     created_at: datetime = _when()
     started_at: datetime | None = _when(nullable=True)
     finished_at: datetime | None = _when(nullable=True)
+    sweep_id: int | None = Field(default=None, foreign_key="sweeps.id", index=True)
 
 
 class JobEvent(SQLModel, table=True):

@@ -20,6 +20,7 @@ from storage.models import Job, JobEvent
 TABLES = {
     "datasets",
     "jobs",
+    "sweeps",
     "job_events",
     "checkpoints",
     "evaluations",
