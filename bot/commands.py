@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from bot import checkpoint_commands, dataset_commands, feedback, job_commands
+from bot import checkpoint_commands, dataset_commands, feedback, job_commands, sweeps
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
 from bot.job_commands import queue_job
@@ -45,6 +45,9 @@ USAGE = {
     "start [dataset=<name>] [key=value …]": "queue a training job (the dataset defaults to the "
     "latest uploaded in this channel; a name means this channel's, else a shared one, else the "
     "deployment's)",
+    "sweep [dataset=<name>] lr=1e-5,5e-5 [epochs=2,3] [key=value …]": "queue every combination "
+    "of the comma lists as one sweep (at most `SWEEP_MAX_RUNS` runs), compared in one thread; the best "
+    "run by macro-F1 can be promoted from it. `sweep cancel <sweep>` cancels every run",
     "status [job]": "a job's state and progress",
     "list": "the latest jobs in this channel",
     "checkpoints": "this channel's latest checkpoints (id, job, step, state, scores) and what "
@@ -134,6 +137,7 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "share": dataset_commands.share,
     "unshare": dataset_commands.unshare,
     "start": job_commands.start,
+    "sweep": sweeps.sweep,
     "status": job_commands.status,
     "list": job_commands.list_jobs,
     "cancel": job_commands.cancel,

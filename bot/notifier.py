@@ -387,6 +387,33 @@ class Notifier:
                     run, event, "report_text", lambda: self._report_as_text(run, payload, refused)
                 )
             return
+        if event.kind == "sweep_finished":
+            for part, key, filename, title in (
+                ("loss_curves", "loss_curves_sha256", "sweep-loss.png", "Training loss, every run"),
+                (
+                    "scores",
+                    "scores_sha256",
+                    "sweep-scores.png",
+                    "Eval accuracy and macro-F1 by run",
+                ),
+            ):
+                self._part(
+                    run,
+                    event,
+                    part,
+                    partial(self._upload_blob, run, payload[key], filename, title),
+                )
+            best = payload.get("best_job_id")
+            text = (
+                f":checkered_flag: Sweep {payload.get('sweep_id')} finished: the best run by "
+                f"macro-F1 is job {best} (checkpoint {payload.get('best_checkpoint_id')}); "
+                "approvers can promote it from the table above."
+                if best
+                else f":checkered_flag: Sweep {payload.get('sweep_id')} finished: no run was "
+                "evaluated, so there is no best run."
+            )
+            self._part(run, event, "reply", partial(self._reply, run, text))
+            return
         if event.kind == "ingested":
             self._part(run, event, "stored", partial(self._reply, run, stored_text(payload)))
             self._part(run, event, "report", partial(self._reply, run, report_text(payload)))
@@ -436,15 +463,17 @@ class Notifier:
         job = run.job
         dataset = run.session.get(Dataset, job.dataset_id) if job.dataset_id else None
         blocks = job_header_blocks(job, dataset)
+        header = f"{job_noun(job)} {job.id}: {job.status}"
+        if job.sweep_id is not None:  # a sweep's runs share one root: the comparison table
+            from bot.sweeps import root_blocks_for
+
+            header, blocks = root_blocks_for(run.session, job)
         channel, thread = run.channel.id, run.thread
         try:
             self._send(
                 run,
                 lambda: self.client.chat_update(
-                    channel=channel,
-                    ts=thread,
-                    text=f"{job_noun(job)} {job.id}: {job.status}",
-                    blocks=blocks,
+                    channel=channel, ts=thread, text=header, blocks=blocks
                 ),
             )
             return None
@@ -583,6 +612,9 @@ class Notifier:
                 initial_comment=comment,
             ),
         )
+
+    def _upload_blob(self, run: _JobRun, sha256: str, filename: str, title: str) -> None:
+        self._upload(run, self._blob(sha256, title.lower()), filename, title, None)
 
     # Artifacts and history -----------------------------------------------------------------
 

@@ -191,7 +191,10 @@ def sweep_rows(session: Session, sweep: Sweep) -> list[SweepRow]:
         rows.append(
             SweepRow(
                 job_id=job.id,
-                settings={key: job.config.get(key) for key in sweep.grid},
+                settings={
+                    key: _as_typed(job.config.get(key), values)
+                    for key, values in sweep.grid.items()
+                },
                 status=job.status,
                 final_loss=summary.get("final_loss"),
                 tokens_per_s=summary.get("tokens_per_s"),
@@ -204,6 +207,18 @@ def sweep_rows(session: Session, sweep: Sweep) -> list[SweepRow]:
             )
         )
     return rows
+
+
+def _as_typed(value: Any, typed: list[Any]) -> Any:
+    """The value as the sweep's author typed it (``5e-5``, not ``5e-05``), when one matches."""
+    for candidate in typed:
+        try:
+            if float(candidate) == float(value):
+                return candidate
+        except (TypeError, ValueError):
+            if str(candidate).lower() == str(value).lower():
+                return candidate
+    return value
 
 
 def best_row(rows: list[SweepRow]) -> SweepRow | None:

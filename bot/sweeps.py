@@ -1,0 +1,248 @@
+"""``/finetune sweep``: several training runs over a grid of settings, compared in one thread.
+
+``/finetune sweep [dataset=<name>] lr=1e-5,5e-5,1e-4 [epochs=2,3] [k=v …]`` queues the cartesian
+product (runner.sweep.parse_sweep: each value checked, more than ``SWEEP_MAX_RUNS`` refused with
+the count) as one sweep. Its root message is the comparison table (each run's state, final loss,
+accuracy, macro-F1, ECE, tokens/s), which the notifier edits in place as the runs progress instead
+of a job header; the runs' milestones and evaluation reports go to the thread. When the last run
+ends, the thread gets the overlaid loss curves and the scores by setting, and the root marks the
+best run by macro-F1 with **Approve & promote best** (the report's ``approve_checkpoint`` action:
+approvers only, checked server-side). ``/finetune sweep cancel <sweep>`` cancels every run (its
+requester or an approver).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from slack_sdk.errors import SlackApiError
+from sqlalchemy import update
+from sqlmodel import Session, col
+
+from bot.blocks import cut, model_display_name
+from core.enums import JobStatus
+from core.errors import Conflict, FinetuneError, Forbidden, NotFound
+from runner.sweep import parse_sweep, run_configs
+from storage.datasets import find_dataset, latest_dataset
+from storage.db import new_session
+from storage.jobs import add_job_event
+from storage.models import Dataset, Job, Sweep
+from storage.sweeps import (
+    SweepRow,
+    best_row,
+    cancel_sweep,
+    create_sweep,
+    get_sweep,
+    set_sweep_thread,
+    sweep_jobs,
+    sweep_rows,
+)
+from storage.types import utcnow
+
+if TYPE_CHECKING:
+    from bot.commands import BotContext
+
+log = logging.getLogger(__name__)
+
+STATE = {
+    "queued": ":hourglass:",
+    "running": ":runner:",
+    "evaluating": ":bar_chart:",
+    "succeeded": ":white_check_mark:",
+    "failed": ":x:",
+    "cancelled": ":no_entry_sign:",
+}
+
+
+def sweep(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
+    channel, user = command["channel_id"], command["user_id"]
+    if args and args[0] == "cancel":
+        _cancel(ctx, channel, user, args[1:], respond)
+        return
+    if not args:
+        respond(
+            text="What should the sweep try? `/finetune sweep [dataset=<name>] "
+            "lr=1e-5,5e-5,1e-4 [epochs=2,3] [key=value …]`: every combination of the comma "
+            f"lists is one run (at most {ctx.settings.sweep_max_runs}).",
+            response_type="ephemeral",
+        )
+        return
+    name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
+    plan = parse_sweep(
+        [a for a in args if not a.startswith("dataset=")], max_runs=ctx.settings.sweep_max_runs
+    )
+    from bot.job_commands import check_user_limits
+    from runner.config import parse_train_args
+
+    with new_session(ctx.db) as session:
+        dataset = (
+            find_dataset(session, name=name, channel_id=channel)
+            if name
+            else latest_dataset(session, channel_id=channel)
+        )
+        if dataset is None:
+            raise NotFound(
+                f"no dataset named {name} in this channel (`/finetune datasets`)"
+                if name
+                else "no dataset uploaded in this channel yet: share a file first, or name "
+                "one with dataset=<name> (`/finetune datasets`)"
+            )
+        check_user_limits(session, ctx.settings, user=user)
+        created, _ = create_sweep(
+            session,
+            base_model=ctx.base_model,
+            dataset_id=dataset.id,
+            grid=plan.grid,
+            fixed=parse_train_args(plan.fixed).model_dump(exclude_defaults=True),
+            runs=run_configs(plan),
+            requested_by=user,
+            channel_id=channel,
+        )
+        _post_root(session, client, created, dataset)
+
+
+def _post_root(session: Session, client: Any, created: Sweep, dataset: Dataset) -> None:
+    """Post the sweep's table; its ts becomes the thread of the sweep and of every run (which
+    lets runners claim them). If Slack refuses, every run is cancelled and the user told why."""
+    assert created.id is not None
+    rows = sweep_rows(session, created)
+    try:
+        posted = client.chat_postMessage(
+            channel=created.channel_id,
+            text=f"Sweep {created.id} queued: {len(rows)} runs",
+            blocks=sweep_blocks(created, rows, dataset),
+        )
+    except (SlackApiError, OSError) as exc:
+        code = (
+            str(exc.response.get("error") or "an error")
+            if isinstance(exc, SlackApiError)
+            else type(exc).__name__
+        )
+        reason = f"its first message could not be posted (Slack: {code}); nothing ran"
+        for job in sweep_jobs(session, created.id):
+            session.execute(
+                update(Job)
+                .where(col(Job.id) == job.id, col(Job.status) == JobStatus.queued.value)
+                .values(
+                    status=JobStatus.cancelled.value,
+                    cancel_requested=True,
+                    finished_at=utcnow(),
+                    error=reason,
+                )
+            )
+            assert job.id is not None
+            add_job_event(session, job_id=job.id, kind="cancelled", reason=reason)
+        session.commit()
+        raise FinetuneError(
+            f"Slack refused my message in this channel ({code}): sweep {created.id} was "
+            "cancelled, nothing ran."
+        ) from exc
+    set_sweep_thread(session, sweep_id=created.id, thread_ts=posted["ts"])
+
+
+def _cancel(ctx: BotContext, channel: str, user: str, args: list[str], respond: Any) -> None:
+    if len(args) != 1 or not args[0].isdigit():
+        respond(text="Which sweep? `/finetune sweep cancel <sweep>`", response_type="ephemeral")
+        return
+    with new_session(ctx.db) as session:
+        found = get_sweep(session, int(args[0]), channel_id=channel)
+        if found.requested_by != user and not ctx.approvers.allows(user):
+            raise Forbidden(
+                f"only <@{found.requested_by}> (who started sweep {found.id}) or an approver "
+                "can cancel it"
+            )
+        assert found.id is not None
+        try:
+            asked = cancel_sweep(session, sweep_id=found.id, by=user)
+        except Conflict as exc:
+            respond(text=exc.message, response_type="ephemeral")
+            return
+    respond(
+        text=f"Sweep {found.id}: cancel asked of {len(asked)} runs; finished ones keep their "
+        "checkpoints.",
+        response_type="ephemeral",
+    )
+
+
+# The root message ------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def row_line(row: SweepRow, best: SweepRow | None) -> str:
+    settings = " ".join(f"{k}={v}" for k, v in row.settings.items())
+    loss = "–" if row.final_loss is None else f"{row.final_loss:.4f}"
+    speed = "–" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}"
+    mark = " :star: *best*" if best is not None and row.job_id == best.job_id else ""
+    return (
+        f"{STATE.get(row.status, '')} job {row.job_id} · `{settings}` · {row.status} · loss "
+        f"{loss} · acc {_pct(row.accuracy)} · F1 {_pct(row.macro_f1)} · ECE {_pct(row.ece)} · "
+        f"{speed} tok/s{mark}"
+    )
+
+
+def sweep_blocks(
+    found: Sweep, rows: list[SweepRow], dataset: Dataset | None
+) -> list[dict[str, Any]]:
+    """The sweep's root: a line per run, the best one marked once the sweep finished, with
+    Approve & promote best (approvers; checked when clicked)."""
+    done = sum(JobStatus(r.status).finished for r in rows)
+    state = "finished" if found.finished_at else f"{done}/{len(rows)} runs ended"
+    what = (
+        f"*{dataset.name}* v{dataset.version}" if dataset is not None else "the dataset"
+    ) + f" on `{model_display_name(found.base_model)}`"
+    best = best_row(rows) if found.finished_at else None
+    lines = [f":test_tube: *Sweep {found.id}* · {state} · {what}"]
+    lines += [row_line(r, best) for r in rows]
+    fixed = ", ".join(f"{k}={v}" for k, v in sorted(found.fixed.items()))
+    context = f"requested by <@{found.requested_by}>" if found.requested_by else "requested"
+    if fixed:
+        context += f" · every run: {fixed}"
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": cut("\n".join(lines))}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(context)}]},
+    ]
+    if best is not None and best.checkpoint_id is not None:
+        settings = " ".join(f"{k}={v}" for k, v in best.settings.items())
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "decision",
+                "elements": [
+                    {
+                        "type": "button",
+                        "action_id": "approve_checkpoint",
+                        "style": "primary",
+                        "text": {"type": "plain_text", "text": "Approve & promote best"},
+                        "value": str(best.checkpoint_id),
+                        "confirm": {
+                            "title": {"type": "plain_text", "text": "Promote the best run?"},
+                            "text": {
+                                "type": "mrkdwn",
+                                "text": cut(
+                                    f"Checkpoint {best.checkpoint_id} (job {best.job_id}, "
+                                    f"`{settings}`, macro-F1 {_pct(best.macro_f1)}) will answer "
+                                    "`/classify` in place of what serves now."
+                                ),
+                            },
+                            "confirm": {"type": "plain_text", "text": "Promote"},
+                            "deny": {"type": "plain_text", "text": "Cancel"},
+                        },
+                    }
+                ],
+            }
+        )
+    return blocks
+
+
+def root_blocks_for(session: Session, job: Job) -> tuple[str, list[dict[str, Any]]]:
+    """What the notifier puts in a sweep run's root message: the whole sweep's table."""
+    assert job.sweep_id is not None
+    found = get_sweep(session, job.sweep_id)
+    rows = sweep_rows(session, found)
+    dataset = session.get(Dataset, found.dataset_id) if found.dataset_id else None
+    state = "finished" if found.finished_at else "running"
+    return f"Sweep {found.id}: {state}", sweep_blocks(found, rows, dataset)
