@@ -2,8 +2,9 @@
 the listeners, the notifier's refresher and tests alike.
 
 Sections, top to bottom: a notice (the answer to the user's last click, when there is one), what
-serves now, running and queued jobs (Cancel for the requester and approvers), the last ten
-checkpoints as a leaderboard (Promote for approvers) and a "New fine-tune" button. Recent sweeps
+serves now, a "New fine-tune" button, running and queued jobs (Cancel for the requester and
+approvers), and the last ten checkpoints as a leaderboard, ranked by macro-F1 (Promote for
+approvers). Recent sweeps
 have no section: the product has no sweeps yet (issue 16, item 1).
 """
 
@@ -189,12 +190,37 @@ def may_promote(row: Board, viewer: Viewer) -> bool:
     )
 
 
-def checkpoint_block(row: Board, viewer: Viewer, *, serving: bool) -> dict[str, Any]:
+def ranked(board: list[Board]) -> list[Board]:
+    """The leaderboard's order: by macro-F1, then accuracy, the newest first on a tie; the
+    checkpoints never evaluated last.
+
+    >>> rows = [Board(Checkpoint(id=i, job_id=1, step=1, path="p", base_model="m"), Job(
+    ...     base_model="m"), None, m) for i, m in enumerate([None, {"macro_f1": 0.5}, {"macro_f1": 0.7}])]
+    >>> [row.checkpoint.id for row in ranked(rows)]
+    [2, 1, 0]
+    """
+
+    def key(row: Board) -> tuple[bool, float, float, int]:
+        metrics = row.metrics or {}
+        return (
+            row.metrics is None,
+            -float(metrics.get("macro_f1") or 0.0),
+            -float(metrics.get("accuracy") or 0.0),
+            -(row.checkpoint.id or 0),
+        )
+
+    return sorted(board, key=key)
+
+
+def checkpoint_block(
+    row: Board, viewer: Viewer, *, serving: bool, rank: int | None = None
+) -> dict[str, Any]:
     checkpoint, job, dataset = row.checkpoint, row.job, row.dataset
     now = " · :arrow_forward: *serving now*" if serving else ""
     data = f"*{dataset.name}* v{dataset.version}" if dataset is not None else "no dataset"
+    place = f"{rank}. " if rank is not None else ""
     text = (
-        f"*checkpoint {checkpoint.id}* · {checkpoint.status}{now}\n"
+        f"{place}*checkpoint {checkpoint.id}* · {checkpoint.status}{now}\n"
         f"{scores_text(row.metrics)}\n"
         f"{data} · {settings_text(job)} · job {job.id} in {channel_mention(job.channel_id)}"
     )
@@ -256,12 +282,17 @@ def home_view(data: HomeData, viewer: Viewer, *, notice: str | None = None) -> d
         blocks += [job_block(job, dataset, viewer) for job, dataset in data.active[:MAX_JOBS]]
     else:
         blocks.append(_context("Nothing is running or queued."))
-    blocks += [{"type": "divider"}, _header("Latest checkpoints")]
+    blocks += [{"type": "divider"}, _header("Latest checkpoints, best macro-F1 first")]
     serving = data.promotion.checkpoint_id if data.promotion is not None else None
     if data.board:
         blocks += [
-            checkpoint_block(row, viewer, serving=row.checkpoint.id == serving)
-            for row in data.board[:MAX_CHECKPOINTS]
+            checkpoint_block(
+                row,
+                viewer,
+                serving=row.checkpoint.id == serving,
+                rank=place if row.metrics is not None else None,
+            )
+            for place, row in enumerate(ranked(data.board[:MAX_CHECKPOINTS]), start=1)
         ]
     else:
         blocks.append(_context("No checkpoints yet."))

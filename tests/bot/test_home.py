@@ -122,8 +122,9 @@ def test_a_requesters_home_shows_their_own_and_no_other_channels(slack, engine, 
     assert f"*Serving now:* checkpoint {world['my_checkpoint']} · accuracy 90.0%" in text
     assert "promoted by <@U0APPROVER>" in text
     assert f"*Fine-tuning job {world['mine']}* · queued" in text
-    assert f"*checkpoint {world['my_checkpoint']}* · promoted · :arrow_forward: *serving now*" in (
-        text
+    assert (
+        f"1. *checkpoint {world['my_checkpoint']}* · promoted · :arrow_forward: *serving now*"
+        in (text)
     )
     assert "accuracy 90.0% · macro-F1 85.0% · ECE 4.0%" in text
     assert "learning_rate=5e-06" in text and "*news* v1" in text
@@ -142,6 +143,12 @@ def test_an_approvers_home_shows_every_channel_with_promote(slack, engine, world
     buttons = _buttons(view)
     assert (CANCEL_JOB, str(world["mine"])) in buttons
     assert (CANCEL_JOB, str(world["theirs"])) in buttons
+    board = [b["text"]["text"].split("\n")[0] for b in view["blocks"] if "checkpoint " in str(b)]
+    assert [line.split(" · ")[0] for line in board if "*checkpoint" in line] == [
+        f"1. *checkpoint {world['my_checkpoint']}*",  # macro-F1 85%
+        f"2. *checkpoint {world['their_checkpoint']}*",  # 65%
+        f"*checkpoint {world['unscored']}*",  # never evaluated: last, no rank
+    ]
     # Promote only on the evaluated candidate: not the serving one, not the unevaluated one.
     assert [v for a, v in buttons if a == PROMOTE] == [str(world["their_checkpoint"])]
     promote = next(
