@@ -1,5 +1,6 @@
-"""The eval report's buttons and the rollback confirmation's. Only approvers decide (checked here,
-whatever the message shows); a decision replaces the buttons with who decided and when; a second
+"""The eval report's buttons (and the App Home's Promote, the same action) and the rollback
+confirmation's. Only approvers decide (checked here, whatever the message or home shows); a
+decision replaces the buttons with who decided and when; a second
 click (or a retried request) changes nothing more: a stale rollback confirmation is refused by
 serving with what serves now. Show mistakes decides nothing: anyone in the channel may click it,
 and it shows only an evaluation the channel sees (bot/mistakes.py), in the thread it was clicked
@@ -22,7 +23,7 @@ from core.errors import FinetuneError
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import Checkpoint, Job
-from storage.promotions import AlreadyDecided, reject_checkpoint
+from storage.promotions import AlreadyDecided, promotion_problem, reject_checkpoint
 from storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -56,48 +57,44 @@ def register(app: Any, ctx: BotContext) -> None:
 
 
 def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool) -> None:
-    """Approve (serving promotes and records) or Reject (storage sets candidate → rejected).
-    Both compare and set on the checkpoint row, so of two approvers clicking at once one wins
-    and the other is told what happened instead."""
+    """Approve (serving promotes and records) or Reject (storage sets candidate → rejected),
+    from the eval report in a channel or (Promote) from the App Home. Both compare and set on
+    the checkpoint row, so of two approvers clicking at once one wins and the other is told what
+    happened instead."""
+    from bot.home import in_home, show_home
+
     user = body["user"]["id"]
+    checkpoint_id = int(body["actions"][0]["value"])
+    if in_home(body):  # told at the top of the home, published again with the outcome
+        told: list[str] = []
+        # Only approvers get past _decided's first check, and they may reach every channel.
+        done = _decided(
+            ctx,
+            user,
+            checkpoint_id,
+            told.append,
+            scope=Scope("", everywhere=True),
+            approve=approve,
+            home=True,
+        )
+        when = utcnow().strftime("%Y-%m-%d %H:%M UTC")
+        verdict = (
+            f":white_check_mark: You promoted checkpoint {checkpoint_id} at {when}: "
+            "`/classify` now answers with it."
+            if approve
+            else f":no_entry: You rejected checkpoint {checkpoint_id} at {when}."
+        )
+        notice = verdict if done else told[-1]
+        show_home(ctx, client, user, notice=notice)
+        return
     channel = body["channel"]["id"]
     message = body.get("message") or {}
-    checkpoint_id = int(body["actions"][0]["value"])
 
     def tell(text: str) -> None:
         client.chat_postEphemeral(channel=channel, user=user, text=text)
 
-    if not _approver(ctx, user, tell, "promote or reject a checkpoint"):
+    if not _decided(ctx, user, checkpoint_id, tell, scope=Scope(channel), approve=approve):
         return
-    with new_session(ctx.db) as session:
-        checkpoint = session.get(Checkpoint, checkpoint_id)
-        job = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
-        if checkpoint is None or not Scope(channel).sees(job.channel_id if job else None):
-            tell(f"Checkpoint {checkpoint_id} no longer exists.")
-            return
-        if checkpoint.status != CheckpointStatus.candidate:
-            tell(_already(checkpoint_id, checkpoint.status, checkpoint.decided_by))
-            return
-        try:
-            if approve:
-                call_serving(
-                    ctx.settings,
-                    "POST",
-                    "/v1/adapters/promote",
-                    {"checkpoint_id": checkpoint_id, "by": user},
-                )
-            else:
-                reject_checkpoint(session, checkpoint_id=checkpoint_id, decided_by=user)
-        except AlreadyDecided as exc:  # promoted since the status was read
-            tell(_already(checkpoint_id, exc.status, exc.decided_by))
-            return
-        except FinetuneError as exc:
-            now = session.get(Checkpoint, checkpoint_id, populate_existing=True)
-            if approve and now is not None and now.status == CheckpointStatus.rejected:
-                tell(_already(checkpoint_id, now.status, now.decided_by))  # rejected meanwhile
-            else:
-                tell(f":warning: {exc.message}")
-            return
     when = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     verdict = (
         f":white_check_mark: Approved and promoted by <@{user}> at {when}: "
@@ -111,6 +108,58 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         text=verdict,
         blocks=decided_blocks(message.get("blocks") or [], verdict),
     )
+
+
+def _decided(
+    ctx: BotContext,
+    user: str,
+    checkpoint_id: int,
+    tell: Any,
+    *,
+    scope: Scope,
+    approve: bool = True,
+    home: bool = False,
+) -> bool:
+    """Whether ``user`` promoted (``approve``) or rejected the checkpoint; why not is told.
+    ``home``: the App Home lists any checkpoint, so one that needs ``force`` is refused too."""
+    if not _approver(ctx, user, tell, "promote or reject a checkpoint"):
+        return False
+    with new_session(ctx.db) as session:
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        job = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
+        if checkpoint is None or not scope.sees(job.channel_id if job else None):
+            tell(f"Checkpoint {checkpoint_id} no longer exists.")
+            return False
+        if checkpoint.status != CheckpointStatus.candidate:
+            tell(_already(checkpoint_id, checkpoint.status, checkpoint.decided_by))
+            return False
+        problem = promotion_problem(session, checkpoint=checkpoint) if home else None
+        if problem is not None:
+            tell(
+                f":warning: {problem}; nothing was changed (`/finetune promote {checkpoint_id} "
+                "force` in a channel promotes it anyway)."
+            )
+            return False
+        try:
+            if approve:
+                call_serving(
+                    ctx.settings,
+                    "POST",
+                    "/v1/adapters/promote",
+                    {"checkpoint_id": checkpoint_id, "by": user},
+                )
+            else:
+                reject_checkpoint(session, checkpoint_id=checkpoint_id, decided_by=user)
+        except AlreadyDecided as exc:  # promoted since the status was read
+            tell(_already(checkpoint_id, exc.status, exc.decided_by))
+            return False
+        except FinetuneError as exc:
+            now = session.get(Checkpoint, checkpoint_id, populate_existing=True)
+            if approve and now is not None and now.status == CheckpointStatus.rejected:
+                tell(_already(checkpoint_id, now.status, now.decided_by))  # rejected meanwhile
+            else:
+                tell(f":warning: {exc.message}")
+            return False
     log.info(
         "checkpoint %d %s by %s",
         checkpoint_id,
@@ -118,6 +167,7 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         user,
         extra={"event": "decision", "checkpoint_id": checkpoint_id, "by": user},
     )
+    return True
 
 
 def _show_mistakes(ctx: BotContext, body: dict[str, Any], client: Any) -> None:

@@ -24,7 +24,7 @@ def create_app(
 
     from slack_bolt import App
 
-    from bot import actions, commands, events, feedback
+    from bot import actions, commands, events, feedback, home
     from bot.auth import Approvers
     from runner.models import base_model_name
     from storage.db import make_engine
@@ -69,6 +69,7 @@ def create_app(
     actions.register(app, context)
     feedback.register(app, context)
     events.register(app, context)
+    home.register(app, context)
     return app
 
 
@@ -96,11 +97,15 @@ def listener_client(token: str, base_url: str) -> Any:
 
 
 def start_notifier(settings: Settings) -> Any:
-    """The outbox relay, with a Slack client of its own, in a daemon thread; returns the event
-    that stops it (and lets go of the relay lock)."""
+    """The outbox relay, with a Slack client of its own, in a daemon thread (it republishes the
+    App Homes of jobs' requesters too); returns the event that stops it (and lets go of the
+    relay lock)."""
     import threading
 
+    from bot.auth import Approvers
+    from bot.home import HomeRefresher
     from bot.notifier import Notifier, relay_client
+    from runner.models import base_model_name
     from storage.artifacts import ArtifactStore
     from storage.db import make_engine
 
@@ -108,11 +113,16 @@ def start_notifier(settings: Settings) -> Any:
     if token is None:
         raise ConfigError("SLACK_BOT_TOKEN must be set for the notifier to post to Slack")
     stop = threading.Event()
-    notifier = Notifier(
-        make_engine(settings.db_url),
-        relay_client(token, settings.slack_api_url),
-        ArtifactStore(settings.artifact_dir),
+    db = make_engine(settings.db_url)
+    client = relay_client(token, settings.slack_api_url)
+    homes = HomeRefresher(
+        db,
+        client,
+        Approvers(settings.approvers, client),
+        base_model_name(settings),
+        interval=settings.home_refresh_seconds,
     )
+    notifier = Notifier(db, client, ArtifactStore(settings.artifact_dir), homes=homes)
     threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()
     return stop
 

@@ -215,7 +215,7 @@ def _min_confidence(ctx: BotContext, answer: dict[str, Any]) -> float | None:
 def register_views(app: Any, ctx: BotContext) -> None:
     import json
 
-    from bot.views import CALLBACK_ID, EXTRA_BLOCK, parse_submission
+    from bot.views import CALLBACK_ID, CHANNEL_BLOCK, EXTRA_BLOCK, parse_submission
     from core.errors import ConfigError
 
     @app.view(CALLBACK_ID)
@@ -227,13 +227,37 @@ def register_views(app: Any, ctx: BotContext) -> None:
         except ConfigError as exc:  # shown next to the fields in the open modal
             ack(response_action="errors", errors=exc.fields or {EXTRA_BLOCK: exc.message})
             return
-        ack()
         channel = json.loads(view.get("private_metadata") or "{}").get("channel_id")
         user = body["user"]["id"]
+        if CHANNEL_BLOCK in view["state"]["values"]:  # the home's form: a channel was picked
+            channel, problem = _home_form_channel(ctx, view["state"]["values"], user=user)
+            if problem is not None:
+                ack(response_action="errors", errors={CHANNEL_BLOCK: problem})
+                return
+        ack()
         try:
             _start_from_form(ctx, client, config, dataset_id, file_id, channel=channel, user=user)
         except FinetuneError as exc:  # the form is closed: tell the user where they are
             tell_privately(client, channel=channel, user=user, text=f":warning: {exc.message}")
+
+
+def _home_form_channel(
+    ctx: BotContext, values: dict[str, Any], *, user: str
+) -> tuple[str, str | None]:
+    """The channel picked in the home's start form, and why it is refused: the bot cannot tell
+    whether the user is in a channel, so it takes only those where they started jobs before."""
+    from bot.home import user_channels
+    from bot.views import picked_channel
+
+    picked = picked_channel(values) or ""
+    with new_session(ctx.db) as session:
+        allowed = user_channels(session, user=user)
+    if picked in allowed:
+        return picked, None
+    return picked, (
+        "You have not started a job or shared a dataset in that channel yet: type "
+        "`/finetune start` there once, and this form can start jobs there too."
+    )
 
 
 def _start_from_form(

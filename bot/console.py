@@ -6,7 +6,8 @@ ephemeral answers are printed as text; buttons become numbered choices (type the
 
     /finetune start lr=5e-6          any slash command, as in Slack
     upload PATH                      share a dataset file in the channel
-    1                                click button 1 of the last message that had buttons
+    home                             open the app's Home tab (what serves, jobs, checkpoints)
+    1                                click button 1 (the numbers run on over every message)
     quit
 """
 
@@ -23,10 +24,13 @@ from typing import Any, TextIO
 
 import httpx
 
+from bot.home_blocks import home_text
 from bot.standin import (
     SlackStandIn,
     block_action_body,
     event_body,
+    home_action_body,
+    home_opened_body,
     signed_headers,
     slash_command_body,
 )
@@ -84,10 +88,15 @@ class Console:
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.buttons: list[tuple[str, str, str, str]] = []  # action, value, message ts, label
+        # action, value, message ts ("" for the home), label
+        self.buttons: list[tuple[str, str, str, str]] = []
         self._printed = 0
         self._print_lock = threading.Lock()
         self._files = itertools.count(1)
+        self._homes = itertools.count(1)
+        # Whether the user looks at the Home tab (after `home`, until a command or an upload):
+        # homes the notifier republishes meanwhile are shown only then, as in Slack.
+        self._home_open = False
 
     def close(self) -> None:
         if self.web.state.notifier_stop is not None:
@@ -123,12 +132,20 @@ class Console:
                 self.say(f"No button {line}.")
                 return True
             action, value, ts, _ = self.buttons[index]
+            self._home_open = not ts
             self.post(
                 block_action_body(
                     action, value, user_id=self.user, channel_id=CHANNEL, message_ts=ts
                 )
+                if ts
+                else home_action_body(action, value, user_id=self.user)
             )
+        elif line == "home":
+            self._home_open = True
+            body = home_opened_body(self.user, event_id=f"EvHOME{next(self._homes)}")
+            self.post(body, "application/json")
         elif line.startswith("/"):
+            self._home_open = False
             command, _, text = line.partition(" ")
             self.post(
                 slash_command_body(
@@ -140,6 +157,7 @@ class Console:
                 )
             )
         elif line.startswith("upload "):
+            self._home_open = False
             path = Path(line.removeprefix("upload ").strip()).expanduser()
             if not path.is_file():
                 self.say(f"No such file: {path}")
@@ -187,6 +205,10 @@ class Console:
         elif method in ("chat.postEphemeral", "response_url"):
             visible = "(only you) " if params.get("response_type") != "in_channel" else ""
             self.say(visible + text)
+        elif method == "views.publish" and self._home_open:
+            view = params.get("view") or {}
+            self.say("(home) " + home_text(view).replace("\n", "\n    "))
+            self._buttons(view.get("blocks") or [], "")
         elif method == "files.completeUploadExternal":
             names = ", ".join(f.get("title") or f.get("id") for f in params.get("files") or [])
             comment = params.get("initial_comment") or ""
@@ -194,21 +216,28 @@ class Console:
 
     def _buttons(self, blocks: list[dict[str, Any]], ts: str) -> None:
         for block in blocks:
-            if block.get("type") != "actions":
+            if block.get("type") == "actions":
+                elements = block["elements"]
+            elif block.get("type") == "section" and "accessory" in block:
+                elements = [block["accessory"]]  # the home's Cancel and Promote
+            else:
                 continue
             choices = []
-            for element in block["elements"]:
+            for element in elements:
+                if element.get("type") != "button":
+                    continue
                 self.buttons.append(
                     (element["action_id"], element["value"], ts, element["text"]["text"])
                 )
                 choices.append(f"[{len(self.buttons)}] {element['text']['text']}")
-            self.say("    " + "  ".join(choices) + "   (type the number)")
+            if choices:
+                self.say("    " + "  ".join(choices) + "   (type the number)")
 
 
 def run_console(settings: Settings) -> int:
     console = Console(settings)
     console.say(
-        "finetune-bot console: type Slack commands (`/finetune help`), `upload PATH`, "
+        "finetune-bot console: type Slack commands (`/finetune help`), `upload PATH`, `home`, "
         "a button number, or `quit`."
     )
     stop = threading.Event()

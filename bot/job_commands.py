@@ -29,6 +29,7 @@ from storage.models import Checkpoint, Dataset, Job
 from storage.types import utcnow
 
 if TYPE_CHECKING:
+    from bot.auth import Approvers
     from bot.commands import BotContext
 
 log = logging.getLogger(__name__)
@@ -264,14 +265,23 @@ def cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, client
     _one_ref(args, "cancel <job>")
     user = command["user_id"]
     with new_session(ctx.db) as session:
-        job = find_job(session, scope, args[0])
-        if job.requested_by != user and not ctx.approvers.allows(user):
-            raise Forbidden(
-                f"only <@{job.requested_by}> (who started job {job.id}) or an "
-                "approver can cancel it"
-            )
-        assert job.id is not None
-        job = request_cancel(session, job_id=job.id, by=user)
+        job = cancel_job_as(session, ctx.approvers, find_job(session, scope, args[0]), user=user)
+    respond(text=cancelled_text(job), response_type="ephemeral")
+
+
+def cancel_job_as(session: Session, approvers: Approvers, job: Job, *, user: str) -> Job:
+    """Cancel ``job`` for ``user``, its requester or an approver (Forbidden for anyone else):
+    the one check behind `/finetune cancel` and the home's Cancel button."""
+    if job.requested_by != user and not approvers.allows(user):
+        raise Forbidden(
+            f"only <@{job.requested_by}> (who started job {job.id}) or an approver can cancel it"
+        )
+    assert job.id is not None
+    return request_cancel(session, job_id=job.id, by=user)
+
+
+def cancelled_text(job: Job) -> str:
+    """What a cancel did: cancelled (it was queued) or asked to stop."""
     stopping = {
         JobKind.evaluate.value: "asked to stop; the evaluation ends before its next phase, "
         "without a report",
@@ -283,7 +293,7 @@ def cancel(ctx: BotContext, command: dict, args: list[str], respond: Any, client
         if job.status == JobStatus.cancelled
         else stopping.get(job.kind, "asked to stop; it keeps its last checkpoint")
     )
-    respond(text=f"Job {job.id} {state}.", response_type="ephemeral")
+    return f"Job {job.id} {state}."
 
 
 def evaluate(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:

@@ -35,6 +35,10 @@ events per job, paused channels left out), serves channels in parallel workers, 
 write per ``channel_interval`` and at most ``writes_per_round`` writes, and a failure stops only
 the job it concerns. One process relays at a time (``storage.outbox.relay_lock``); another
 notifier stands by until that one exits.
+
+After each round, the App Homes of the requesters of jobs whose state changed are published again
+(``bot.home.HomeRefresher``: at most once per ``HOME_REFRESH_SECONDS`` per user, a 429 pausing
+them all for Retry-After).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session
 
 from bot.blocks import eval_report_blocks, job_header_blocks, job_noun, milestone_text
+from bot.home import HOME_EVENTS, HomeRefresher
 from bot.slack_errors import (
     Rejected,
     RetryLater,
@@ -151,6 +156,7 @@ class Notifier:
         events_per_job: int = 100,
         writes_per_round: int = 10,
         workers: int = 8,
+        homes: HomeRefresher | None = None,
     ) -> None:
         self.db = db
         self.client = client
@@ -162,6 +168,7 @@ class Notifier:
         self.events_per_job = events_per_job
         self.writes_per_round = writes_per_round
         self.workers = workers
+        self.homes = homes
         self._last_write: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
         self._token_paused_until = -math.inf
@@ -171,9 +178,16 @@ class Notifier:
     # The round ------------------------------------------------------------------------------
 
     def deliver_pending(self) -> int:
-        """One round over undelivered events; returns how many were settled."""
+        """One round over undelivered events, then the App Homes that are due (``homes``);
+        returns how many events were settled."""
         if not self._hold_relay() or self._token_paused_until > self.clock():
             return 0
+        settled = self._deliver_round()
+        if self.homes is not None:
+            self.homes.flush()
+        return settled
+
+    def _deliver_round(self) -> int:
         now = self.clock()
         paused = [channel for channel, until in self._paused_until.items() if until > now]
         with new_session(self.db) as session:
@@ -234,6 +248,9 @@ class Notifier:
         events = pending_events(session, job_id=job_id, limit=self.events_per_job)
         if job is None or not events:
             return 0
+        changed = any(event.kind in HOME_EVENTS for event in events)
+        if self.homes is not None and job.requested_by and changed:
+            self.homes.note(job.requested_by)  # paced: see HomeRefresher
         if not job.channel_id or not job.thread_ts:
             return mark_delivered(session, events)  # a job started outside Slack: no thread
         if job.thread_error:

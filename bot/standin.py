@@ -12,7 +12,10 @@ Slack does), and fails the way Slack does:
   ``not_in_channel``, a deleted one (``delete_channel``) ``channel_not_found``;
 - from the message: text over 40,000 characters is ``msg_too_long``; a section text over 3,000
   characters, or more than 50 blocks, is ``invalid_blocks``; neither text nor blocks is
-  ``no_text``.
+  ``no_text``;
+- from a published home (``views.publish``, kept per user in ``homes``): not a ``home`` view,
+  more than 100 blocks, a section over 3,000 or a header over 150 characters is
+  ``invalid_arguments``, as Slack answers.
 
 Plus builders of correctly signed slash-command, block-action, view-submission and event requests.
 """
@@ -38,6 +41,8 @@ from slack_sdk.signature import SignatureVerifier
 MAX_TEXT_CHARS = 40_000  # chat.postMessage / chat.update text
 MAX_SECTION_CHARS = 3_000  # a section block's text
 MAX_BLOCKS = 50
+MAX_VIEW_BLOCKS = 100  # a home or modal view
+MAX_HEADER_CHARS = 150
 WRITES = ("chat.postMessage", "chat.update", "chat.postEphemeral", "files.completeUploadExternal")
 
 
@@ -105,6 +110,7 @@ class SlackStandIn:
         self.archived: set[str] = set()
         self.kicked: set[str] = set()
         self.deleted_channels: set[str] = set()
+        self.homes: dict[str, dict[str, Any]] = {}  # user id → the view last published
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -309,6 +315,8 @@ class SlackStandIn:
     def _refusal(self, method: str, params: dict[str, Any]) -> tuple[str, list[str]] | None:
         """The error Slack would answer this write with, from the channel, the message and the
         thread it names; None when it would accept it."""
+        if method == "views.publish":
+            return _view_refusal(params.get("view"))
         if method not in WRITES:
             return None
         channel = _channel_of(params)
@@ -365,6 +373,9 @@ class SlackStandIn:
             return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": ts}
+        if method == "views.publish":
+            self.homes[str(params.get("user_id"))] = params["view"]
+            return {"ok": True, "view": {"id": f"V{next(self._ts)}", **params["view"]}}
         if method == "views.open":
             return {"ok": True, "view": {"id": f"V{next(self._ts)}"}}
         if method == "usergroups.users.list":
@@ -411,6 +422,26 @@ class SlackStandIn:
                 return self._reply(handler, 200, page, "text/html; charset=utf-8")
             return self._reply(handler, 200, stored.content, "application/octet-stream")
         self._reply(handler, 404, b"not found", "text/plain")
+
+
+def _view_refusal(view: Any) -> tuple[str, list[str]] | None:
+    """``views.publish``'s refusal of ``view`` (None: Slack would take it)."""
+    if isinstance(view, str):
+        view = json.loads(view)
+    if not isinstance(view, dict) or view.get("type") != "home":
+        return "invalid_arguments", ["[ERROR] must be a home view [json-pointer:/view/type]"]
+    blocks = view.get("blocks") or []
+    if len(blocks) > MAX_VIEW_BLOCKS:
+        return "invalid_arguments", [f"[ERROR] no more than {MAX_VIEW_BLOCKS} items allowed"]
+    for index, block in enumerate(blocks):
+        limit = {"section": MAX_SECTION_CHARS, "header": MAX_HEADER_CHARS}.get(block.get("type"))
+        text = (block.get("text") or {}).get("text", "")
+        if limit is not None and len(text) > limit:
+            return "invalid_arguments", [
+                f"[ERROR] must be less than {limit + 1} characters "
+                f"[json-pointer:/view/blocks/{index}/text/text]"
+            ]
+    return None
 
 
 # Signed requests -------------------------------------------------------------------------------
@@ -507,6 +538,43 @@ def block_action_body(
         ],
     }
     return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+
+def home_action_body(
+    action_id: str, value: str, *, user_id: str = "U0USER", team_id: str = "T0TEST"
+) -> str:
+    """A button click in the user's App Home: Slack sends the view, no channel and no message."""
+    payload = {
+        "type": "block_actions",
+        "team": {"id": team_id},
+        "user": {"id": user_id},
+        "api_app_id": "A0APP",
+        "trigger_id": "T0TRIGGER",
+        "container": {"type": "view", "view_id": "V0HOME"},
+        "view": {"id": "V0HOME", "type": "home", "blocks": []},
+        "actions": [
+            {
+                "action_id": action_id,
+                "block_id": "b",
+                "type": "button",
+                "value": value,
+                "action_ts": str(time.time()),
+            }
+        ],
+    }
+    return "payload=" + urllib.parse.quote(json.dumps(payload))
+
+
+def home_opened_body(user_id: str, *, event_id: str, tab: str = "home") -> str:
+    """The ``app_home_opened`` event Slack sends when ``user_id`` opens the app's ``tab``."""
+    event = {
+        "type": "app_home_opened",
+        "user": user_id,
+        "channel": "D0APPHOME",
+        "tab": tab,
+        "event_ts": str(time.time()),
+    }
+    return event_body(event, event_id=event_id)
 
 
 def view_submission_body(

@@ -24,6 +24,7 @@ MODAL_FIELDS = (
 EXTRA_BLOCK = "extra_settings"
 DATASET_BLOCK = "dataset"
 FILE_BLOCK = "dataset_file"
+CHANNEL_BLOCK = "channel"  # only in the form the App Home opens: where the job's thread goes
 
 
 def _field_block(name: str) -> dict[str, Any]:
@@ -60,9 +61,15 @@ def dataset_option_text(dataset: Dataset, channel_id: str) -> str:
 
 
 def start_modal(
-    datasets: list[Dataset], *, channel_id: str, default_dataset_id: int | None
+    datasets: list[Dataset],
+    *,
+    channel_id: str,
+    default_dataset_id: int | None,
+    pick_channel: bool = False,
 ) -> dict[str, Any]:
-    """``datasets``: what the channel may use (``storage.datasets.visible_datasets``)."""
+    """``datasets``: what the channel may use (``storage.datasets.visible_datasets``).
+    ``pick_channel``: the form opened from the App Home, which has no channel: it asks where the
+    job's thread goes (``channel_id``, when not empty, is the preset)."""
     options = [
         {
             "text": {"type": "plain_text", "text": dataset_option_text(d, channel_id)},
@@ -80,6 +87,26 @@ def start_modal(
     if chosen is not None:
         picker["initial_option"] = chosen
     blocks: list[dict[str, Any]] = []
+    if pick_channel:
+        chooser: dict[str, Any] = {
+            "type": "conversations_select",
+            "action_id": "value",
+            "filter": {"include": ["public", "private"], "exclude_bot_users": True},
+        }
+        if channel_id:
+            chooser["initial_conversation"] = channel_id
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": CHANNEL_BLOCK,
+                "label": {"type": "plain_text", "text": "Channel (the job's thread goes there)"},
+                "hint": {
+                    "type": "plain_text",
+                    "text": "A channel where you have started a job or shared a dataset before",
+                },
+                "element": chooser,
+            }
+        )
     if options:
         blocks.append(
             {
@@ -124,6 +151,11 @@ def start_modal(
         "close": {"type": "plain_text", "text": "Cancel"},
         "blocks": blocks,
     }
+
+
+def picked_channel(values: dict[str, Any]) -> str | None:
+    """The channel chosen in the home's form (None: the form had no channel picker)."""
+    return ((values.get(CHANNEL_BLOCK) or {}).get("value") or {}).get("selected_conversation")
 
 
 def parse_submission(values: dict[str, Any]) -> tuple[TrainConfig, int | None, str | None]:

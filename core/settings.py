@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="Most jobs one Slack user may have running (or evaluating) at once; while "
         "they have that many, a start, evaluate or export is refused (approvers too).",
     )
+    home_refresh_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Least seconds between two republications of one user's App Home when "
+        "their jobs change state (opening the Home tab always shows it fresh).",
+    )
 
     max_upload_bytes: int = Field(50 * MiB, gt=0, description="Largest uploaded file accepted.")
     max_archive_bytes: int = Field(

@@ -21,7 +21,7 @@ from serving.app import create_app as create_serving_app
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import AuditLog, Checkpoint, Job, Promotion
-from tests.bot.conftest import APPROVER, GROUP_MEMBER
+from tests.bot.conftest import APPROVER, GROUP_MEMBER, ingest
 from tests.serving.conftest import adapter_checkpoints
 
 KEY = "serving-key-for-bot-tests"
@@ -128,6 +128,51 @@ def test_only_approvers_decide_and_a_double_click_does_nothing_more(
         audit = [(a.actor, a.action) for a in session.exec(select(AuditLog)).all()]
     assert [(p.checkpoint_id, p.decided_by) for p in promotions] == [(good, APPROVER)]
     assert audit == [(APPROVER, "promote"), (GROUP_MEMBER, "reject")]
+
+
+def test_an_approver_promotes_from_the_app_home_and_a_stranger_is_refused(
+    slack,
+    engine,
+    checkpoints,
+    serving,
+) -> None:
+    from bot.standin import home_action_body
+    from storage.models import Evaluation
+
+    good = checkpoints["good"]
+    dataset = ingest(slack, engine, channel="C0CHAN")
+    with new_session(engine) as session:  # the home offers Promote on evaluated candidates
+        job = session.get(Job, session.get(Checkpoint, good).job_id)
+        session.add(
+            Evaluation(
+                checkpoint_id=good,
+                dataset_id=dataset.id,
+                base_model=job.base_model,
+                metrics={"accuracy": 0.9, "macro_f1": 0.9},
+            )
+        )
+        session.commit()
+
+    def click(user: str) -> dict:
+        before = len(slack.standin.calls_to("views.publish"))
+        assert slack.post(home_action_body("approve_checkpoint", str(good), user_id=user))
+        published = slack.standin.wait_for("views.publish", before + 1)[before]
+        assert published["user_id"] == user
+        return published["view"]
+
+    refused = click("U0STRANGER")
+    assert "Only approvers can promote" in refused["blocks"][0]["text"]["text"]
+    assert _status(engine, good).status == CheckpointStatus.candidate
+    done = click(APPROVER)
+    assert done["blocks"][0]["text"]["text"].startswith(
+        f":white_check_mark: You promoted checkpoint {good} at "
+    )
+    assert done["blocks"][1]["text"]["text"].startswith(f"*Serving now:* checkpoint {good} · ")
+    assert _status(engine, good).status == CheckpointStatus.promoted
+    assert not slack.standin.calls_to("chat.update")  # no message was clicked
+    with new_session(engine) as session:
+        promotions = session.exec(select(Promotion)).all()
+    assert [(p.checkpoint_id, p.decided_by) for p in promotions] == [(good, APPROVER)]
 
 
 def test_the_promoted_checkpoint_answers_through_serving(

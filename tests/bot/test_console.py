@@ -15,7 +15,7 @@ from core.settings import Settings
 from runner.job import run_job
 from storage.db import new_session
 from storage.jobs import add_job_event, claim_next_job, set_job_state
-from storage.models import Checkpoint
+from storage.models import Checkpoint, Job
 from tests.runner import dataset_files as files
 
 
@@ -83,3 +83,22 @@ def test_a_session_in_the_console(console, engine, tmp_path) -> None:
     with new_session(engine) as session:
         assert session.exec(select(Checkpoint)).one().status == CheckpointStatus.rejected
     assert not console.handle("quit")
+
+
+def test_the_home_in_the_console(console, engine) -> None:
+    console, out = console
+    said = _said(console, out, "home")
+    assert "(home) *Serving now:* the base model" in said
+    assert "*Running and queued*" in said and "Nothing is running or queued." in said
+    assert "[1] New fine-tune" in said
+    with new_session(engine) as session:
+        job = Job(base_model="tiny", requested_by="U0CONSOLE", channel_id="C0CONSOLE", config={})
+        session.add(job)
+        session.commit()
+    said = _said(console, out, "home")
+    assert "*Fine-tuning job 1* · queued" in said and "by <@U0CONSOLE> in <#C0CONSOLE>" in said
+    assert "[3] Cancel" in said
+    said = _said(console, out, "3")  # the console's user is its approver
+    assert "(home) :octagonal_sign: Job 1 cancelled." in said
+    with new_session(engine) as session:
+        assert session.get(Job, 1).status == JobStatus.cancelled
