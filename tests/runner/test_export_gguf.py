@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from runner.export_gguf import (
 )
 from runner.job import run_job
 from runner.models import load_tokenizer
+from stack.processes import process_env
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events
@@ -36,6 +39,7 @@ from storage.models import Checkpoint, Job
 # The GGUF path does nothing database-specific (test_export.py runs the export job on both): the
 # tests that train a checkpoint run on SQLite only, to keep the suite fast.
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+REPO = Path(__file__).resolve().parents[2]
 ARCH_KEYS = {
     "qwen2.context_length": "max_position_embeddings",
     "qwen2.embedding_length": "hidden_size",
@@ -253,6 +257,20 @@ def test_what_cannot_be_written_as_gguf_is_refused_naming_it(
         match="GGUF export supports Qwen2ForCausalLM and this model is LlamaForCausalLM",
     ):
         export(llama)
+    # The same through the command line (F16 when --format gguf names no type).
+    checkpoint_id = str(_hand_made_checkpoint(engine, llama))
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "export", checkpoint_id, "--format", "gguf"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**process_env(eval_settings), "EVAL_BACKEND": "transformers"},
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "GGUF export supports Qwen2ForCausalLM and this model is LlamaForCausalLM" in (
+        result.stderr
+    )
 
     # A tokenizer llama.cpp's hashes do not know, and not our recorded tiny one: refused.
     unknown = tmp_path / "unknown"
