@@ -243,17 +243,26 @@ def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
 
 def export_text(payload: dict[str, Any]) -> str:
     """The thread reply for a published export: where, how big, how it was verified."""
-    bits = payload.get("bits")
-    what = f"{bits}-bit (bitsandbytes)" if bits else "merged"
+    bits, quant = payload.get("bits"), payload.get("quant")
+    what = f"GGUF {quant.upper()}" if quant else f"{bits}-bit (bitsandbytes)" if bits else "merged"
     verification = payload.get("verification") or {}
     checks = []
-    for backend in ("transformers", "vllm"):
+    for backend in ("transformers", "vllm", "llama_cpp"):
         found = verification.get(backend)
         if found:
+            accuracy = (
+                f", accuracy {_pct(found['accuracy'])} (adapter "
+                f"{_pct(verification.get('adapter_accuracy'))})"
+                if "accuracy" in found
+                else ""
+            )
             checks.append(
                 f"{backend}: {found['identical_answers']}/{verification['samples']} answers "
                 f"identical to base + adapter, label agreement {_pct(found['label_agreement'])}"
+                + accuracy
             )
+    if quant:
+        checks.append("Ollama: `ollama create <name> -f Modelfile` in that folder (README.md)")
     return (
         f":package: Checkpoint {payload.get('checkpoint_id')} exported ({what}, "
         f"{payload.get('bytes', 0) / 1e9:.2f} GB) to `{payload.get('absolute_path')}`.\n"

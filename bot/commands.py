@@ -66,8 +66,9 @@ USAGE = {
     "feedback export [name] [confirmations=on]": "store the corrections (and 👍, if asked) no "
     "export took yet as the next version of dataset *name* (default `feedback`), train split "
     "only, written as the checkpoint was trained; then `start dataset=<name>`",
-    "export <checkpoint> [bits=8|4]": "a standalone merged model, optionally quantized, "
-    "verified before it is announced (approvers)",
+    "export <checkpoint> [bits=8|4 | format=gguf [quant=f16|q8_0|q4_0]]": "a standalone merged "
+    "model, optionally quantized, or one GGUF file with an Ollama Modelfile, verified before it "
+    "is announced (approvers)",
 }
 SCOPE_HELP = (
     "Jobs, checkpoints and datasets are per channel: another channel's are not found here. "

@@ -362,22 +362,34 @@ def export(ctx: BotContext, command: dict, args: list[str], respond: Any, client
     scope, args = scope_of(ctx.approvers, command, args)
     if not args or not args[0].isdigit():
         respond(
-            text="Which checkpoint? `/finetune export <checkpoint> [bits=8|4]`",
+            text="Which checkpoint? `/finetune export <checkpoint> [bits=8|4 | format=gguf "
+            "[quant=f16|q8_0|q4_0]]`",
             response_type="ephemeral",
         )
         return
     bits: int | None = None
+    quant: str | None = None
     for arg in args[1:]:
         key, _, value = arg.partition("=")
-        if key != "bits" or value not in ("4", "8"):
-            raise ConfigError(f"`{arg}`: the only export setting is bits=8 or bits=4")
-        bits = int(value)
+        if key == "bits" and value in ("4", "8"):
+            bits = int(value)
+        elif key == "format" and value in ("gguf", "safetensors"):
+            quant = (quant or "f16") if value == "gguf" else None
+        elif key == "quant":
+            quant = value.lower()  # checked with the rest by check_export
+        else:
+            raise ConfigError(
+                f"`{arg}`: the export settings are bits=8|4, or format=gguf with "
+                "quant=f16|q8_0|q4_0"
+            )
     user, channel = command["user_id"], command["channel_id"]
     require_approver(ctx.approvers, user, "export a model")
     store = ArtifactStore(ctx.settings.artifact_dir)
     with new_session(ctx.db) as session:
         find_checkpoint(session, scope, args[0])
-        checkpoint = check_export(session, store, checkpoint_id=int(args[0]), bits=bits, here=False)
+        checkpoint = check_export(
+            session, store, checkpoint_id=int(args[0]), bits=bits, quant=quant, here=False
+        )
         trained = session.get(Job, checkpoint.job_id)
         dataset = (
             session.get(Dataset, trained.dataset_id) if trained and trained.dataset_id else None
@@ -388,7 +400,11 @@ def export(ctx: BotContext, command: dict, args: list[str], respond: Any, client
         kind=JobKind.export,
         base_model=checkpoint.base_model,
         dataset=dataset,
-        config={"checkpoint_id": checkpoint.id, **({"bits": bits} if bits else {})},
+        config={
+            "checkpoint_id": checkpoint.id,
+            **({"bits": bits} if bits else {}),
+            **({"quant": quant} if quant else {}),
+        },
         user=user,
         channel=channel,
     )

@@ -6,6 +6,7 @@
     python -m runner cancel JOB                  cancel a queued or running job
     python -m runner evaluate CHECKPOINT|base --dataset NAME   score a model on the eval split
     python -m runner export CHECKPOINT [--bits 8|4] [--shard-size 5GB]   a verified standalone model
+    python -m runner export CHECKPOINT --format gguf [--quant f16|q8_0|q4_0]   GGUF + Modelfile
     python -m runner help                        every training setting, its default and range
     python -m runner ingest PATH --name NAME     validate, store, print the report
     python -m runner validate PATH [--json]      only report; nothing is stored
@@ -74,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", type=int, help="a checkpoint id")
     export.add_argument("--bits", type=int, choices=[8, 4], help="bitsandbytes-quantized copy")
     export.add_argument("--shard-size", default="5GB", help="largest safetensors shard (5GB)")
+    export.add_argument(
+        "--format", choices=["safetensors", "gguf"], default="safetensors", help="what to write"
+    )
+    export.add_argument(
+        "--quant", choices=["f16", "q8_0", "q4_0"], help="GGUF weight type (default f16)"
+    )
     evaluate = sub.add_parser("evaluate", help="score a checkpoint or the base model")
     evaluate.add_argument("model", help="a checkpoint id, or `base`")
     evaluate.add_argument("--dataset", required=True, help="dataset name (its newest version)")
@@ -240,6 +247,7 @@ def _export(session: Session, settings: Settings, args: argparse.Namespace) -> i
         settings,
         checkpoint_id=args.checkpoint,
         bits=args.bits,
+        quant=args.quant or ("f16" if args.format == "gguf" else None),  # --quant means GGUF
         shard_size=args.shard_size,
         on_status=lambda message: log.info("%s", message),
     )

@@ -1,10 +1,12 @@
 """Export a checkpoint as a standalone model: the LoRA adapter merged into the base weights (PEFT
 ``merge_and_unload``), sharded safetensors, the tokenizer with the chat template the checkpoint was
-trained with, and a ``meta.json``; with ``bits`` a bitsandbytes 8/4-bit copy of the merged model.
+trained with, and a ``meta.json``; with ``bits`` a bitsandbytes 8/4-bit copy of the merged model;
+with ``quant`` one GGUF file (F16, Q8_0 or Q4_0) and an Ollama Modelfile (runner/export_gguf.py).
 
 Nothing is announced before it is verified: the export is loaded fresh and run greedily on the eval
 prompts of the checkpoint's dataset; a merged export must answer exactly as base + adapter (the
-export fails otherwise), a quantized one reports how often its label agrees. Everything is written
+export fails otherwise), a quantized one reports how often its label agrees; an F16 GGUF must give
+the same labels, a Q8_0/Q4_0 one reports label agreement and accuracy. Everything is written
 under ``ARTIFACT_DIR/tmp`` and renamed to ``exports/…`` only when verified, so a failed or killed
 export leaves nothing under its final name. The disk is checked before anything is written.
 """
@@ -69,7 +71,14 @@ def quantization_unavailable() -> str | None:
     return None
 
 
-def export_name(checkpoint_id: int, bits: int | None) -> str:
+def export_name(checkpoint_id: int, bits: int | None, quant: str | None = None) -> str:
+    """Where an export is published, under ARTIFACT_DIR.
+
+    >>> export_name(3, None), export_name(3, 4), export_name(3, None, "q8_0")
+    ('exports/checkpoint-3', 'exports/checkpoint-3-int4', 'exports/checkpoint-3-gguf-q8_0')
+    """
+    if quant:
+        return f"exports/checkpoint-{checkpoint_id}-gguf-{quant}"
     return f"exports/checkpoint-{checkpoint_id}" + (f"-int{bits}" if bits else "")
 
 
@@ -79,13 +88,22 @@ def check_export(
     *,
     checkpoint_id: int,
     bits: int | None,
+    quant: str | None = None,
     here: bool = True,
 ) -> Checkpoint:
     """Refuse what cannot be exported, before anything is queued or written. ``here``: also
-    check that this machine can quantize (the runner; the bot only queues)."""
+    check that this machine can quantize (the runner; the bot only queues). The base model's
+    architecture and tokenizer are checked for GGUF where the model is: in export_checkpoint."""
     if bits is not None and bits not in BITS:
         message = f"bits={bits} is not allowed: use 8 or 4 (or leave it out)"
         raise ConfigError(message, {"bits": message})
+    if quant is not None:
+        from runner.export_gguf import parse_quant
+
+        if bits is not None:
+            message = "bits= is for bitsandbytes copies; a GGUF export takes quant=f16|q8_0|q4_0"
+            raise ConfigError(message, {"bits": message})
+        parse_quant(quant)
     checkpoint = session.get(Checkpoint, checkpoint_id)
     if checkpoint is None:
         raise NotFound(f"there is no checkpoint {checkpoint_id}: `/finetune list` shows them")
@@ -99,10 +117,11 @@ def check_export(
             f"checkpoint {checkpoint_id} was trained with method={checkpoint.meta.get('method')}"
             f": it is already a whole model, at {store.path(checkpoint.path)}"
         )
-    if store.path(export_name(checkpoint_id, bits)).exists():
+    name = export_name(checkpoint_id, bits, quant)
+    if store.path(name).exists():
         raise Conflict(
             f"checkpoint {checkpoint_id} is already exported at "
-            f"{export_name(checkpoint_id, bits)}; delete that directory to export it again"
+            f"{name}; delete that directory to export it again"
         )
     if here and bits is not None and (reason := quantization_unavailable()):
         message = f"bits={bits} cannot be exported here: {reason}"
@@ -114,18 +133,28 @@ def weights_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.iterdir() if f.name.endswith(WEIGHT_SUFFIXES))
 
 
-def needed_bytes(base_dir: Path, bits: int | None) -> int:
-    """Disk an export needs at its peak: the merged copy, plus the quantized one for ``bits``,
-    with 10% and 64 MiB to spare (tokenizer, rounding, the file system)."""
+def needed_bytes(base_dir: Path, bits: int | None, quant: str | None = None) -> int:
+    """Disk an export needs at its peak: the merged copy, plus the quantized one for ``bits``
+    (a GGUF export merges in memory: only its file), with 10% and 64 MiB to spare (tokenizer,
+    rounding, the file system)."""
     merged = weights_bytes(base_dir)
+    if quant:
+        from runner.export_gguf import gguf_bytes
+
+        config = json.loads((base_dir / "config.json").read_text())
+        dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        parameters = merged // (4 if dtype == "float32" else 2)
+        return int(gguf_bytes(parameters, quant) * 1.1) + (64 << 20)
     quantized = merged * bits // 16 * 5 // 4 if bits else 0  # ~bits/16 of bf16, + scales
     return int((merged + quantized) * 1.1) + (64 << 20)
 
 
-def check_disk(store: ArtifactStore, base_dir: Path, bits: int | None) -> int:
+def check_disk(
+    store: ArtifactStore, base_dir: Path, bits: int | None, quant: str | None = None
+) -> int:
     store.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(store.root).free
-    need = needed_bytes(base_dir, bits)
+    need = needed_bytes(base_dir, bits, quant)
     if free < need:
         raise ExportFailed(
             f"not enough disk for the export: it needs about {need / 1e9:.2f} GB and "
@@ -142,30 +171,43 @@ def export_checkpoint(
     *,
     checkpoint_id: int,
     bits: int | None = None,
+    quant: str | None = None,
     shard_size: str = "5GB",
     on_status: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Merge, save, verify and publish; returns the report (also written to ``meta.json``)."""
+    """Merge, save, verify and publish; returns the report (also written to ``meta.json``).
+    ``quant``: a GGUF export of that weight type instead of safetensors."""
     shard_size = parse_shard_size(shard_size)
-    checkpoint = check_export(session, store, checkpoint_id=checkpoint_id, bits=bits)
+    quant = quant and quant.lower()
+    checkpoint = check_export(session, store, checkpoint_id=checkpoint_id, bits=bits, quant=quant)
     base_dir = model_dir_for(settings, checkpoint.base_model)
     assert base_dir is not None
-    check_disk(store, base_dir, bits)
+    if quant:
+        from runner.export_gguf import check_architecture, pre_tokenizer_name
+
+        check_architecture(json.loads((base_dir / "config.json").read_text()))
+        pre_tokenizer_name(load_tokenizer(base_dir), base_dir)  # refused before any work
+    check_disk(store, base_dir, bits, quant)
     started = time.perf_counter()
-    name = export_name(checkpoint_id, bits)
+    name = export_name(checkpoint_id, bits, quant)
     try:
-        report = _write_export(
-            session,
-            store,
-            settings,
-            checkpoint,
-            base_dir,
-            name,
-            bits,
-            shard_size,
-            on_status,
-            started,
-        )
+        if quant:
+            report = _write_gguf_export(
+                session, store, settings, checkpoint, base_dir, name, quant, on_status, started
+            )
+        else:
+            report = _write_export(
+                session,
+                store,
+                settings,
+                checkpoint,
+                base_dir,
+                name,
+                bits,
+                shard_size,
+                on_status,
+                started,
+            )
     except OSError:
         if store.path(name).exists():  # another export of this checkpoint finished first
             raise Conflict(
@@ -190,7 +232,7 @@ def _write_export(
 ) -> dict[str, Any]:
     checkpoint_id = checkpoint.id
     adapter_dir = store.path(checkpoint.path)
-    prompts, labels, max_new = _eval_prompts(session, store, settings, checkpoint, base_dir)
+    prompts, labels, max_new, _ = _eval_prompts(session, store, settings, checkpoint, base_dir)
     with store.staged_dir(name) as staging:
         merged_dir = staging if bits is None else store.tmp / f"{staging.name}-merged"
         try:
@@ -242,9 +284,9 @@ def _eval_prompts(
     settings: Settings,
     checkpoint: Checkpoint,
     base_dir: Path,
-) -> tuple[list[list[int]], list[str], int]:
+) -> tuple[list[list[int]], list[str], int, list[str | None]]:
     """The eval prompts to verify on (fitted to the evaluation context as evaluation fits them),
-    the label set, and the answer budget evaluation uses."""
+    the label set, the answer budget evaluation uses, and each prompt's expected label."""
     from core.protocol import answer_of
     from runner.datasets.ingest import read_split
     from runner.eval.evaluate import derive_max_new_tokens, fit_prompt, prompt_room
@@ -259,7 +301,157 @@ def _eval_prompts(
     budget = derive_max_new_tokens(tokenizer, [answer_of(c) for c in conversations])
     room = prompt_room(settings.eval_max_model_len, budget)
     prompts = [fit_prompt(render_prompt(tokenizer, c[:-1]), room) for c in conversations]
-    return prompts, list(dataset.labels or []), budget
+    labels = list(dataset.labels or [])
+    gold = [_label(answer_of(c), labels) for c in conversations]
+    return prompts, labels, budget, gold
+
+
+def _write_gguf_export(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    checkpoint: Checkpoint,
+    base_dir: Path,
+    name: str,
+    quant: str,
+    on_status: Callable[[str], None],
+    started: float,
+) -> dict[str, Any]:
+    """Merge in memory, write the GGUF and its Modelfile under tmp/, verify, publish."""
+    from core.protocol import PromptFrame
+    from runner import export_gguf
+
+    adapter_dir = store.path(checkpoint.path)
+    prompts, labels, max_new, gold = _eval_prompts(session, store, settings, checkpoint, base_dir)
+    tokenizer = load_tokenizer(base_dir)
+    frame = PromptFrame.from_dict(checkpoint.meta.get("prompt_frame") or {})
+    with store.staged_dir(name) as staging:
+        on_status(f"merging checkpoint {checkpoint.id} into {checkpoint.base_model}")
+        model = _merged_in_memory(base_dir, adapter_dir)
+        on_status(f"writing GGUF ({quant.upper()})")
+        tensors = export_gguf.write_gguf(
+            model,
+            tokenizer,
+            base_dir,
+            staging / export_gguf.GGUF_FILE,
+            quant,
+            name=f"{checkpoint.base_model} checkpoint {checkpoint.id}",
+        )
+        del model
+        _free()
+        add_bos = export_gguf.tokenizer_adds_bos(tokenizer)
+        modelfile = export_gguf.render_modelfile(
+            tokenizer,
+            frame,
+            add_bos=add_bos,
+            max_new_tokens=max_new,
+            num_ctx=settings.eval_max_model_len,
+        )
+        (staging / export_gguf.MODELFILE).write_text(modelfile, encoding="utf-8")
+        on_status(f"verifying the GGUF on {len(prompts)} eval prompts")
+        verification = verify_gguf(
+            base_dir, adapter_dir, staging, prompts, labels, gold, max_new, quant=quant
+        )
+        size = (staging / export_gguf.GGUF_FILE).stat().st_size
+        (staging / "README.md").write_text(
+            export_gguf.export_readme(checkpoint.id or 0, quant, size), encoding="utf-8"
+        )
+        report = {
+            "checkpoint_id": checkpoint.id,
+            "job_id": checkpoint.job_id,
+            "base_model": checkpoint.base_model,
+            "protocol_version": PROTOCOL_VERSION,
+            "labels": checkpoint.meta.get("labels"),
+            "prompt_frame": frame.to_dict(),
+            "eval": _eval_scores(session, checkpoint),
+            "export": {
+                "bits": None,
+                "format": "gguf",
+                "quant": quant,
+                "tensor_types": tensors,
+                "file": export_gguf.GGUF_FILE,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+            "verification": verification,
+            "path": name,
+            "bytes": sum(f.stat().st_size for f in staging.rglob("*") if f.is_file()),
+        }
+        (staging / "meta.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    return report
+
+
+def verify_gguf(
+    base_dir: Path,
+    adapter_dir: Path,
+    export_dir: Path,
+    prompts: Sequence[list[int]],
+    labels: Sequence[str],
+    gold: Sequence[str | None],
+    max_new: int,
+    *,
+    quant: str,
+) -> dict[str, Any]:
+    """Greedy answers of the GGUF read back fresh (transformers dequantizes it; the tokenizer is
+    the file's) against base + adapter in float32. F16 must give the same label on every
+    prompt (else the export fails); every type reports identical answers, label agreement and
+    accuracy. Where llama-cpp-python is installed, llama.cpp answers too."""
+    import torch
+
+    from runner import export_gguf
+    from runner.eval.predict import TransformersPredictor
+
+    fp32 = torch.float32
+    reference = _answers(TransformersPredictor(base_dir, adapter_dir, dtype=fp32), prompts, max_new)
+    n = max(len(prompts), 1)
+
+    def scores(answers: Sequence[str]) -> dict[str, Any]:
+        ours = [_label(a, labels) for a in answers]
+        theirs = [_label(b, labels) for b in reference]
+        return {
+            "identical_answers": sum(a == b for a, b in zip(answers, reference, strict=True)),
+            "answer_agreement": round(
+                sum(a == b for a, b in zip(answers, reference, strict=True)) / n, 4
+            ),
+            "label_agreement": round(sum(a == b for a, b in zip(ours, theirs, strict=True)) / n, 4),
+            "accuracy": round(sum(a == g for a, g in zip(ours, gold, strict=True)) / n, 4),
+        }
+
+    result: dict[str, Any] = {
+        "samples": len(prompts),
+        "max_new_tokens": max_new,
+        "same_labels_required": quant == "f16",
+        "adapter_accuracy": round(
+            sum(_label(b, labels) == g for b, g in zip(reference, gold, strict=True)) / n, 4
+        ),
+    }
+    gguf = TransformersPredictor(export_dir, None, dtype=fp32, gguf_file=export_gguf.GGUF_FILE)
+    result["transformers"] = scores(_answers(gguf, prompts, max_new))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        try:
+            path = export_dir / export_gguf.GGUF_FILE
+            result["llama_cpp"] = scores(export_gguf.llama_cpp_answers(path, prompts, max_new))
+        except Exception as exc:  # an optional local build: its failure is reported, not fatal
+            log.warning("the export's llama.cpp check failed: %s", exc)
+            result["llama_cpp_note"] = f"llama-cpp-python could not answer: {exc}"
+    if quant == "f16" and result["transformers"]["label_agreement"] != 1:
+        differ = round((1 - result["transformers"]["label_agreement"]) * len(prompts))
+        raise ExportFailed(
+            f"verification failed: the F16 GGUF gave {differ} of {len(prompts)} eval prompts a "
+            "different label from base + adapter; nothing was published"
+        )
+    return result
+
+
+def _merged_in_memory(base_dir: Path, adapter_dir: Path) -> Any:
+    """Base + adapter merged, in the base's dtype, on the CPU (the GGUF writer reads numpy)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_dir))
+    dtype = getattr(config, "dtype", None) or torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)  # type: ignore[arg-type]
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()  # type: ignore[arg-type]
 
 
 def _merge(base_dir: Path, adapter_dir: Path, out: Path, shard_size: str) -> bool:

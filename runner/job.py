@@ -606,6 +606,7 @@ def _run_export(db: JobDb, store: ArtifactStore, settings: Settings, job: Job) -
             settings,
             checkpoint_id=int(config["checkpoint_id"]),
             bits=config.get("bits"),
+            quant=config.get("quant"),
             shard_size=config.get("shard_size", "5GB"),
             on_status=status,
         )
@@ -627,6 +628,7 @@ def _run_export(db: JobDb, store: ArtifactStore, settings: Settings, job: Job) -
         absolute_path=str(store.path(report["path"])),
         bytes=report["bytes"],
         bits=report["export"]["bits"],
+        quant=report["export"].get("quant"),
         checkpoint_id=report["checkpoint_id"],
         verification=report["verification"],
     )

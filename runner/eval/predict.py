@@ -95,7 +95,10 @@ class TransformersPredictor:
         batch_size: int | None = None,
         device: str | None = None,
         dtype: Any = None,
+        gguf_file: str | None = None,
     ) -> None:
+        """``gguf_file``: a GGUF export in ``model_dir``, dequantized by transformers, with the
+        tokenizer the file describes (runner/export_gguf.py)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,8 +108,13 @@ class TransformersPredictor:
         config = model_dir / "config.json"
         quantized = config.exists() and "quantization_config" in json.loads(config.read_text())
         kwargs: dict[str, Any] = {"device_map": {"": self.device.index or 0}} if quantized else {}
-        if quantized:
-            model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
+        model: Any
+        if gguf_file is not None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), gguf_file=gguf_file, dtype=dtype
+            )
+        elif quantized:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kwargs)
         else:  # in a warm worker: a copy of the resident base, not a reload
             from runner import warm
 
@@ -116,7 +124,12 @@ class TransformersPredictor:
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = (model if quantized else model.to(self.device)).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if gguf_file is not None:
+            from runner.export_gguf import tokenizer_from_gguf
+
+            self.tokenizer = tokenizer_from_gguf(model_dir / gguf_file)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.batch_size = batch_size or (128 if self.device.type == "cuda" else 32)
         self.pad_id = (
             self.tokenizer.pad_token_id

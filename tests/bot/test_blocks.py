@@ -26,6 +26,33 @@ def test_an_export_is_announced_with_its_path_size_and_verification() -> None:
     assert "label agreement 97.0%" in text and "vllm" not in text
 
 
+def test_a_gguf_export_is_announced_with_its_type_accuracy_and_the_ollama_step() -> None:
+    text = milestone_text(
+        "exported",
+        {
+            "checkpoint_id": 7,
+            "bits": None,
+            "quant": "q4_0",
+            "bytes": 4_700_000_000,
+            "absolute_path": "/srv/artifacts/exports/checkpoint-7-gguf-q4_0",
+            "verification": {
+                "samples": 100,
+                "adapter_accuracy": 0.9,
+                "transformers": {
+                    "identical_answers": 80,
+                    "label_agreement": 0.96,
+                    "accuracy": 0.88,
+                },
+            },
+        },
+    )
+    assert text is not None
+    assert text.startswith(":package: Checkpoint 7 exported (GGUF Q4_0, 4.70 GB)")
+    assert "transformers: 80/100 answers identical to base + adapter" in text
+    assert "label agreement 96.0%, accuracy 88.0% (adapter 90.0%)" in text
+    assert "`ollama create <name> -f Modelfile`" in text
+
+
 def _header_text(job, dataset=None) -> str:
     from bot.blocks import job_header_blocks
 

@@ -230,7 +230,7 @@ def test_export_is_for_approvers_and_queues_an_export_job_with_its_thread(slack,
     slack.command("export 1", user="U0STRANGER")
     assert "only approvers can export a model" in slack.reply(0)["text"]
     slack.command("export 1 bits=3", user=APPROVER)
-    assert "`bits=3`: the only export setting is bits=8 or bits=4" in slack.reply(1)["text"]
+    assert "`bits=3`: the export settings are bits=8|4, or format=gguf" in slack.reply(1)["text"]
     slack.command("export 99", user=APPROVER)
     assert "no checkpoint 99 in this channel" in slack.reply(2)["text"]
     slack.command("export 1 bits=4", user=APPROVER)
@@ -245,3 +245,11 @@ def test_export_is_for_approvers_and_queues_an_export_job_with_its_thread(slack,
         APPROVER,
     )
     assert job.dataset_id == dataset.id and job.status == "queued"
+
+    # GGUF: format=gguf with a quant type; a type the writer does not offer is refused.
+    slack.command("export 1 format=gguf quant=Q4_K_M", user=APPROVER)
+    assert "quant=q4_k_m is not offered: use f16, q8_0 or q4_0" in slack.reply(3)["text"]
+    slack.command("export 1 format=gguf quant=q8_0", user=APPROVER)
+    slack.wait_for_thread(engine, 3)
+    with new_session(engine) as session:
+        assert session.get(Job, 3).config == {"checkpoint_id": 1, "quant": "q8_0"}
