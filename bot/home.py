@@ -37,6 +37,7 @@ from bot.home_blocks import (
     CANCEL_JOB,
     MAX_CHECKPOINTS,
     MAX_JOBS,
+    MAX_SWEEPS,
     NEW_JOB,
     Board,
     HomeData,
@@ -140,6 +141,7 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
             Board(checkpoint, job, dataset_of(job), found.metrics if found is not None else None)
         )
     return HomeData(
+        sweeps=_recent_sweeps(session, viewer),
         base_model=base_model,
         promotion=promotion,
         serving_metrics=serving_metrics,
@@ -148,6 +150,39 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
         board=board,
         now=utcnow(),
     )
+
+
+def _recent_sweeps(
+    session: Session, viewer: Viewer
+) -> list[tuple[int, str | None, int, int, bool, str | None]]:
+    """The newest sweeps the viewer sees (their own, the deployment's; every one for approvers):
+    how many runs ended and the best run so far."""
+    from bot.sweeps import best_text
+    from storage.models import Sweep
+    from storage.sweeps import best_row, sweep_rows
+
+    query = select(Sweep).order_by(col(Sweep.id).desc()).limit(MAX_SWEEPS)
+    if not viewer.approver:
+        query = query.where(
+            or_(col(Sweep.requested_by) == viewer.user, col(Sweep.channel_id).is_(None))
+        )
+    out = []
+    for found in session.exec(query).all():
+        assert found.id is not None
+        rows = sweep_rows(session, found)
+        ended = sum(JobStatus(r.status).finished for r in rows)
+        best = best_row(rows)
+        out.append(
+            (
+                found.id,
+                found.channel_id,
+                ended,
+                len(rows),
+                found.finished_at is not None,
+                best_text(best) if best is not None else None,
+            )
+        )
+    return out
 
 
 def user_channels(session: Session, *, user: str) -> list[str]:

@@ -4,8 +4,8 @@ the listeners, the notifier's refresher and tests alike.
 Sections, top to bottom: a notice (the answer to the user's last click, when there is one), what
 serves now, a "New fine-tune" button, running and queued jobs (Cancel for the requester and
 approvers), and the last ten checkpoints as a leaderboard, ranked by macro-F1 (Promote for
-approvers). Recent sweeps
-have no section: the product has no sweeps yet (issue 16, item 1).
+approvers), and the five most recent sweeps (how many runs ended, the best run so far by
+macro-F1).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ NEW_JOB = "home_start_job"
 HEADER_CHARS = 150  # Slack refuses a longer header block
 MAX_JOBS = 15
 MAX_CHECKPOINTS = 10
+MAX_SWEEPS = 5
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class HomeData:
     active: list[tuple[Job, Dataset | None]] = field(default_factory=list)
     board: list[Board] = field(default_factory=list)
     now: datetime | None = None
+    # (sweep id, its channel, runs ended, runs, finished, the best row's text or None)
+    sweeps: list[tuple[int, str | None, int, int, bool, str | None]] = field(default_factory=list)
 
 
 def _pct(value: float | None) -> str:
@@ -296,6 +299,15 @@ def home_view(data: HomeData, viewer: Viewer, *, notice: str | None = None) -> d
         ]
     else:
         blocks.append(_context("No checkpoints yet."))
+    if data.sweeps:
+        blocks += [{"type": "divider"}, _header("Recent sweeps")]
+        for sweep_id, channel, ended, runs, finished, best in data.sweeps[:MAX_SWEEPS]:
+            where = f" in {channel_mention(channel)}" if channel else ""
+            state = "finished" if finished else f"{ended}/{runs} runs ended"
+            line = f":test_tube: *Sweep {sweep_id}*{where} · {state}"
+            if best:
+                line += f" · best: {best}"
+            blocks.append(_section(cut(line)))
     updated = f"Updated {_when(data.now)}. " if data.now is not None else ""
     blocks.append(_context(updated + scope_words(viewer)))
     return {"type": "home", "blocks": blocks}

@@ -184,6 +184,12 @@ def row_line(row: SweepRow, best: SweepRow | None) -> str:
     )
 
 
+def best_text(row: SweepRow) -> str:
+    """The best run in a few words: ``job 7 (`lr=5e-5`, macro-F1 81.0%)``."""
+    settings = " ".join(f"{k}={v}" for k, v in row.settings.items())
+    return f"job {row.job_id} (`{settings}`, macro-F1 {_pct(row.macro_f1)})"
+
+
 def sweep_blocks(
     found: Sweep, rows: list[SweepRow], dataset: Dataset | None
 ) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from tests.bot.test_actions import (  # noqa: F401 - fixtures: a real serving ap
     serving,
     serving_port,
 )
+from tests.bot.test_home import _home
 
 
 def _sweeps(engine) -> list[Sweep]:
@@ -77,6 +78,10 @@ def test_a_sweep_is_one_thread_whose_root_compares_its_runs(slack, engine) -> No
     for job in runs:
         assert f"job {job.id} · `learning_rate=" in table
     assert "Approve & promote best" not in table  # nothing finished yet
+
+    home = json.dumps(_home(slack, "U0USER"), ensure_ascii=False)  # the requester's App Home
+    assert "Recent sweeps" in home and "*Sweep 1* in <#C0CHAN> · 0/4 runs ended" in home
+    assert "Sweep 1" not in json.dumps(_home(slack, "U0OTHER"), ensure_ascii=False)
 
     refused = slack.ask("sweep cancel 1", user="U0OTHER")
     assert "only <@U0USER> (who started sweep 1) or an approver can cancel it" in refused["text"]
