@@ -67,17 +67,17 @@ def job_noun(job: Job) -> str:
 
 def model_display_name(name: str) -> str:
     """A base model as people know it: a ModelScope id as it is, a directory on the server by its
-    own name (never the server's path), the built-in test model said to be one.
+    own name (never the server's path), the built-in demo model said to be one.
 
     >>> model_display_name("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
     'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B'
     >>> model_display_name("/srv/models/DeepSeek-R1-Distill-Qwen-7B/")
     'DeepSeek-R1-Distill-Qwen-7B'
     >>> model_display_name("tiny"), model_display_name("./models/local-7b")
-    ('tiny (built-in test model)', 'local-7b')
+    ('tiny (built-in demo model)', 'local-7b')
     """
     if name == TINY_MODEL:
-        return f"{TINY_MODEL} (built-in test model)"
+        return f"{TINY_MODEL} (built-in demo model)"
     trimmed = name.rstrip("/\\") or name
     parts = [p for p in trimmed.replace("\\", "/").split("/") if p]
     hub_id = len(parts) == 2 and not trimmed.startswith(("/", "~", ".", "\\")) and ":" not in name

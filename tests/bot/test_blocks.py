@@ -109,6 +109,6 @@ def test_the_base_model_is_shown_by_its_name_never_by_a_server_path() -> None:
     assert "on `DeepSeek-R1-Distill-Qwen-7B`" in local and "/srv" not in local
     hub = shown("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
     assert "on `deepseek-ai/DeepSeek-R1-Distill-Qwen-7B`" in hub
-    assert "on `tiny (built-in test model)`" in shown("tiny")
+    assert "on `tiny (built-in demo model)`" in shown("tiny")
     no_dataset = _header_text(Job(id=2, status="queued", base_model="/opt/m/qwen2-1.5b/"))
     assert "`qwen2-1.5b`" in no_dataset and "/opt" not in no_dataset

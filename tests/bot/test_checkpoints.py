@@ -49,7 +49,7 @@ def test_checkpoints_lists_this_channels_ids_scores_and_what_serves(slack, engin
     )
 
     before = slack.ask("checkpoints")["text"].splitlines()
-    assert before[0] == "*Serving now:* the base model `tiny (built-in test model)`"
+    assert before[0] == "*Serving now:* the base model `tiny (built-in demo model)`"
     with new_session(engine) as session:  # what serving records when it promotes
         record_promotion(
             session,
