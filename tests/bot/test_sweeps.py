@@ -24,6 +24,7 @@ from storage.models import Checkpoint, Evaluation, Job, Sweep
 from storage.sweeps import sweep_jobs
 from tests.bot.conftest import APPROVER, ingest
 from tests.bot.test_actions import (  # noqa: F401 - fixtures: a real serving app, two adapters
+    adapter_cache,
     bot_extra_settings,
     checkpoints,
     serving,
