@@ -24,7 +24,7 @@ def create_app(
 
     from slack_bolt import App
 
-    from bot import actions, commands, events, feedback, home
+    from bot import actions, commands, events, feedback, home, sweeps
     from bot.auth import Approvers
     from runner.models import base_model_name
     from storage.db import make_engine
@@ -70,6 +70,7 @@ def create_app(
     feedback.register(app, context)
     events.register(app, context)
     home.register(app, context)
+    sweeps.register(app, context)
     return app
 
 

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CANCEL_SWEEP = "cancel_sweep"
+
 STATE = {
     "queued": ":hourglass:",
     "running": ":runner:",
@@ -145,8 +147,14 @@ def _cancel(ctx: BotContext, channel: str, user: str, args: list[str], respond: 
     if len(args) != 1 or not args[0].isdigit():
         respond(text="Which sweep? `/finetune sweep cancel <sweep>`", response_type="ephemeral")
         return
+    respond(text=cancel_as(ctx, channel, user, int(args[0])), response_type="ephemeral")
+
+
+def cancel_as(ctx: BotContext, channel: str, user: str, sweep_id: int) -> str:
+    """Cancel the sweep's runs for ``user`` (its requester or an approver, checked here); the
+    answer to show them. Forbidden/NotFound for anyone else or another channel's sweep."""
     with new_session(ctx.db) as session:
-        found = get_sweep(session, int(args[0]), channel_id=channel)
+        found = get_sweep(session, sweep_id, channel_id=channel)
         if found.requested_by != user and not ctx.approvers.allows(user):
             raise Forbidden(
                 f"only <@{found.requested_by}> (who started sweep {found.id}) or an approver "
@@ -156,13 +164,23 @@ def _cancel(ctx: BotContext, channel: str, user: str, args: list[str], respond: 
         try:
             asked = cancel_sweep(session, sweep_id=found.id, by=user)
         except Conflict as exc:
-            respond(text=exc.message, response_type="ephemeral")
-            return
-    respond(
-        text=f"Sweep {found.id}: cancel asked of {len(asked)} runs; finished ones keep their "
-        "checkpoints.",
-        response_type="ephemeral",
+            return exc.message
+    return (
+        f"Sweep {found.id}: cancel asked of {len(asked)} runs; finished ones keep their "
+        "checkpoints."
     )
+
+
+def register(app: Any, ctx: BotContext) -> None:
+    @app.action(CANCEL_SWEEP)
+    def handle_cancel(ack: Any, body: dict[str, Any], client: Any) -> None:
+        ack()
+        user, channel = body["user"]["id"], body["channel"]["id"]
+        try:
+            text = cancel_as(ctx, channel, user, int(body["actions"][0]["value"]))
+        except FinetuneError as exc:
+            text = f":lock: {exc.message}; nothing was changed."
+        client.chat_postEphemeral(channel=channel, user=user, text=text)
 
 
 # The root message ------------------------------------------------------------------------------
@@ -211,6 +229,32 @@ def sweep_blocks(
         {"type": "section", "text": {"type": "mrkdwn", "text": cut("\n".join(lines))}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(context)}]},
     ]
+    if not found.finished_at and done < len(rows):
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": "sweep",
+                "elements": [
+                    {
+                        "type": "button",
+                        "action_id": CANCEL_SWEEP,
+                        "style": "danger",
+                        "text": {"type": "plain_text", "text": "Cancel sweep"},
+                        "value": str(found.id),
+                        "confirm": {
+                            "title": {"type": "plain_text", "text": "Cancel the sweep?"},
+                            "text": {
+                                "type": "mrkdwn",
+                                "text": f"Every run of sweep {found.id} that has not ended stops; "
+                                "finished runs keep their checkpoints.",
+                            },
+                            "confirm": {"type": "plain_text", "text": "Cancel every run"},
+                            "deny": {"type": "plain_text", "text": "Keep it"},
+                        },
+                    }
+                ],
+            }
+        )
     if best is not None and best.checkpoint_id is not None:
         settings = " ".join(f"{k}={v}" for k, v in best.settings.items())
         blocks.append(

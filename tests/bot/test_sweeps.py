@@ -87,10 +87,29 @@ def test_a_sweep_is_one_thread_whose_root_compares_its_runs(slack, engine) -> No
     refused = slack.ask("sweep cancel 1", user="U0OTHER")
     assert "only <@U0USER> (who started sweep 1) or an approver can cancel it" in refused["text"]
     assert slack.ask("sweep cancel 1", channel="C0ELSE")["text"].endswith("no sweep 1")
-    done = slack.ask("sweep cancel 1")
-    assert "Sweep 1: cancel asked of 4 runs" in done["text"]
+    [cancel] = [
+        e
+        for b in root["blocks"]
+        if b["type"] == "actions"
+        for e in b["elements"]
+        if e["action_id"] == "cancel_sweep"
+    ]
+    assert cancel["value"] == "1" and "confirm" in cancel  # destructive: a confirm dialog
+
+    def click(user: str) -> dict:
+        before = len(slack.standin.calls_to("chat.postEphemeral"))
+        body = block_action_body("cancel_sweep", "1", user_id=user, message_ts=root["_ts"])
+        assert slack.post(body).status_code == 200
+        return slack.standin.wait_for("chat.postEphemeral", before + 1)[before]
+
+    stranger = click("U0OTHER")  # the button is checked on the server as the command is
+    assert stranger["user"] == "U0OTHER" and "or an approver can cancel it" in stranger["text"]
+    with new_session(engine) as session:
+        assert {j.status for j in sweep_jobs(session, found.id)} == {JobStatus.queued.value}
+    assert "Sweep 1: cancel asked of 4 runs" in click("U0USER")["text"]
     with new_session(engine) as session:
         assert {j.status for j in sweep_jobs(session, found.id)} == {JobStatus.cancelled.value}
+    assert "every run of sweep 1 already ended" in slack.ask("sweep cancel 1")["text"]
 
 
 def _finish(engine, store: ArtifactStore, checkpoint_by_run: dict[int, tuple[int, float]]) -> None:
