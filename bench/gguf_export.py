@@ -22,32 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runner.export_gguf import GGUF_FILE, QUANTS, write_gguf
 
-SHAPES = {
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-    ),
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=4160,
-    ),
-}
+# The 7B shape is bench/train_throughput.py's; "tiny" is the tiny model's own config, as built.
+SHAPES = ("7b", "tiny")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
     parser.add_argument("--out", type=Path, default=None, help="a folder with room for the files")
     parser.add_argument("--quants", nargs="*", default=list(QUANTS))
     parser.add_argument("--no-read", action="store_true", help="skip the transformers read-back")
@@ -67,13 +52,18 @@ def _run(args: argparse.Namespace, work: Path) -> int:
 
     tiny = build_tiny_model(work / "tiny")
     tokenizer = load_tokenizer(tiny)
-    config = Qwen2Config(
-        **SHAPES[args.shape],
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    if args.shape == "tiny":
+        config = Qwen2Config.from_pretrained(tiny)
+    else:
+        from train_throughput import SHAPES as TRAIN_SHAPES
+
+        config = Qwen2Config(
+            **TRAIN_SHAPES[args.shape],
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     started = time.perf_counter()
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()

@@ -141,12 +141,12 @@ def _post_root(session: Session, client: Any, job: Job, dataset: Dataset | None)
             if isinstance(exc, SlackApiError)
             else type(exc).__name__
         )
-        _cancel_unposted(session, job, code)
+        cancel_unposted(session, job, code)
         raise ChannelUnwritable(_unposted_text(job, code)) from exc
     return set_job_thread(session, job=job, thread_ts=posted["ts"])
 
 
-def _cancel_unposted(session: Session, job: Job, code: str) -> None:
+def cancel_unposted(session: Session, job: Job, code: str) -> None:
     """Cancel a job whose root message was refused; it was never claimable (no thread yet)."""
     session.rollback()
     assert job.id is not None
@@ -182,6 +182,31 @@ def _unposted_text(job: Job, code: str) -> str:
 # Subcommands -------------------------------------------------------------------------------------
 
 
+def split_dataset_arg(args: list[str]) -> tuple[str | None, list[str]]:
+    """``dataset=<name>`` out of a command's words, and the other words."""
+    name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
+    return name, [a for a in args if not a.startswith("dataset=")]
+
+
+def dataset_for(session: Session, name: str | None, *, channel: str) -> Dataset:
+    """The dataset a training command names (this channel's, then a shared one, then the
+    deployment's), or the channel's latest upload; NotFound saying what to do."""
+    dataset = (
+        find_dataset(session, name=name, channel_id=channel)
+        if name
+        else latest_dataset(session, channel_id=channel)
+    )
+    if dataset is None:
+        raise NotFound(
+            f"no dataset named {name} in this channel (its own, one shared by another "
+            "channel, or the deployment's: `/finetune datasets`)"
+            if name
+            else "no dataset uploaded in this channel yet: share a file first, or name "
+            "one with dataset=<name> (`/finetune datasets`)"
+        )
+    return dataset
+
+
 def start(ctx: BotContext, command: dict, args: list[str], respond: Any, client: Any) -> None:
     channel = command["channel_id"]
     if not args:  # the form: every setting with its default, a dataset picker, a file input
@@ -197,22 +222,10 @@ def start(ctx: BotContext, command: dict, args: list[str], respond: Any, client:
             ),
         )
         return
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
-    config = parse_train_args([a for a in args if not a.startswith("dataset=")])
+    name, rest = split_dataset_arg(args)
+    config = parse_train_args(rest)
     with new_session(ctx.db) as session:
-        dataset = (
-            find_dataset(session, name=name, channel_id=channel)
-            if name
-            else latest_dataset(session, channel_id=channel)
-        )
-        if dataset is None:
-            raise NotFound(
-                f"no dataset named {name} in this channel (its own, one shared by another "
-                "channel, or the deployment's: `/finetune datasets`)"
-                if name
-                else "no dataset uploaded in this channel yet: share a file first, or name "
-                "one with dataset=<name> (`/finetune datasets`)"
-            )
+        dataset = dataset_for(session, name, channel=channel)
     queue_job(ctx, client, dataset=dataset, config=config, user=command["user_id"], channel=channel)
 
 

@@ -17,16 +17,23 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
-from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from bot.blocks import cut, model_display_name
+from bot.job_commands import (
+    ARCHIVED,
+    NOT_A_MEMBER,
+    ChannelUnwritable,
+    cancel_unposted,
+    check_user_limits,
+    dataset_for,
+    split_dataset_arg,
+)
 from core.enums import JobStatus
-from core.errors import Conflict, FinetuneError, Forbidden, NotFound
+from core.errors import Conflict, FinetuneError, Forbidden
+from runner.config import parse_train_args
 from runner.sweep import parse_sweep, run_configs
-from storage.datasets import find_dataset, latest_dataset
 from storage.db import new_session
-from storage.jobs import add_job_event
 from storage.models import Dataset, Job, Sweep
 from storage.sweeps import (
     SweepRow,
@@ -38,7 +45,6 @@ from storage.sweeps import (
     sweep_jobs,
     sweep_rows,
 )
-from storage.types import utcnow
 
 if TYPE_CHECKING:
     from bot.commands import BotContext
@@ -70,26 +76,10 @@ def sweep(ctx: BotContext, command: dict, args: list[str], respond: Any, client:
             response_type="ephemeral",
         )
         return
-    name = next((a.split("=", 1)[1] for a in args if a.startswith("dataset=")), None)
-    plan = parse_sweep(
-        [a for a in args if not a.startswith("dataset=")], max_runs=ctx.settings.sweep_max_runs
-    )
-    from bot.job_commands import check_user_limits
-    from runner.config import parse_train_args
-
+    name, rest = split_dataset_arg(args)
+    plan = parse_sweep(rest, max_runs=ctx.settings.sweep_max_runs)
     with new_session(ctx.db) as session:
-        dataset = (
-            find_dataset(session, name=name, channel_id=channel)
-            if name
-            else latest_dataset(session, channel_id=channel)
-        )
-        if dataset is None:
-            raise NotFound(
-                f"no dataset named {name} in this channel (`/finetune datasets`)"
-                if name
-                else "no dataset uploaded in this channel yet: share a file first, or name "
-                "one with dataset=<name> (`/finetune datasets`)"
-            )
+        dataset = dataset_for(session, name, channel=channel)
         check_user_limits(session, ctx.settings, user=user)
         created, _ = create_sweep(
             session,
@@ -121,24 +111,17 @@ def _post_root(session: Session, client: Any, created: Sweep, dataset: Dataset) 
             if isinstance(exc, SlackApiError)
             else type(exc).__name__
         )
-        reason = f"its first message could not be posted (Slack: {code}); nothing ran"
-        for job in sweep_jobs(session, created.id):
-            session.execute(
-                update(Job)
-                .where(col(Job.id) == job.id, col(Job.status) == JobStatus.queued.value)
-                .values(
-                    status=JobStatus.cancelled.value,
-                    cancel_requested=True,
-                    finished_at=utcnow(),
-                    error=reason,
-                )
-            )
-            assert job.id is not None
-            add_job_event(session, job_id=job.id, kind="cancelled", reason=reason)
-        session.commit()
-        raise FinetuneError(
-            f"Slack refused my message in this channel ({code}): sweep {created.id} was "
-            "cancelled, nothing ran."
+        for job in sweep_jobs(session, created.id):  # never claimable: no thread yet
+            cancel_unposted(session, job, code)
+        if code in NOT_A_MEMBER:
+            fix = "invite me with `/invite @finetune-bot`, then start the sweep again"
+        elif code in ARCHIVED:
+            fix = "this channel is archived"
+        else:
+            fix = "start it again in a minute"
+        raise ChannelUnwritable(
+            f"I can't post in this channel (Slack: {code}): sweep {created.id} and its "
+            f"{len(rows)} runs were cancelled, nothing ran; {fix}."
         ) from exc
     set_sweep_thread(session, sweep_id=created.id, thread_ts=posted["ts"])
 
@@ -191,12 +174,11 @@ def _pct(value: float | None) -> str:
 
 
 def row_line(row: SweepRow, best: SweepRow | None) -> str:
-    settings = " ".join(f"{k}={v}" for k, v in row.settings.items())
     loss = "–" if row.final_loss is None else f"{row.final_loss:.4f}"
     speed = "–" if row.tokens_per_s is None else f"{row.tokens_per_s:,.0f}"
     mark = " :star: *best*" if best is not None and row.job_id == best.job_id else ""
     return (
-        f"{STATE.get(row.status, '')} job {row.job_id} · `{settings}` · {row.status} · loss "
+        f"{STATE.get(row.status, '')} job {row.job_id} · `{row.settings_text}` · {row.status} · loss "
         f"{loss} · acc {_pct(row.accuracy)} · F1 {_pct(row.macro_f1)} · ECE {_pct(row.ece)} · "
         f"{speed} tok/s{mark}"
     )
@@ -204,8 +186,7 @@ def row_line(row: SweepRow, best: SweepRow | None) -> str:
 
 def best_text(row: SweepRow) -> str:
     """The best run in a few words: ``job 7 (`lr=5e-5`, macro-F1 81.0%)``."""
-    settings = " ".join(f"{k}={v}" for k, v in row.settings.items())
-    return f"job {row.job_id} (`{settings}`, macro-F1 {_pct(row.macro_f1)})"
+    return f"job {row.job_id} (`{row.settings_text}`, macro-F1 {_pct(row.macro_f1)})"
 
 
 def sweep_blocks(
@@ -256,7 +237,6 @@ def sweep_blocks(
             }
         )
     if best is not None and best.checkpoint_id is not None:
-        settings = " ".join(f"{k}={v}" for k, v in best.settings.items())
         blocks.append(
             {
                 "type": "actions",
@@ -274,7 +254,7 @@ def sweep_blocks(
                                 "type": "mrkdwn",
                                 "text": cut(
                                     f"Checkpoint {best.checkpoint_id} (job {best.job_id}, "
-                                    f"`{settings}`, macro-F1 {_pct(best.macro_f1)}) will answer "
+                                    f"`{best.settings_text}`, macro-F1 {_pct(best.macro_f1)}) will answer "
                                     "`/classify` in place of what serves now."
                                 ),
                             },

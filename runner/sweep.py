@@ -32,9 +32,6 @@ class SweepPlan:
     runs: list[TrainConfig]
     run_settings: list[dict[str, str]]  # per run: the swept settings' values as typed
 
-    def label(self, index: int) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.run_settings[index].items())
-
 
 def parse_sweep(tokens: list[str], *, max_runs: int) -> SweepPlan:
     """The sweep described by ``key=value`` tokens whose values may be comma lists."""
@@ -99,16 +96,19 @@ def run_configs(plan: SweepPlan) -> list[dict[str, Any]]:
 
 
 def after_run(session: Any, store: Any, *, sweep_id: int) -> bool:
-    """Call when a run of the sweep ended. If it was the last to end (and nobody saw that yet),
-    draw the sweep's plots, store them and write ``sweep_finished``; True when this call did."""
+    """Call when every run of the sweep ended. Draws the sweep's plots and stores them, then
+    marks the sweep finished and writes ``sweep_finished`` in one transaction: True for the one
+    caller that did. The plots come first, so a failure while drawing leaves the sweep unfinished
+    for the next round instead of finished without its announcement; two runners seeing the end at
+    once may both draw, and only one announces."""
     from runner.plots import sweep_loss_curves_png, sweep_scores_png
     from storage.sweeps import add_sweep_event, best_row, finish_sweep, get_sweep, sweep_rows
 
-    if not finish_sweep(session, sweep_id=sweep_id):
-        return False
     sweep = get_sweep(session, sweep_id)
+    if sweep.finished_at is not None:
+        return False
     rows = sweep_rows(session, sweep)
-    labels = {r.job_id: run_label(r.job_id, r.settings) for r in rows}
+    labels = {r.job_id: f"#{r.job_id} {r.settings_text}" for r in rows}
     curves = {}
     for row in rows:
         if row.losses_sha256:
@@ -125,21 +125,22 @@ def after_run(session: Any, store: Any, *, sweep_id: int) -> bool:
         )
     )
     best = best_row(rows)
+    if not finish_sweep(session, sweep_id=sweep_id, commit=False):
+        session.rollback()  # a run is still open, or another runner announced it meanwhile
+        return False
     add_sweep_event(
         session,
         sweep=sweep,
         kind="sweep_finished",
+        commit=False,
         loss_curves_sha256=loss_plot.sha256,
         scores_sha256=score_plot.sha256,
         best_job_id=best.job_id if best else None,
         best_checkpoint_id=best.checkpoint_id if best else None,
     )
+    session.commit()
     log.info("sweep %d finished: best run %s", sweep_id, best.job_id if best else "none")
     return True
-
-
-def run_label(job_id: int, settings: dict[str, Any]) -> str:
-    return f"#{job_id} " + " ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def format_table(rows: list[Any], best_job_id: int | None) -> str:
@@ -151,11 +152,10 @@ def format_table(rows: list[Any], best_job_id: int | None) -> str:
     lines = ["run | settings | state | final loss | accuracy | macro-F1 | ECE | tokens/s"]
     for r in rows:
         mark = " ★ best" if r.job_id == best_job_id else ""
-        settings = " ".join(f"{k}={v}" for k, v in r.settings.items())
         loss = "–" if r.final_loss is None else f"{r.final_loss:.4f}"
         speed = "–" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
-            f"{r.job_id}{mark} | {settings} | {r.status} | {loss} | {pct(r.accuracy)} | "
+            f"{r.job_id}{mark} | {r.settings_text} | {r.status} | {loss} | {pct(r.accuracy)} | "
             f"{pct(r.macro_f1)} | {pct(r.ece)} | {speed}"
         )
     return "\n".join(lines)

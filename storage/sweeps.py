@@ -9,7 +9,7 @@ the last run end" that lets exactly one process draw the sweep's plots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import exists, update
@@ -112,17 +112,19 @@ def cancel_sweep(session: Session, *, sweep_id: int, by: str | None = None) -> l
     return asked
 
 
-def finish_sweep(session: Session, *, sweep_id: int) -> bool:
+def finish_sweep(session: Session, *, sweep_id: int, commit: bool = True) -> bool:
     """Mark the sweep finished if every run ended and nobody marked it yet; True for the one
     caller whose update did it (an atomic update: two runners ending the last two runs at once
-    cannot both win)."""
+    cannot both win). ``commit=False`` leaves the commit to the caller, for the mark and its
+    announcement in one transaction."""
     unfinished = exists().where(col(Job.sweep_id) == sweep_id, col(Job.status).not_in(FINISHED))
     result = session.execute(
         update(Sweep)
         .where(col(Sweep.id) == sweep_id, col(Sweep.finished_at).is_(None), ~unfinished)
         .values(finished_at=utcnow())
     )
-    session.commit()
+    if commit:
+        session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
@@ -151,7 +153,11 @@ class SweepRow:
     checkpoint_id: int | None = None
     losses_sha256: str | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings_text(self) -> str:
+        """``lr=5e-5 epochs=2``: the run's swept settings as typed."""
+        return " ".join(f"{k}={v}" for k, v in self.settings.items())
 
 
 def sweep_rows(session: Session, sweep: Sweep) -> list[SweepRow]:
@@ -244,7 +250,9 @@ def best_row(rows: list[SweepRow]) -> SweepRow | None:
     )
 
 
-def add_sweep_event(session: Session, *, sweep: Sweep, kind: str, **payload: Any) -> None:
+def add_sweep_event(
+    session: Session, *, sweep: Sweep, kind: str, commit: bool = True, **payload: Any
+) -> None:
     """An event for the sweep's thread, on its first run's outbox (the notifier relays per job)."""
     assert sweep.id is not None
     first = session.exec(
@@ -253,4 +261,5 @@ def add_sweep_event(session: Session, *, sweep: Sweep, kind: str, **payload: Any
     if first is None:
         raise NotFound(f"sweep {sweep.id} has no runs")
     add_job_event(session, job_id=first, kind=kind, sweep_id=sweep.id, **payload)
-    session.commit()
+    if commit:
+        session.commit()

@@ -112,6 +112,22 @@ def test_a_sweep_is_one_thread_whose_root_compares_its_runs(slack, engine) -> No
     assert "every run of sweep 1 already ended" in slack.ask("sweep cancel 1")["text"]
 
 
+def test_a_sweep_whose_root_slack_refuses_is_cancelled_whole_and_says_how_to_fix_it(
+    slack, engine
+) -> None:
+    ingest(slack, engine)
+    slack.standin.inject("chat.postMessage", error="not_in_channel")
+    reply = slack.ask("sweep lr=1e-5,5e-5")
+    assert "sweep 1 and its 2 runs were cancelled, nothing ran" in reply["text"]
+    assert "/invite @finetune-bot" in reply["text"]
+    [found] = _sweeps(engine)
+    with new_session(engine) as session:
+        runs = sweep_jobs(session, found.id)
+    assert found.thread_ts is None and len(runs) == 2
+    assert {(j.status, j.thread_ts) for j in runs} == {(JobStatus.cancelled.value, None)}
+    assert all("could not be posted" in (j.error or "") for j in runs)
+
+
 def _finish(engine, store: ArtifactStore, checkpoint_by_run: dict[int, tuple[int, float]]) -> None:
     """The runs trained and evaluated as a runner records it: a ``trained`` event with the
     losses, the job succeeded, its final checkpoint evaluated (macro-F1 as given)."""

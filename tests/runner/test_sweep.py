@@ -47,7 +47,7 @@ def test_a_sweep_is_the_cartesian_product_of_its_lists() -> None:
         (1e-4, 3),
     ]
     assert all(r.lora_rank == 16 and r.lora_target == "q_proj,v_proj" for r in plan.runs)
-    assert plan.label(3) == "lr=5e-5 epochs=3"
+    assert plan.run_settings[3] == {"lr": "5e-5", "epochs": "3"}
     configs = run_configs(plan)
     assert all({"learning_rate", "num_train_epochs"} <= set(c) for c in configs)
 
@@ -153,3 +153,38 @@ def test_a_sweep_through_the_runner_trains_evaluates_and_names_its_best_run(
     table = capsys.readouterr().out
     assert f"sweep {sweep_id} (finished), 2 runs:" in table
     assert f"{best.job_id} ★ best | learning_rate=" in table
+
+
+def test_a_failure_while_drawing_leaves_the_sweep_to_the_next_round_and_it_is_announced_once(
+    engine, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runner.plots
+    from runner.sweep import after_run
+
+    store = ArtifactStore(tmp_path / "artifacts")
+    with new_session(engine) as session:
+        sweep, _ = create_sweep(
+            session,
+            base_model="tiny",
+            dataset_id=None,
+            grid={"learning_rate": ["1e-5", "2e-5"]},
+            fixed={},
+            runs=[{"learning_rate": 1e-5}, {"learning_rate": 2e-5}],
+        )
+        cancel_sweep(session, sweep_id=sweep.id)  # every run ended: the sweep is due
+        drawn = runner.plots.sweep_scores_png
+
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(runner.plots, "sweep_scores_png", broken)
+        with pytest.raises(OSError, match="disk full"):
+            after_run(session, store, sweep_id=sweep.id)
+    with new_session(engine) as session:
+        assert get_sweep(session, sweep.id).finished_at is None  # not finished unannounced
+        assert unfinished_sweeps_done(session) == [sweep.id]  # the next round takes it
+        monkeypatch.setattr(runner.plots, "sweep_scores_png", drawn)
+        assert after_run(session, store, sweep_id=sweep.id)
+        assert not after_run(session, store, sweep_id=sweep.id)
+        announced = session.exec(select(JobEvent).where(JobEvent.kind == "sweep_finished")).all()
+    assert len(announced) == 1 and announced[0].payload["best_job_id"] is None  # none evaluated
