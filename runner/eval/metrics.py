@@ -42,8 +42,10 @@ def similarity_scores(predict: str, label: str) -> dict[str, float]:
     if not hypothesis.split() or not reference.split():
         scores = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
     else:
-        result = Rouge().get_scores(hypothesis, reference)[0]
+        rouge = Rouge(metrics=["rouge-1", "rouge-2"])
+        result = rouge.get_scores(hypothesis, reference)[0]
         scores = {key: round(value["f"] * 100, 4) for key, value in result.items()}
+        scores["rouge-l"] = round(_rouge_l_f(rouge, hypothesis, reference) * 100, 4)
     if predict and label:
         with warnings.catch_warnings():  # nltk warns about short hypotheses; the score stands
             warnings.simplefilter("ignore")
@@ -54,6 +56,40 @@ def similarity_scores(predict: str, label: str) -> dict[str, float]:
         bleu = 0.0
     scores["bleu-4"] = round(float(bleu) * 100, 4)
     return scores
+
+
+def _rouge_l_f(rouge: Any, hypothesis: str, reference: str) -> float:
+    """rouge-chinese's ROUGE-L F (``rouge_l_summary_level``: the LCS of the two texts' words,
+    sentences joined) on the same words, with a bit-parallel LCS instead of its dictionary table,
+    which took seconds per 100 answers of reasoning."""
+    from rouge_chinese.rouge_score import _split_into_words
+
+    def words(text: str) -> list[str]:
+        sentences = [" ".join(s.split()) for s in rouge.cut_sent(text) if len(s) > 0]
+        return list(_split_into_words(sentences))
+
+    hyp, ref = words(hypothesis), words(reference)
+    llcs = lcs_length(ref, hyp)
+    r_lcs, p_lcs = llcs / len(ref), llcs / len(hyp)
+    return 2.0 * ((p_lcs * r_lcs) / (p_lcs + r_lcs + 1e-8))
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """The length of the longest common subsequence of ``a`` and ``b`` (Allison–Dix: one
+    integer as a bit vector over ``a``, one step per item of ``b``).
+
+    >>> lcs_length("ABCBDAB", "BDCABA")
+    4
+    """
+    masks: dict[str, int] = {}
+    for i, item in enumerate(a):
+        masks[item] = masks.get(item, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for item in b:
+        u = v & masks.get(item, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
 
 
 def mean_similarity(predicts: Sequence[str], labels: Sequence[str]) -> dict[str, float]:

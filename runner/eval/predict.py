@@ -70,7 +70,14 @@ def make_predictor(
     its ``note`` (the report shows it). ``vllm``: vLLM or a ``VllmUnavailable`` saying why not."""
     backend = settings.eval_backend
     if backend == "transformers" or (backend == "auto" and not vllm_available()):
-        return TransformersPredictor(model_dir, adapter_dir)
+        return TransformersPredictor(
+            model_dir,
+            adapter_dir,
+            merge_adapter=None
+            if settings.eval_merge_adapter == "auto"
+            else settings.eval_merge_adapter,
+            cache_implementation=settings.eval_kv_cache,
+        )
     try:
         return VllmPredictor(model_dir, adapter_dir, settings, purpose=purpose)
     except VllmUnavailable as exc:
@@ -78,7 +85,14 @@ def make_predictor(
             raise
         log.warning("%s; predicting with transformers instead", exc.message)
         _free_gpu()
-        predictor = TransformersPredictor(model_dir, adapter_dir)
+        predictor = TransformersPredictor(
+            model_dir,
+            adapter_dir,
+            merge_adapter=None
+            if settings.eval_merge_adapter == "auto"
+            else settings.eval_merge_adapter,
+            cache_implementation=settings.eval_kv_cache,
+        )
         predictor.note = exc.message
         return predictor
 
@@ -86,6 +100,7 @@ def make_predictor(
 class TransformersPredictor:
     backend = "transformers"
     note: str | None = None
+    merged = False  # the adapter folded into the weights (``merge_adapter``)
 
     def __init__(
         self,
@@ -96,9 +111,14 @@ class TransformersPredictor:
         device: str | None = None,
         dtype: Any = None,
         gguf_file: str | None = None,
+        merge_adapter: bool | None = None,
+        cache_implementation: str = "dynamic",
     ) -> None:
         """``gguf_file``: a GGUF export in ``model_dir``, dequantized by transformers, with the
-        tokenizer the file describes (runner/export_gguf.py)."""
+        tokenizer the file describes (runner/export_gguf.py). ``merge_adapter``: fold the adapter
+        into this predictor's own copy of the weights (None: on CUDA only, where the adapter's small
+        matmuls per token dominate generation). ``cache_implementation``: generate's KV
+        cache (``dynamic`` or ``static``)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,6 +143,14 @@ class TransformersPredictor:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
+            if merge_adapter is None:
+                merge_adapter = self.device.type == "cuda"
+            if merge_adapter and not quantized:
+                model = model.merge_and_unload()
+                self.merged = True
+        self.cache_implementation = (
+            None if cache_implementation == "dynamic" else cache_implementation
+        )
         self.model = (model if quantized else model.to(self.device)).eval()
         if gguf_file is not None:
             from runner.export_gguf import tokenizer_from_gguf
@@ -146,6 +174,7 @@ class TransformersPredictor:
             pad_token_id=self.pad_id,
             batch_size=self.batch_size,
             device=self.device,
+            cache_implementation=self.cache_implementation,
         )
         results = []
         for new, finished in outputs:

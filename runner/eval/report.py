@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,9 @@ def evaluate_model(
         model_dir, adapter_dir = store.path(checkpoint.path), None  # freeze/full: whole models
     tokenizer = load_tokenizer(model_dir)
     conversations = read_split(store, dataset.eval_sha256)
+    started = time.perf_counter()
     predictor = make_predictor(model_dir, adapter_dir, settings)
+    load_s = time.perf_counter() - started
     try:
         outcome = evaluate_conversations(
             predictor,
@@ -66,6 +69,7 @@ def evaluate_model(
         del predictor
         gc.collect()
     metrics = outcome.metrics
+    metrics["timings"] = {"load_s": round(load_s, 3), **metrics.get("timings", {})}
     subject = f"checkpoint {checkpoint.id}" if checkpoint is not None else f"base {base_model}"
     if checkpoint is not None:
         base_eval = latest_evaluation(
@@ -94,8 +98,11 @@ def evaluate_model(
         f"{'checkpoint-' + str(checkpoint.id) if checkpoint else 'base'}-"
         f"{uuid.uuid4().hex[:8]}"
     )
+    report_started = time.perf_counter()
     with store.staged_dir(relpath) as directory:
         _write_report(directory, subject, dataset, metrics, outcome.predictions)
+    metrics["timings"]["report_s"] = round(time.perf_counter() - report_started, 3)
+    metrics["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     evaluation = add_evaluation(
         session,
         dataset_id=dataset.id,

@@ -8,7 +8,13 @@ from fractions import Fraction
 
 import pytest
 
-from runner.eval.metrics import deltas, label_scores, mean_similarity, similarity_scores
+from runner.eval.metrics import (
+    deltas,
+    label_scores,
+    lcs_length,
+    mean_similarity,
+    similarity_scores,
+)
 
 THINK_PREDICT = "<think>\n比赛新闻\n</think>\n\n体育"
 THINK_LABEL = "<think>\n球赛报道\n</think>\n\n体育"
@@ -71,6 +77,40 @@ def _bleu4_by_formula(predict: str, label: str) -> float:
         logs += 0.25 * math.log(precision)
     brevity = 1.0 if len(hyp) >= len(ref) else math.exp(1 - len(ref) / len(hyp))
     return brevity * math.exp(logs)
+
+
+def test_lcs_length_equals_the_dynamic_programming_table() -> None:
+    import random
+
+    from rouge_chinese.rouge_score import _lcs
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        a = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]  # over 64: more than a word
+        b = [rng.choice("abcd") for _ in range(rng.randint(0, 70))]
+        assert lcs_length(a, b) == _lcs(a, b)[len(a), len(b)], (a, b)
+
+
+def test_rouge_scores_equal_rouge_chinese_on_long_reasoning() -> None:
+    """The fast ROUGE-L gives rouge-chinese's own numbers: sentences split at 。！？ and
+    ellipses, repeated words, an answer after a think block."""
+    import random
+
+    from rouge_chinese import Rouge
+
+    from runner.eval.metrics import _jieba
+
+    rng = random.Random(3)
+    pieces = ["体育", "新闻", "。", "！", "？", "的", "比赛", "……", "”", "央行", "降息", "股市"]
+    for _ in range(200):
+        predict = "<think>\n" + "".join(rng.choices(pieces, k=rng.randint(1, 120)))
+        label = "".join(rng.choices(pieces, k=rng.randint(1, 120))) + "\n</think>\n\n体育"
+        ours = similarity_scores(predict, label)
+        hyp = " ".join(_jieba().cut(predict))
+        ref = " ".join(_jieba().cut(label))
+        theirs = Rouge().get_scores(hyp, ref)[0]
+        for key in ("rouge-1", "rouge-2", "rouge-l"):
+            assert ours[key] == round(theirs[key]["f"] * 100, 4), (key, predict, label)
 
 
 def test_empty_prediction_scores_zero() -> None:

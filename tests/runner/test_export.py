@@ -97,6 +97,27 @@ def test_a_merged_export_answers_exactly_as_base_plus_adapter(
     assert any(g.text for g in merged)
 
 
+def test_an_evaluation_with_the_adapter_merged_answers_as_base_plus_adapter(
+    eval_settings, dataset, checkpoint
+) -> None:
+    """EVAL_MERGE_ADAPTER (auto: on GPUs) folds the adapter into the predictor's own copy: no LoRA
+    layer is left, the answers are those of base + adapter, and the base on disk is untouched."""
+    store = ArtifactStore(eval_settings.artifact_dir)
+    base = Path(eval_settings.base_model)
+    tokenizer = load_tokenizer(base)
+    prompts = [render_prompt(tokenizer, c[:-1]) for c in read_split(store, dataset.eval_sha256)]
+    adapter_dir = store.path(checkpoint.path)
+    auto = TransformersPredictor(base, adapter_dir)  # auto on CPU: not merged
+    merged = TransformersPredictor(base, adapter_dir, merge_adapter=True)
+    assert not auto.merged and merged.merged
+    assert not any("lora" in name for name, _ in merged.model.named_modules())
+    assert any("lora" in name for name, _ in auto.model.named_modules())
+    answers = [g.text for g in merged.generate(prompts, 24)]
+    assert answers == [g.text for g in auto.generate(prompts, 24)]
+    plain = TransformersPredictor(base, None).generate(prompts, 24)
+    assert answers != [g.text for g in plain]  # the adapter changed the answers: it was applied
+
+
 def test_exports_that_cannot_be_made_are_refused_before_anything_is_written(
     engine, eval_settings, checkpoint, monkeypatch
 ) -> None:
