@@ -370,6 +370,9 @@ def _report_lines(payload: dict[str, Any]) -> list[str]:
             f"Invalid answers {_pct(payload.get('invalid_rate'))} · truncated "
             f"{_pct(payload.get('truncated_rate'))}"
         )
+    general = payload.get("general")
+    if isinstance(general, dict):
+        lines.append(general_line(general))
     lines.append(
         f"ROUGE-1/2/L {payload.get('predict_rouge-1') or 0:.2f} / "
         f"{payload.get('predict_rouge-2') or 0:.2f} / {payload.get('predict_rouge-l') or 0:.2f}"
@@ -377,10 +380,39 @@ def _report_lines(payload: dict[str, Any]) -> list[str]:
     )
     lines += [
         f":information_source: {n}"
-        for n in (payload.get("backend_note"), payload.get("prompts_note"))
+        for n in (
+            payload.get("backend_note"),
+            payload.get("prompts_note"),
+            payload.get("general_note"),
+        )
         if n
     ]
     return lines
+
+
+def general_line(general: dict[str, Any]) -> str:
+    """The forgetting check's line of the report.
+
+    >>> general_line({"benchmark": "cmmlu v1", "accuracy": 0.521, "base_accuracy": 0.525,
+    ...               "delta_pt": -0.4})
+    '*General ability* 52.1% (−0.4 pt vs base) on cmmlu v1'
+    >>> general_line({"benchmark": "cmmlu v1", "accuracy": 0.4, "base_accuracy": 0.5,
+    ...               "delta_pt": -10.0, "warning": "general ability dropped 10.0 points"})
+    '*General ability* 40.0% (−10.0 pt vs base) on cmmlu v1 :warning: general ability dropped 10.0 points'
+    """
+    delta = general.get("delta_pt")
+    versus = (
+        f" ({'+' if delta >= 0 else '−'}{abs(delta):.1f} pt vs base)"
+        if isinstance(delta, int | float)
+        else ""
+    )
+    line = (
+        f"*General ability* {100 * general['accuracy']:.1f}%{versus} on "
+        f"{escape(str(general.get('benchmark')))}"
+    )
+    if general.get("warning"):
+        line += f" :warning: {escape(str(general['warning']))}"
+    return line
 
 
 def _width(text: str) -> int:
@@ -466,7 +498,7 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                         "title": {"type": "plain_text", "text": "Promote this checkpoint?"},
                         "text": {
                             "type": "mrkdwn",
-                            "text": f"Checkpoint {checkpoint} will "
+                            "text": _general_warning(payload) + f"Checkpoint {checkpoint} will "
                             "answer /classify for everyone, replacing what serves now.",
                         },
                         "confirm": {"type": "plain_text", "text": "Promote"},
@@ -493,6 +525,14 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return blocks
+
+
+def _general_warning(payload: dict[str, Any]) -> str:
+    """The confirm dialog's first words when the forgetting check warned (EVAL_MAX_GENERAL_DROP)."""
+    general = payload.get("general")
+    if isinstance(general, dict) and general.get("warning"):
+        return f":warning: {escape(str(general['warning']))}. "
+    return ""
 
 
 def decided_blocks(report: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:

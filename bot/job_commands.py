@@ -204,6 +204,12 @@ def dataset_for(session: Session, name: str | None, *, channel: str) -> Dataset:
             else "no dataset uploaded in this channel yet: share a file first, or name "
             "one with dataset=<name> (`/finetune datasets`)"
         )
+    if dataset.kind == "benchmark":
+        raise ConfigError(
+            f"dataset {dataset.name} is a benchmark (multiple-choice questions for the "
+            "general-ability check): it scores models and is never trained on; name a training "
+            "dataset with dataset=<name>"
+        )
     return dataset
 
 

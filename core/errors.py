@@ -35,6 +35,12 @@ class NotFound(FinetuneError):
     code = "not_found"
 
 
+class BenchmarkRejected(FinetuneError):
+    """A multiple-choice benchmark upload cannot be used (names the file, row and field)."""
+
+    code = "benchmark_rejected"
+
+
 class Forbidden(FinetuneError):
     code = "forbidden"
 

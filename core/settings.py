@@ -157,6 +157,19 @@ class Settings(BaseSettings):
         "memory free at start as a share of the whole, minus 0.05, at most 0.9. When vLLM "
         "cannot start with it, evaluation falls back to transformers and the report says so.",
     )
+    eval_general_benchmark: str | None = Field(
+        None,
+        description="A benchmark dataset (`python -m runner ingest PATH --name NAME --benchmark`: "
+        "C-Eval, CMMLU or MMLU CSVs) that every evaluation scores base and checkpoint on: the "
+        "report shows general ability and its change against the base.",
+    )
+    eval_max_general_drop: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="Points of general-benchmark accuracy a checkpoint may lose against the base "
+        "before the Approve button's confirm dialog warns.",
+    )
     eval_merge_adapter: bool | Literal["auto"] = Field(
         "auto",
         description="Transformers evaluation: merge the LoRA adapter into the evaluation's own "

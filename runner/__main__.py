@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="validate and store a dataset")
     _add_dataset_options(ingest)
     ingest.add_argument("--name", required=True, help="dataset name (a new version if it exists)")
+    ingest.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="a multiple-choice benchmark (C-Eval, CMMLU or MMLU CSVs) for the general-ability "
+        "check (EVAL_GENERAL_BENCHMARK), not training data",
+    )
     validate = sub.add_parser("validate", help="report on a dataset without storing it")
     _add_dataset_options(validate)
     return parser
@@ -324,6 +330,9 @@ def _status(session: Session, job_id: int | None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from runner.datasets.ingest import IngestOptions, ingest_dataset, validate_dataset
+
+    if args.command == "ingest" and args.benchmark:
+        return _ingest_benchmark(args, settings)
     from runner.datasets.report import render_report
     from runner.models import tokenizer_for_report
 
@@ -372,6 +381,40 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             d = report["dataset"]
             print(f"Stored dataset {d['name']} v{d['version']} (id {d['id']})")
         print(render_report(report))
+    return 0
+
+
+def _ingest_benchmark(args: argparse.Namespace, settings: Settings) -> int:
+    from runner.datasets.ingest import IngestOptions
+    from runner.eval.benchmark import ingest_benchmark
+    from storage.artifacts import ArtifactStore
+    from storage.db import make_engine, new_session
+    from storage.migrate import check_schema
+
+    engine = make_engine(settings.db_url)
+    check_schema(engine)
+    with new_session(engine) as session:
+        dataset = ingest_benchmark(
+            session,
+            ArtifactStore(settings.artifact_dir),
+            args.path,
+            IngestOptions.from_settings(settings).limits,
+            name=args.name,
+        )
+        report = {
+            "dataset": {"id": dataset.id, "name": dataset.name, "version": dataset.version},
+            **dataset.report,
+        }
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    print(
+        f"Stored benchmark {dataset.name} v{dataset.version} (id {dataset.id}): "
+        f"{report['layout']} layout, {report['questions']} questions to score in "
+        f"{len(report['subjects'])} subjects, {report['examples']} few-shot examples"
+    )
+    for subject, row in sorted(report["subjects"].items()):
+        print(f"  {subject}: {row['scored']} scored, {row['examples']} examples")
     return 0
 
 

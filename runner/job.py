@@ -387,6 +387,8 @@ def _prepare(
     )
     if dataset is None:
         raise TrainingFailed(f"job {job.id} has no dataset (dataset id {job.dataset_id})")
+    if dataset.kind == "benchmark":
+        raise TrainingFailed(benchmark_refusal(dataset))
     model_dir = model_dir_for(
         settings, job.base_model, on_status=lambda message: _event(db, "status", message=message)
     )
@@ -420,6 +422,14 @@ def _prepare(
     )
     _check_memory(spec)
     return spec, dataset
+
+
+def benchmark_refusal(dataset: Dataset) -> str:
+    return (
+        f"dataset {dataset.name} v{dataset.version} is a benchmark (multiple-choice questions "
+        "for the general-ability check, EVAL_GENERAL_BENCHMARK): it scores models and is never "
+        "trained on; name a training dataset"
+    )
 
 
 def _check_memory(spec: TrainSpec) -> None:
@@ -543,6 +553,8 @@ def _evaluate_checkpoint(
         "prompts_note": metrics.get("prompts_note"),
         "truncated_prompts": metrics.get("truncated_prompts"),
         "samples_per_second": metrics.get("predict_samples_per_second"),
+        "general": metrics.get("general"),
+        "general_note": metrics.get("general_note"),
     }
     _event(db, "evaluated", **payload)
     return payload

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from storage.models import Checkpoint, Evaluation, Promotion
+from storage.models import Checkpoint, Dataset, Evaluation, Promotion
 
 
 def add_evaluation(
@@ -57,10 +57,18 @@ def promoted_checkpoint(session: Session) -> Checkpoint | None:
     return session.get(Checkpoint, promotion.checkpoint_id)
 
 
+def on_eval_sets(query: Any) -> Any:
+    """Only evaluations on a dataset's eval split: a general benchmark's scores
+    (``Dataset.kind == "benchmark"``, runner/eval/benchmark.py) are not a checkpoint's evaluation."""
+    return query.join(Dataset, col(Dataset.id) == col(Evaluation.dataset_id)).where(
+        Dataset.kind != "benchmark"
+    )
+
+
 def checkpoint_evaluation(session: Session, *, checkpoint_id: int) -> Evaluation | None:
-    """The newest evaluation of a checkpoint, on any dataset."""
+    """The newest evaluation of a checkpoint, on any eval set (not a general benchmark's)."""
     return session.exec(
-        select(Evaluation)
+        on_eval_sets(select(Evaluation))
         .where(Evaluation.checkpoint_id == checkpoint_id)
         .order_by(col(Evaluation.id).desc())
     ).first()
@@ -72,7 +80,7 @@ def checkpoint_evaluations(session: Session, *, checkpoint_ids: list[int]) -> di
     if not checkpoint_ids:
         return found
     rows = session.exec(
-        select(Evaluation)
+        on_eval_sets(select(Evaluation))
         .where(col(Evaluation.checkpoint_id).in_(checkpoint_ids))
         .order_by(col(Evaluation.id))
     )

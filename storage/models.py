@@ -46,6 +46,13 @@ class Dataset(SQLModel, table=True):
     version: int = 1
     source_name: str = Field(max_length=255, description="the uploaded file or folder name")
     format: str = Field(max_length=40)
+    kind: str = Field(
+        default="sft",
+        max_length=20,
+        sa_column_kwargs={"server_default": "sft"},
+        description="sft: training data; benchmark: multiple-choice questions that score "
+        "general ability (runner/eval/benchmark.py), never trained on",
+    )
     train_sha256: str = Field(max_length=64)
     eval_sha256: str | None = Field(default=None, max_length=64)
     train_samples: int

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from core.enums import JobKind, JobStatus
 from core.errors import Conflict, NotFound
+from storage.evaluations import on_eval_sets
 from storage.jobs import add_job_event, create_job, request_cancel
 from storage.models import Checkpoint, Evaluation, Job, JobEvent, Sweep
 from storage.types import utcnow
@@ -182,7 +183,7 @@ def sweep_rows(session: Session, sweep: Sweep) -> list[SweepRow]:
     evaluations: dict[int, dict[str, Any]] = {}
     checkpoint_ids = [c.id for c in finals.values()]
     for evaluation in session.exec(
-        select(Evaluation)
+        on_eval_sets(select(Evaluation))
         .where(col(Evaluation.checkpoint_id).in_(checkpoint_ids))
         .order_by(col(Evaluation.id))
     ).all():

@@ -15,15 +15,17 @@ from typing import Any
 
 from sqlmodel import Session
 
-from core.errors import NotFound
+from core.errors import BenchmarkRejected, NotFound
 from core.protocol import PromptFrame
 from core.settings import Settings
 from runner.datasets.ingest import read_split
+from runner.eval.benchmark import general_summary, read_benchmark, score_benchmark
 from runner.eval.evaluate import evaluate_conversations
 from runner.eval.metrics import deltas
 from runner.eval.predict import make_predictor
 from runner.models import load_tokenizer, model_dir_for
 from storage.artifacts import ArtifactStore
+from storage.datasets import get_dataset
 from storage.evaluations import add_evaluation, latest_evaluation, promoted_checkpoint
 from storage.models import Checkpoint, Dataset, Evaluation
 
@@ -52,6 +54,7 @@ def evaluate_model(
         model_dir, adapter_dir = store.path(checkpoint.path), None  # freeze/full: whole models
     tokenizer = load_tokenizer(model_dir)
     conversations = read_split(store, dataset.eval_sha256)
+    benchmark, general_note = general_benchmark(session, settings)
     started = time.perf_counter()
     predictor = make_predictor(model_dir, adapter_dir, settings)
     load_s = time.perf_counter() - started
@@ -65,11 +68,34 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             frame=PromptFrame.from_dict(dataset.prompt_frame or {}),
         )
+        general_started = time.perf_counter()
+        general = None
+        if benchmark is not None:
+            try:
+                general = _score_general(
+                    session,
+                    store,
+                    settings,
+                    benchmark=benchmark,
+                    base_model=base_model,
+                    checkpoint=checkpoint,
+                    tokenizer=tokenizer,
+                    predictor=predictor,
+                )
+            except BenchmarkRejected as exc:  # the check cannot run: say so, keep the evaluation
+                general_note = f"general ability was not scored on {benchmark.name}: {exc.message}"
+                log.warning("%s", general_note)
+        general_s = time.perf_counter() - general_started
     finally:
         del predictor
         gc.collect()
     metrics = outcome.metrics
     metrics["timings"] = {"load_s": round(load_s, 3), **metrics.get("timings", {})}
+    if general is not None:
+        metrics["general"] = general
+        metrics["timings"]["general_s"] = round(general_s, 3)
+    if general_note is not None:
+        metrics["general_note"] = general_note
     subject = f"checkpoint {checkpoint.id}" if checkpoint is not None else f"base {base_model}"
     if checkpoint is not None:
         base_eval = latest_evaluation(
@@ -160,15 +186,105 @@ def _write_report(
         )
 
 
+def general_benchmark(session: Session, settings: Settings) -> tuple[Dataset | None, str | None]:
+    """The benchmark ``EVAL_GENERAL_BENCHMARK`` names (None when unset), or None and the reason
+    it cannot be used, for the report."""
+    name = settings.eval_general_benchmark
+    if not name:
+        return None, None
+    found = get_dataset(session, name=name)
+    if found is None or found.kind != "benchmark":
+        note = (
+            f"EVAL_GENERAL_BENCHMARK={name} names no benchmark dataset"
+            + (f" ({name} is {found.kind} data)" if found is not None else "")
+            + ": ingest one with `python -m runner ingest PATH --name NAME --benchmark`; "
+            "general ability was not scored"
+        )
+        log.warning("%s", note)
+        return None, note
+    return found, None
+
+
+def _score_general(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    benchmark: Dataset,
+    base_model: str,
+    checkpoint: Checkpoint | None,
+    tokenizer: Any,
+    predictor: Any,
+) -> dict[str, Any]:
+    """Score the general benchmark with ``predictor``, store it as the benchmark's evaluation
+    row, and return the report's ``general`` entry (against the base's score)."""
+    assert benchmark.id is not None
+    scores = score_benchmark(
+        read_benchmark(store, benchmark),
+        tokenizer,
+        predictor.read,
+        max_prompt_tokens=settings.eval_max_model_len - 1,
+    )
+    add_evaluation(
+        session,
+        dataset_id=benchmark.id,
+        base_model=base_model,
+        checkpoint_id=checkpoint.id if checkpoint is not None else None,
+        metrics=scores,
+        report_path=None,
+    )
+    base = (
+        latest_evaluation(
+            session, dataset_id=benchmark.id, base_model=base_model, checkpoint_id=None
+        )
+        if checkpoint is not None
+        else None
+    )
+    summary = general_summary(
+        f"{benchmark.name} v{benchmark.version}",
+        scores,
+        base.metrics if base is not None else None,
+        max_drop_pt=settings.eval_max_general_drop,
+    )
+    summary["subjects"] = {k: v["accuracy"] for k, v in scores["subjects"].items()}
+    return summary
+
+
 def ensure_base_evaluation(
     session: Session, store: ArtifactStore, settings: Settings, *, dataset: Dataset, base_model: str
 ) -> Evaluation:
-    """The base model's evaluation on this eval set, computed once and cached."""
+    """The base model's evaluation on this eval set, computed once and cached; and its score on
+    the general benchmark (``EVAL_GENERAL_BENCHMARK``), computed once per benchmark."""
     assert dataset.id is not None
     cached = latest_evaluation(
         session, dataset_id=dataset.id, base_model=base_model, checkpoint_id=None
     )
     if cached is not None:
+        benchmark, _ = general_benchmark(session, settings)
+        if benchmark is not None and benchmark.id is not None:
+            scored = latest_evaluation(
+                session, dataset_id=benchmark.id, base_model=base_model, checkpoint_id=None
+            )
+            if scored is None:  # the benchmark was named after the base's evaluation
+                base_dir = model_dir_for(settings, base_model)
+                assert base_dir is not None
+                predictor = make_predictor(base_dir, None, settings)
+                try:  # a benchmark this model cannot be scored on: the checkpoint's report says why
+                    _score_general(
+                        session,
+                        store,
+                        settings,
+                        benchmark=benchmark,
+                        base_model=base_model,
+                        checkpoint=None,
+                        tokenizer=load_tokenizer(base_dir),
+                        predictor=predictor,
+                    )
+                except BenchmarkRejected as exc:
+                    log.warning("general ability not scored for the base: %s", exc.message)
+                finally:
+                    del predictor
+                    gc.collect()
         return cached
     return evaluate_model(
         session, store, settings, dataset=dataset, base_model=base_model, checkpoint=None

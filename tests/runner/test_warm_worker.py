@@ -99,3 +99,33 @@ def test_jobs_in_one_warm_worker_train_as_they_would_in_fresh_processes(
     # The two jobs differ (seed, rank, lr): the second did not inherit the first's adapter.
     first, second = _adapter(engine, store, warm[0]), _adapter(engine, store, warm[1])
     assert any(first[k].shape != second[k].shape or not first[k].equal(second[k]) for k in first)
+
+
+def test_pinning_the_resident_base_keeps_its_values_and_tied_weights(tiny_model_dir) -> None:
+    """``pin_tensors`` swaps every tensor's storage once (a CUDA host pins it; here a copy stands
+    for the page-locked one): tied weights stay one tensor, values and device copies unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runner import warm
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    pointers = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    swapped: list[int] = []
+
+    def pin(tensor: torch.Tensor) -> torch.Tensor:
+        swapped.append(id(tensor))
+        return tensor.clone()
+
+    warm.pin_tensors(model, pin)
+    after = model.state_dict()
+    assert len(swapped) == len(warm._tensors(model))  # each shared tensor once
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, tensor in after.items():
+        assert torch.equal(tensor, before[name]), name
+        assert tensor.data_ptr() != pointers[name], name  # the storage moved
+    copied = warm.device_copy(model, "cpu").state_dict()
+    assert all(torch.equal(copied[name], before[name]) for name in before)
