@@ -22,7 +22,13 @@ from core.enums import JobKind, JobStatus
 from core.errors import ConfigError, Conflict, FinetuneError, Forbidden, NotFound
 from core.settings import Settings
 from runner.config import TrainConfig, parse_train_args
-from storage.datasets import find_dataset, is_dataset_visible, latest_dataset, visible_datasets
+from storage.datasets import (
+    find_dataset,
+    is_dataset_visible,
+    latest_dataset,
+    mix_dataset,
+    visible_datasets,
+)
 from storage.db import new_session
 from storage.jobs import add_job_event, create_job, request_cancel, set_job_thread
 from storage.models import Checkpoint, Dataset, Job
@@ -89,6 +95,9 @@ def queue_job(
         raise NotFound(
             f"no dataset {dataset.id} in this channel (`/finetune datasets` lists what it can use)"
         )
+    if config.mix_spec is not None:  # refused now, not when the job starts
+        with new_session(ctx.db) as session:
+            mix_dataset(session, name=config.mix_spec[0], channel_id=channel)
     return _queue(
         ctx,
         client,

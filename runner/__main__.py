@@ -188,6 +188,10 @@ def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> i
     dataset = get_dataset(session, name=args.dataset)
     if dataset is None:
         raise NotFound(f"no dataset named {args.dataset}: ingest one first")
+    if config.mix_spec is not None:
+        from storage.datasets import mix_dataset
+
+        mix_dataset(session, name=config.mix_spec[0], channel_id=None)
     job = create_job(
         session,
         base_model=base_model_name(settings),  # type: ignore[arg-type]

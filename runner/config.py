@@ -9,6 +9,7 @@ promotion. Imports nothing heavy: the bot renders help and the start modal from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
@@ -94,6 +95,12 @@ class TrainConfig(BaseModel):
         le=10_000_000,
         description="stop after this many optimizer steps (0 = run all epochs)",
     )
+    mix: str | None = Field(
+        None,
+        max_length=120,
+        description="DATASET:SHARE: add SHARE x the train samples from another dataset's train "
+        "split (general data against forgetting), e.g. mix=general-zh:0.2",
+    )
     save_steps: int = Field(100, ge=1, le=1_000_000, description="checkpoint every N steps")
     logging_steps: int = Field(5, ge=1, le=1_000_000, description="progress event every N steps")
 
@@ -109,7 +116,25 @@ class TrainConfig(BaseModel):
             raise ValueError(f"quantization_bit={self.quantization_bit} is not allowed: use 4 or 8")
         if self.quantization_bit is not None and self.method != "qlora":
             raise ValueError("quantization_bit is for method=qlora only")
+        _ = self.mix_spec  # validates mix
         return self
+
+    @property
+    def mix_spec(self) -> tuple[str, float] | None:
+        """``mix`` as (dataset name, share of the train samples to add)."""
+        if self.mix is None:
+            return None
+        name, sep, raw = self.mix.rpartition(":")
+        try:
+            share = float(raw)
+        except ValueError:
+            share = math.nan
+        if not sep or not name.strip() or not 0 < share <= 1:
+            raise ValueError(
+                f"mix={self.mix} is not DATASET:SHARE with SHARE above 0 and at most 1 "
+                "(for example mix=general-zh:0.2 adds a fifth as many samples from general-zh)"
+            )
+        return name.strip(), share
 
     @property
     def samples_per_step(self) -> int:

@@ -394,8 +394,9 @@ def _prepare(
     )
     assert model_dir is not None
     tokenizer = load_tokenizer(model_dir)
-    conversations = read_split(store, dataset.train_sha256)
-    examples = [render_training_example(tokenizer, c) for c in conversations]
+    conversations = read_split(store, dataset.train_sha256)[: config.max_samples]
+    mixed, mix_meta = _mix_in(db, store, job, config, len(conversations))
+    examples = [render_training_example(tokenizer, c) for c in conversations + mixed]
     saved = db.wait(lambda s: job_checkpoints(s, job_id=db.job_id))
     hooks.samples = len(examples)
     meta = {
@@ -408,6 +409,7 @@ def _prepare(
         "prompt_frame": dataset.prompt_frame,
         "answer_style": answer_style([answer_of(c) for c in conversations]).to_dict(),
         "dataset": {"id": dataset.id, "name": dataset.name, "version": dataset.version},
+        **({"mix": mix_meta} if mix_meta is not None else {}),
         "job_id": job.id,
     }
     spec = TrainSpec(
@@ -422,6 +424,45 @@ def _prepare(
     )
     _check_memory(spec)
     return spec, dataset
+
+
+def _mix_in(
+    db: JobDb, store: ArtifactStore, job: Job, config: Any, task_samples: int
+) -> tuple[list[Any], dict[str, Any] | None]:
+    """``mix=NAME:SHARE``: round(SHARE x the task's samples) conversations from NAME's train split
+    (within ``max_samples`` in all), drawn in an order fixed by the job's seed (repeating the
+    split when it is smaller), and what was mixed, for the checkpoint's meta."""
+    import random
+
+    from runner.train.recipe import TrainingFailed
+    from storage.datasets import mix_dataset
+
+    spec = config.mix_spec
+    if spec is None:
+        return [], None
+    name, share = spec
+    try:
+        general = db.wait(lambda s: mix_dataset(s, name=name, channel_id=job.channel_id))
+    except FinetuneError as exc:
+        raise TrainingFailed(exc.message) from exc
+    rows = read_split(store, general.train_sha256)
+    wanted = min(round(share * task_samples), max(config.max_samples - task_samples, 0))
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    picked = [rows[order[i % len(order)]] for i in range(wanted)] if order else []
+    meta = {
+        "dataset": {"id": general.id, "name": general.name, "version": general.version},
+        "share": share,
+        "samples": len(picked),
+        "task_samples": task_samples,
+    }
+    _event(
+        db,
+        "status",
+        message=f"mixing in {len(picked)} samples of {general.name} v{general.version} "
+        f"({share:g} of the {task_samples} task samples)",
+    )
+    return picked, meta
 
 
 def benchmark_refusal(dataset: Dataset) -> str:

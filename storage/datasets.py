@@ -139,3 +139,25 @@ def set_dataset_shared(session: Session, *, name: str, channel_id: str, shared: 
     ).rowcount  # type: ignore[attr-defined]
     session.commit()
     return int(changed or 0)
+
+
+def mix_dataset(session: Session, *, name: str, channel_id: str | None) -> Dataset:
+    """The dataset ``mix=NAME:SHARE`` names for a job of ``channel_id`` (None: the operator's, any
+    scope): training data the channel may use; NotFound or ConfigError saying why not."""
+    from core.errors import ConfigError, NotFound
+
+    found = (
+        find_dataset(session, name=name, channel_id=channel_id)
+        if channel_id is not None
+        else get_dataset(session, name=name)
+    )
+    if found is None:
+        raise NotFound(
+            f"mix: no dataset named {name} that this channel may use (its own, one shared by "
+            "another channel, or the deployment's: `/finetune datasets`)"
+        )
+    if found.kind != "sft":
+        raise ConfigError(
+            f"mix: dataset {name} is a {found.kind} dataset, not training data; name one to mix in"
+        )
+    return found

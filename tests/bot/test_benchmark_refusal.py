@@ -28,3 +28,14 @@ def test_start_refuses_a_benchmark_as_training_data(slack, engine, tmp_path) -> 
     assert reply.get("response_type", "ephemeral") == "ephemeral"  # to the user, not the channel
     with new_session(engine) as session:
         assert session.exec(select(Job)).first() is None  # nothing queued
+
+
+def test_start_refuses_a_mix_the_channel_cannot_use(slack, engine) -> None:
+    from tests.bot.conftest import ingest
+
+    ingest(slack, engine, name="news")
+    ingest(slack, engine, channel="C0OTHER", name="general")  # another channel's, not shared
+    slack.command("start dataset=news mix=general:0.2")
+    assert "mix: no dataset named general that this channel may use" in slack.reply(0)["text"]
+    with new_session(engine) as session:
+        assert session.exec(select(Job)).first() is None  # nothing queued
