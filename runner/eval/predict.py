@@ -197,9 +197,11 @@ class TransformersPredictor:
 def next_token_logprobs(
     model: Any, requests: Sequence[Read], *, pad_token_id: int, batch_size: int, device: Any
 ) -> list[dict[int, float]]:
-    """One forward pass per batch of similar length, right-padded (positions stay those of the
-    unpadded sequence; a causal model never looks at the padding after a row's last token): the
-    log-softmax at each row's last token, read at its candidates."""
+    """One forward pass per batch of similar length, left-padded with each row's positions those
+    of its unpadded sequence (so padding changes nothing a row sees): the log-softmax at each
+    row's last token, read at its candidates. Only the last column reaches the LM head
+    (``logits_to_keep=1``): a batch of few-shot prompts never materialises logits for every
+    position (128 × 700 tokens × a 152k vocabulary would be 27 GB)."""
     import torch
 
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
@@ -211,13 +213,17 @@ def next_token_logprobs(
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
             tokens = requests[i][0]
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
+            ids[row, width - len(tokens) :] = torch.tensor(tokens)
+            mask[row, width - len(tokens) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        last = torch.tensor([len(requests[i][0]) - 1 for i in chunk], device=logits.device)
-        rows = logits[torch.arange(len(chunk), device=logits.device), last].float()
-        logprobs = torch.log_softmax(rows, dim=-1).cpu()
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=1,
+            ).logits
+        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
         for row, i in enumerate(chunk):
             candidates = requests[i][1]
             values = logprobs[row, candidates].tolist()
