@@ -170,6 +170,15 @@ class Settings(BaseSettings):
         description="Points of general-benchmark accuracy a checkpoint may lose against the base "
         "before the Approve button's confirm dialog warns.",
     )
+    distill_concurrency: int = Field(
+        4, ge=1, le=256, description="Teacher requests in flight at once (`runner distill`)."
+    )
+    distill_requests_per_second: float = Field(
+        10.0, gt=0, le=1000, description="Most teacher requests a second (`runner distill`)."
+    )
+    distill_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="How long one teacher request may take."
+    )
     eval_merge_adapter: bool | Literal["auto"] = Field(
         "auto",
         description="Transformers evaluation: merge the LoRA adapter into the evaluation's own "

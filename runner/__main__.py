@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate = sub.add_parser("validate", help="report on a dataset without storing it")
     _add_dataset_options(validate)
+    distill = sub.add_parser(
+        "distill", help="have a teacher write the reasoning of a label-only dataset"
+    )
+    distill.add_argument("--dataset", required=True, help="a labelled dataset (its newest version)")
+    distill.add_argument("--teacher", required=True, help="OpenAI-compatible API base URL (…/v1)")
+    distill.add_argument("--model", required=True, help="the teacher's model name")
+    distill.add_argument("--name", help="the new dataset's name (default: <dataset>-distilled)")
+    distill.add_argument("--tries", type=int, default=3, help="asks per sample at most (3)")
+    distill.add_argument("--limit", type=int, help="distill only the first N samples")
+    distill.add_argument("--max-tokens", type=int, default=512, help="answer budget (512)")
+    distill.add_argument("--api-key-env", help="environment variable holding the teacher's API key")
     return parser
 
 
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "help",
             "evaluate",
             "export",
+            "distill",
         ):
             return _run_queue_command(args, settings)
         return _run(args, settings)
@@ -166,6 +178,8 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
             return _evaluate(session, settings, args)
         if args.command == "export":
             return _export(session, settings, args)
+        if args.command == "distill":
+            return _distill(session, settings, args)
         if args.command == "cancel":
             from storage.jobs import request_cancel
 
@@ -175,6 +189,55 @@ def _run_queue_command(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 0
         return _status(session, args.job)
+
+
+def _distill(session: Session, settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from core.errors import ConfigError, NotFound
+    from runner.distill import DistillLimits, Teacher, distill_dataset
+    from storage.artifacts import ArtifactStore
+    from storage.datasets import get_dataset
+
+    dataset = get_dataset(session, name=args.dataset)
+    if dataset is None:
+        raise NotFound(f"no dataset named {args.dataset}: ingest one first")
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that variable is not set")
+    teacher = Teacher(
+        args.teacher,
+        args.model,
+        api_key=key,
+        timeout_s=settings.distill_timeout_seconds,
+        max_tokens=args.max_tokens,
+    )
+    limits = DistillLimits(
+        tries=args.tries,
+        concurrency=settings.distill_concurrency,
+        requests_per_second=settings.distill_requests_per_second,
+    )
+    stored, summary = distill_dataset(
+        session,
+        ArtifactStore(settings.artifact_dir),
+        settings,
+        dataset=dataset,
+        teacher=teacher,
+        limits=limits,
+        name=args.name,
+        limit=args.limit,
+    )
+    print(
+        f"Stored dataset {stored.name} v{stored.version} (id {stored.id}): {summary['kept']} of "
+        f"{summary['samples']} samples kept ({summary['yield']:.0%}), "
+        f"{summary['teacher_requests']} teacher requests, {summary['tokens']} tokens "
+        f"({summary['asked_now']} samples asked in this run)"
+    )
+    for label, row in summary["per_label"].items():
+        print(f"  {label}: {row['kept']} of {row['asked']} kept ({row['yield']:.0%})")
+    return 0
 
 
 def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> int:
