@@ -334,7 +334,17 @@ def register(app: Any, ctx: BotContext) -> None:
     @app.action(NEW_JOB)
     def handle_new_job(ack: Any, body: dict[str, Any], client: Any) -> None:
         ack()
-        _open_start_form(ctx, client, body["user"]["id"], body["trigger_id"])
+        user = body["user"]["id"]
+        try:
+            _open_start_form(ctx, client, user, body["trigger_id"])
+        except SlackApiError as exc:  # e.g. expired_trigger: said at the top of their home
+            code = exc.response.get("error")
+            log.warning("could not open the start form for %s: %s", user, code)
+            notice = (
+                f":warning: Slack did not open the form (`{code}`); click *New fine-tune* "
+                "again, or type `/finetune start` in a channel."
+            )
+            show_home(ctx, client, user, notice=notice)
 
 
 def in_home(body: dict[str, Any]) -> bool:

@@ -256,6 +256,7 @@ class SlackStandIn:
         path = handler.path
         if path.startswith("/response/"):
             params = self._read(handler)
+            params["_response_url"] = path.removeprefix("/response/")  # whose answer it is
             with self._lock:
                 self.calls.append(Call("response_url", params))
             return self._reply(handler, 200, b"ok", "text/plain")
