@@ -273,6 +273,47 @@ def export_text(payload: dict[str, Any]) -> str:
 SHOW_MISTAKES = "show_mistakes"  # the report's Show mistakes button and each page's More mistakes
 DECISIONS = ("approve_checkpoint", "reject_checkpoint")
 
+# Every action of the bot's buttons and menus, sorted by what a click does. A destructive one
+# changes what serves, stops work or throws a result away: it carries a confirm dialog
+# (``confirm_dialog``), which tests/bot/test_conventions.py checks on every block the bot builds.
+# An action in neither set fails that test: sort a new one here.
+DESTRUCTIVE_ACTIONS = frozenset(
+    {
+        "approve_checkpoint",  # the report's Approve & promote, the home's Promote, the sweep's
+        "reject_checkpoint",
+        "confirm_rollback",  # `/finetune rollback`'s Roll back to …
+        "cancel_job",  # the home's Cancel
+        "cancel_sweep",
+    }
+)
+HARMLESS_ACTIONS = frozenset(
+    {
+        SHOW_MISTAKES,  # posts a page of mistakes in the thread
+        "cancel_rollback",  # closes the rollback question, nothing changed
+        "home_start_job",  # opens the start form
+        "correct_label",  # feedback on an answer: a later choice replaces it
+        "confirm_label",
+    }
+)
+CONFIRM_TITLE_CHARS, CONFIRM_TEXT_CHARS, CONFIRM_BUTTON_CHARS = 100, 300, 30  # Slack's limits
+
+
+def confirm_dialog(
+    title: str, text: str, yes: str, no: str = "Keep it", *, style: str = "danger"
+) -> dict[str, Any]:
+    """The dialog Slack shows before a destructive button's click is sent.
+
+    >>> confirm_dialog("Cancel this job?", "Job 3 stops.", "Cancel the job")["deny"]["text"]
+    'Keep it'
+    """
+    return {
+        "title": {"type": "plain_text", "text": cut(title, CONFIRM_TITLE_CHARS)},
+        "text": {"type": "mrkdwn", "text": cut(text, CONFIRM_TEXT_CHARS)},
+        "confirm": {"type": "plain_text", "text": cut(yes, CONFIRM_BUTTON_CHARS)},
+        "deny": {"type": "plain_text", "text": cut(no, CONFIRM_BUTTON_CHARS)},
+        "style": style,
+    }
+
 
 def pct(value: float | None) -> str:
     """A probability as people read it, in whole percent.
@@ -430,6 +471,18 @@ def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CH
     return head + "\n".join(shown_rows) + fence
 
 
+def promote_confirm(checkpoint: int | str, what: str | None = None) -> dict[str, Any]:
+    """The dialog before every Promote: the report's, the home's, the sweep's best run's."""
+    return confirm_dialog(
+        "Promote this checkpoint?",
+        f"{what or f'Checkpoint {checkpoint}'} will answer `/classify` for everyone, replacing "
+        "what serves now.",
+        "Promote",
+        "Cancel",
+        style="primary",
+    )
+
+
 def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The evaluation report (``payload``: the ``evaluated`` event, runner/job.py): the scores
     that matter first, the per-class table, Approve & promote / Reject, and Show mistakes (a
@@ -462,16 +515,7 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "primary",
                     "text": {"type": "plain_text", "text": "Approve & promote"},
                     "value": str(checkpoint),
-                    "confirm": {
-                        "title": {"type": "plain_text", "text": "Promote this checkpoint?"},
-                        "text": {
-                            "type": "mrkdwn",
-                            "text": f"Checkpoint {checkpoint} will "
-                            "answer /classify for everyone, replacing what serves now.",
-                        },
-                        "confirm": {"type": "plain_text", "text": "Promote"},
-                        "deny": {"type": "plain_text", "text": "Cancel"},
-                    },
+                    "confirm": promote_confirm(checkpoint),
                 },
                 {
                     "type": "button",
@@ -479,6 +523,12 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "danger",
                     "text": {"type": "plain_text", "text": "Reject"},
                     "value": str(checkpoint),
+                    "confirm": confirm_dialog(
+                        "Reject this checkpoint?",
+                        f"Checkpoint {checkpoint} is marked rejected: it can no longer be "
+                        "promoted (its files stay).",
+                        "Reject",
+                    ),
                 },
             ],
         }
@@ -556,6 +606,12 @@ def rollback_confirm_blocks(plan: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "danger",
                     "text": {"type": "plain_text", "text": f"Roll back to {after}"},
                     "value": rollback_value(plan),
+                    "confirm": confirm_dialog(
+                        f"Roll back to {after}?",
+                        f"{after[0].upper() + after[1:]} will answer `/classify` for everyone, "
+                        f"instead of {now}.",
+                        "Roll back",
+                    ),
                 },
                 {
                     "type": "button",

@@ -17,10 +17,12 @@ from typing import Any
 from bot.blocks import (
     STATE_EMOJI,
     channel_mention,
+    confirm_dialog,
     cut,
     job_noun,
     model_display_name,
     progress_bar,
+    promote_confirm,
 )
 from core.enums import CheckpointStatus
 from storage.models import Checkpoint, Dataset, Job, Promotion
@@ -87,15 +89,6 @@ def _header(text: str) -> dict[str, Any]:
 
 def _context(text: str) -> dict[str, Any]:
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(text)}]}
-
-
-def _confirm(title: str, text: str, yes: str) -> dict[str, Any]:
-    return {
-        "title": {"type": "plain_text", "text": title},
-        "text": {"type": "mrkdwn", "text": text},
-        "confirm": {"type": "plain_text", "text": yes},
-        "deny": {"type": "plain_text", "text": "Keep it"},
-    }
 
 
 def scores_text(metrics: dict[str, Any] | None) -> str:
@@ -175,7 +168,7 @@ def job_block(job: Job, dataset: Dataset | None, viewer: Viewer) -> dict[str, An
             "style": "danger",
             "text": {"type": "plain_text", "text": "Cancel"},
             "value": str(job.id),
-            "confirm": _confirm(
+            "confirm": confirm_dialog(
                 "Cancel this job?",
                 f"{job_noun(job)} {job.id} stops; a training job keeps its last checkpoint.",
                 "Cancel the job",
@@ -235,12 +228,7 @@ def checkpoint_block(
             "style": "primary",
             "text": {"type": "plain_text", "text": "Promote"},
             "value": str(checkpoint.id),
-            "confirm": _confirm(
-                "Promote this checkpoint?",
-                f"Checkpoint {checkpoint.id} will answer /classify for everyone, replacing "
-                "what serves now.",
-                "Promote",
-            ),
+            "confirm": promote_confirm(checkpoint.id or 0),
         }
     return _section(text, button)
 
