@@ -106,6 +106,7 @@ def start_notifier(settings: Settings) -> Any:
     from bot.auth import Approvers
     from bot.home import HomeRefresher
     from bot.notifier import Notifier, relay_client
+    from bot.permalinks import Permalinks
     from runner.models import base_model_name
     from storage.artifacts import ArtifactStore
     from storage.db import make_engine
@@ -116,14 +117,18 @@ def start_notifier(settings: Settings) -> Any:
     stop = threading.Event()
     db = make_engine(settings.db_url)
     client = relay_client(token, settings.slack_api_url)
+    permalinks = Permalinks()  # one cache for the homes and the threads it writes
     homes = HomeRefresher(
         db,
         client,
         Approvers(settings.approvers, client),
         base_model_name(settings),
         interval=settings.home_refresh_seconds,
+        permalinks=permalinks,
     )
-    notifier = Notifier(db, client, ArtifactStore(settings.artifact_dir), homes=homes)
+    notifier = Notifier(
+        db, client, ArtifactStore(settings.artifact_dir), homes=homes, permalinks=permalinks
+    )
     threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()
     return stop
 

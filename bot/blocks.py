@@ -471,6 +471,22 @@ def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CH
     return head + "\n".join(shown_rows) + fence
 
 
+def eval_report_text(payload: dict[str, Any]) -> str:
+    """The report's notification text: the scores that matter and what can be done with it.
+
+    >>> eval_report_text({"checkpoint_id": 4, "accuracy": 0.9, "macro_f1": 0.85, "ece": 0.031})
+    'Evaluation of checkpoint 4: accuracy 90.0%, macro-F1 85.0%, calibration error 3.1%. Approvers can approve and promote it, or reject it.'
+    """
+    text = (
+        f"Evaluation of checkpoint {payload['checkpoint_id']}: accuracy "
+        f"{_pct(payload.get('accuracy'))}, macro-F1 {_pct(payload.get('macro_f1'))}"
+    )
+    ece = payload.get("ece")
+    if isinstance(ece, int | float):
+        text += f", calibration error {_pct(ece)}"
+    return text + ". Approvers can approve and promote it, or reject it."
+
+
 def promote_confirm(checkpoint: int | str, what: str | None = None) -> dict[str, Any]:
     """The dialog before every Promote: the report's, the home's, the sweep's best run's."""
     return confirm_dialog(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -23,6 +23,7 @@ from bot import checkpoint_commands, dataset_commands, feedback, job_commands, s
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
 from bot.job_commands import queue_job
+from bot.permalinks import Permalinks
 from bot.serving_client import call_serving
 from core.errors import FinetuneError, NotFound
 from core.settings import Settings
@@ -84,6 +85,7 @@ class BotContext:
     db: Engine
     approvers: Approvers
     base_model: str
+    permalinks: Permalinks = field(default_factory=Permalinks)  # links Slack gave, cached
 
 
 def usage_text(unknown: str | None = None, settings: Settings | None = None) -> str:

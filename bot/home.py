@@ -44,7 +44,9 @@ from bot.home_blocks import (
     Viewer,
     home_fallback_view,
     home_view,
+    row_key,
 )
+from bot.permalinks import Permalinks, mrkdwn_link, report_messages
 from bot.slack_errors import Rejected, RetryLater, TokenRefused, Undelivered, slack_problem
 from core.enums import JobStatus
 from core.errors import FinetuneError
@@ -140,8 +142,23 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
         board.append(
             Board(checkpoint, job, dataset_of(job), found.metrics if found is not None else None)
         )
+    refs: dict[str, tuple[str, str, str]] = {}
+    for job in jobs:
+        if job.channel_id and job.thread_ts:
+            refs[row_key("job", job.id)] = (job.channel_id, job.thread_ts, "thread")
+    linked = [c.id for c, _ in rows if c.id is not None]
+    if serving_visible and promotion is not None and promotion.checkpoint_id is not None:
+        linked.append(promotion.checkpoint_id)
+    reports = report_messages(session, linked)
+    for checkpoint, job in rows:
+        if job.channel_id and job.thread_ts:
+            refs[row_key("checkpoint", checkpoint.id)] = (job.channel_id, job.thread_ts, "thread")
+    for checkpoint_id, (channel, ts) in reports.items():
+        refs[row_key("checkpoint", checkpoint_id)] = (channel, ts, "report")
+    sweeps = _recent_sweeps(session, viewer, refs)
     return HomeData(
-        sweeps=_recent_sweeps(session, viewer),
+        sweeps=sweeps,
+        refs=refs,
         base_model=base_model,
         promotion=promotion,
         serving_metrics=serving_metrics,
@@ -153,10 +170,10 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
 
 
 def _recent_sweeps(
-    session: Session, viewer: Viewer
+    session: Session, viewer: Viewer, refs: dict[str, tuple[str, str, str]]
 ) -> list[tuple[int, str | None, int, int, bool, str | None]]:
     """The newest sweeps the viewer sees (their own, the deployment's; every one for approvers):
-    how many runs ended and the best run so far."""
+    how many runs ended and the best run so far; their threads go in ``refs``."""
     from bot.sweeps import best_text
     from storage.models import Sweep
     from storage.sweeps import best_row, sweep_rows
@@ -169,6 +186,8 @@ def _recent_sweeps(
     out = []
     for found in session.exec(query).all():
         assert found.id is not None
+        if found.channel_id and found.thread_ts:
+            refs[row_key("sweep", found.id)] = (found.channel_id, found.thread_ts, "thread")
         rows = sweep_rows(session, found)
         ended = sum(JobStatus(r.status).finished for r in rows)
         best = best_row(rows)
@@ -212,13 +231,21 @@ def publish_home(
     base_model: str,
     user: str,
     notice: str | None = None,
+    permalinks: Permalinks | None = None,
 ) -> None:
-    """Publish ``user``'s home. A home Slack refuses (``invalid_arguments``, ``invalid_blocks``…)
-    is published again as plain text; raises ``RetryLater`` (rate limited, Slack or the network
-    down), ``TokenRefused``, or ``Rejected`` when the plain one is refused too."""
+    """Publish ``user``'s home, its rows linked to their threads and reports (``permalinks``
+    caches Slack's links; a row Slack gives none for shows none). A home Slack refuses
+    (``invalid_arguments``, ``invalid_blocks``…) is published again as plain text; raises
+    ``RetryLater`` (rate limited, Slack or the network down), ``TokenRefused``, or ``Rejected``
+    when the plain one is refused too."""
     viewer = viewer_of(approvers, user)
     with new_session(db) as session:
         data = read_home(session, viewer, base_model=base_model)
+    if permalinks is not None:
+        for key, (channel, ts, words) in data.refs.items():
+            link = permalinks.link(client, channel, ts)
+            if link:
+                data.links[key] = mrkdwn_link(link, words)
     try:
         _publish(client, user, home_view(data, viewer, notice=notice))
     except Rejected as exc:
@@ -259,8 +286,10 @@ class HomeRefresher:
         *,
         interval: float,
         clock: Any = time.monotonic,
+        permalinks: Permalinks | None = None,
     ) -> None:
         self.db = db
+        self.permalinks = permalinks if permalinks is not None else Permalinks()
         self.client = client
         self.approvers = approvers
         self.base_model = base_model
@@ -293,6 +322,7 @@ class HomeRefresher:
                     approvers=self.approvers,
                     base_model=self.base_model,
                     user=user,
+                    permalinks=self.permalinks,
                 )
                 published += 1
             except RetryLater as exc:
@@ -363,6 +393,7 @@ def show_home(ctx: BotContext, client: Any, user: str, *, notice: str | None = N
             base_model=ctx.base_model,
             user=user,
             notice=notice,
+            permalinks=ctx.permalinks,
         )
     except Undelivered as exc:
         log.warning("%s's home was not published: %s", user, exc.reason)

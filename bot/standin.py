@@ -13,6 +13,10 @@ Slack does), and fails the way Slack does:
 - from the message: text over 40,000 characters is ``msg_too_long``; a section text over 3,000
   characters, or more than 50 blocks, is ``invalid_blocks``; neither text nor blocks is
   ``no_text``;
+- ``chat.getPermalink`` of a message it took (``messages``) answers Slack's link
+  (``https://standin.slack.com/archives/C…/p<ts without the dot>``, with ``?thread_ts=…&cid=…``
+  for a reply); of a deleted or unknown message ``message_not_found``, of a channel it never
+  posted in (or deleted) ``channel_not_found``;
 - from a published home (``views.publish``, kept per user in ``homes``): not a ``home`` view,
   more than 100 blocks, a section over 3,000 or a header over 150 characters is
   ``invalid_arguments``, as Slack answers.
@@ -111,6 +115,9 @@ class SlackStandIn:
         self.kicked: set[str] = set()
         self.deleted_channels: set[str] = set()
         self.homes: dict[str, dict[str, Any]] = {}  # user id → the view last published
+        # (channel, ts) → thread_ts (None: not a reply) of every message posted, for permalinks
+        self.messages: dict[tuple[str, str], str | None] = {}
+        self.workspace = "standin"  # permalinks are https://standin.slack.com/archives/…
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -264,8 +271,10 @@ class SlackStandIn:
             raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
             self.uploads[path.rsplit("/", 1)[1]] = raw
             return self._reply(handler, 200, b"OK - uploaded", "text/plain")
-        method = path.removeprefix("/api/")
-        params = self._read(handler)
+        self._api(handler, path.removeprefix("/api/"), self._read(handler))
+
+    def _api(self, handler: BaseHTTPRequestHandler, method: str, params: dict[str, Any]) -> None:
+        """A Web API call (a POST's body or a GET's query, as slack_sdk sends each method)."""
         auth = handler.headers.get("Authorization", "")
         params["_token"] = auth.removeprefix("Bearer ")
         with self._lock:
@@ -318,6 +327,13 @@ class SlackStandIn:
         thread it names; None when it would accept it."""
         if method == "views.publish":
             return _view_refusal(params.get("view"))
+        if method == "chat.getPermalink":
+            channel, ts = _channel_of(params), str(params.get("message_ts") or "")
+            if channel in self.deleted_channels or channel not in {c for c, _ in self.messages}:
+                return "channel_not_found", []
+            if (channel, ts) not in self.messages or (channel, ts) in self.deleted_messages:
+                return "message_not_found", []
+            return None
         if method not in WRITES:
             return None
         channel = _channel_of(params)
@@ -364,6 +380,8 @@ class SlackStandIn:
                 "url": "https://standin.slack.test/",
             }
         if method == "chat.postMessage":
+            with self._lock:
+                self.messages[(_channel_of(params), ts)] = params.get("thread_ts")
             return {
                 "ok": True,
                 "channel": params.get("channel"),
@@ -372,6 +390,16 @@ class SlackStandIn:
             }
         if method == "chat.update":
             return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
+        if method == "chat.getPermalink":
+            channel, message = _channel_of(params), str(params["message_ts"])
+            with self._lock:
+                thread = self.messages.get((channel, message))
+            link = (
+                f"https://{self.workspace}.slack.com/archives/{channel}/p{message.replace('.', '')}"
+            )
+            if thread and thread != message:  # a reply: Slack's link opens it in its thread
+                link += f"?thread_ts={thread}&cid={channel}"
+            return {"ok": True, "channel": channel, "permalink": link}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": ts}
         if method == "views.publish":
@@ -412,6 +440,10 @@ class SlackStandIn:
         return {"ok": False, "error": "unknown_method"}
 
     def _get(self, handler: BaseHTTPRequestHandler) -> None:
+        if handler.path.startswith("/api/"):
+            path, _, query = handler.path.partition("?")
+            params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+            return self._api(handler, path.removeprefix("/api/"), params)
         parts = handler.path.split("/")
         if len(parts) >= 3 and parts[1] == "files" and parts[2] in self.files:
             stored = self.files[parts[2]]
