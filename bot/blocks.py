@@ -125,6 +125,28 @@ def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str
     ]
 
 
+def job_header_text(job: Job) -> str:
+    """The root message's notification text: the job's state in words, as its header shows it.
+
+    >>> job_header_text(Job(id=3, base_model="m", status="running", progress={"step": 4,
+    ...     "total_steps": 8, "loss": 0.5, "eta_s": 75}))
+    'Fine-tuning job 3: running, step 4/8, loss 0.5000, about 1m15s left'
+    >>> job_header_text(Job(id=4, base_model="m", status="failed", error="out of memory"))
+    'Fine-tuning job 4: failed: out of memory'
+    """
+    text = f"{job_noun(job)} {job.id}: {job.status}"
+    progress = job.progress or {}
+    if progress.get("total_steps") and job.status in ("running", "evaluating"):
+        text += f", step {progress['step']}/{progress['total_steps']}"
+        if isinstance(progress.get("loss"), int | float):
+            text += f", loss {progress['loss']:.4f}"
+        if progress.get("eta_s") is not None and job.status == "running":
+            text += f", about {_duration(progress['eta_s'])} left"
+    if job.error:
+        text += f": {cut(job.error, 300)}"
+    return text
+
+
 def job_line(job: Job, *, with_channel: bool = False) -> str:
     progress = job.progress or {}
     step = (

@@ -67,6 +67,7 @@ from bot.blocks import (
     eval_report_blocks,
     eval_report_text,
     job_header_blocks,
+    job_header_text,
     job_noun,
     milestone_text,
 )
@@ -523,7 +524,7 @@ class Notifier:
         job = run.job
         dataset = run.session.get(Dataset, job.dataset_id) if job.dataset_id else None
         blocks = job_header_blocks(job, dataset)
-        header = f"{job_noun(job)} {job.id}: {job.status}"
+        header = job_header_text(job)
         if job.sweep_id is not None:  # a sweep's runs share one root: the comparison table
             from bot.sweeps import root_blocks_for
 

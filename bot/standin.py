@@ -12,7 +12,9 @@ Slack does), and fails the way Slack does:
   ``not_in_channel``, a deleted one (``delete_channel``) ``channel_not_found``;
 - from the message: text over 40,000 characters is ``msg_too_long``; a section text over 3,000
   characters, or more than 50 blocks, is ``invalid_blocks``; neither text nor blocks is
-  ``no_text``;
+  ``no_text``; blocks without a ``text`` are taken, as Slack takes them, but the call is marked
+  with the warning ``missing_text`` (``warned``): Slack's notifications and screen readers read
+  that text, not the blocks;
 - ``chat.getPermalink`` of a message it took (``messages``) answers Slack's link
   (``https://standin.slack.com/archives/C…/p<ts without the dot>``, with ``?thread_ts=…&cid=…``
   for a reply); of a deleted or unknown message ``message_not_found``, of a channel it never
@@ -48,6 +50,7 @@ MAX_BLOCKS = 50
 MAX_VIEW_BLOCKS = 100  # a home or modal view
 MAX_HEADER_CHARS = 150
 WRITES = ("chat.postMessage", "chat.update", "chat.postEphemeral", "files.completeUploadExternal")
+TEXT_FALLBACK = ("chat.postMessage", "chat.update", "chat.postEphemeral")  # and response_url
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Call:
     at: float = field(default_factory=time.time)
     status: int = 200  # the HTTP status answered (429/500 when a fault was injected; 0: reset)
     error: str | None = None  # Slack's error code when it answered ok: false
+    warning: str | None = None  # what Slack takes but warns of: "missing_text" (blocks, no text)
 
     @property
     def accepted(self) -> bool:
@@ -209,6 +213,11 @@ class SlackStandIn:
     ) -> None:
         self.files[file_id] = StoredFile(file_id, name, content, html_login_page)
 
+    def warned(self) -> list[Call]:
+        """The messages Slack took with a warning (``missing_text``: blocks without a text)."""
+        with self._lock:
+            return [c for c in self.calls if c.warning is not None]
+
     def calls_to(self, method: str, *, accepted_only: bool = False) -> list[dict[str, Any]]:
         with self._lock:
             return [
@@ -265,7 +274,7 @@ class SlackStandIn:
             params = self._read(handler)
             params["_response_url"] = path.removeprefix("/response/")  # whose answer it is
             with self._lock:
-                self.calls.append(Call("response_url", params))
+                self.calls.append(Call("response_url", params, warning=_text_warning(params)))
             return self._reply(handler, 200, b"ok", "text/plain")
         if path.startswith("/upload/"):
             raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
@@ -290,7 +299,8 @@ class SlackStandIn:
                 status, error = 200, refusal[0]
             else:
                 status, error = 200, None
-            self.calls.append(Call(method, params, status=status, error=error))
+            warning = _text_warning(params) if method in TEXT_FALLBACK else None
+            self.calls.append(Call(method, params, status=status, error=error, warning=warning))
         if fault is not None and fault.reset and not fault.after_accept:
             return self._reset(handler)
         if fault is not None and not fault.after_accept:
@@ -455,6 +465,15 @@ class SlackStandIn:
                 return self._reply(handler, 200, page, "text/html; charset=utf-8")
             return self._reply(handler, 200, stored.content, "application/octet-stream")
         self._reply(handler, 404, b"not found", "text/plain")
+
+
+def _text_warning(params: dict[str, Any]) -> str | None:
+    """``missing_text`` for a message with blocks and no (or a blank) ``text``: Slack takes it,
+    but its notifications and screen readers have nothing to say (slack_sdk warns the same)."""
+    blocks = params.get("blocks")
+    if blocks and not str(params.get("text") or "").strip():
+        return "missing_text"
+    return None
 
 
 def _view_refusal(view: Any) -> tuple[str, list[str]] | None:

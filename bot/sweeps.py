@@ -262,5 +262,15 @@ def root_blocks_for(session: Session, job: Job) -> tuple[str, list[dict[str, Any
     found = get_sweep(session, job.sweep_id)
     rows = sweep_rows(session, found)
     dataset = session.get(Dataset, found.dataset_id) if found.dataset_id else None
-    state = "finished" if found.finished_at else "running"
-    return f"Sweep {found.id}: {state}", sweep_blocks(found, rows, dataset)
+    return sweep_text(found, rows), sweep_blocks(found, rows, dataset)
+
+
+def sweep_text(found: Sweep, rows: list[SweepRow]) -> str:
+    """The sweep root's notification text: how far it is, and its best run once finished."""
+    if not found.finished_at:
+        done = sum(JobStatus(r.status).finished for r in rows)
+        return f"Sweep {found.id}: running, {done}/{len(rows)} runs ended"
+    best = best_row(rows)
+    return f"Sweep {found.id}: finished, " + (
+        f"best run {best_text(best)}" if best is not None else "no run was evaluated"
+    )
