@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from bot import checkpoint_commands, dataset_commands, feedback, job_commands, sweeps
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
+from bot.home import HomeViewers
 from bot.job_commands import queue_job
 from bot.permalinks import Permalinks
 from bot.serving_client import call_serving
@@ -86,6 +87,7 @@ class BotContext:
     approvers: Approvers
     base_model: str
     permalinks: Permalinks = field(default_factory=Permalinks)  # links Slack gave, cached
+    home_viewers: HomeViewers = field(default_factory=HomeViewers)  # shared with the notifier
 
 
 def usage_text(unknown: str | None = None, settings: Settings | None = None) -> str:

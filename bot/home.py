@@ -1,6 +1,7 @@
 """The App Home: ``app_home_opened`` publishes (``views.publish``) each user's own home; the
-notifier republishes it when one of their jobs changes state, at most once per
-``HOME_REFRESH_SECONDS`` per user (``HomeRefresher``).
+notifier republishes it when a job it shows changes state (the requester's home, and the homes
+opened in this process that show the job: approvers', and anyone's for a deployment job), at
+most once per ``HOME_REFRESH_SECONDS`` per user (``HomeRefresher``).
 
 What a home shows. Channels are tenants (bot/scope.py), and the bot cannot tell which channels a
 user is in (it has no ``channels:read`` scope, and the stand-in no membership): so a home shows
@@ -268,10 +269,31 @@ def _publish(client: Any, user: str, view: dict[str, Any]) -> None:
         raise RetryLater(f"network error: {type(exc).__name__}: {exc}") from exc
 
 
+class HomeViewers:
+    """Who opened their App Home (or clicked in it) since this bot process started: the homes a
+    job's change is pushed to besides its requester's. Held in memory, shared by the listeners
+    and the notifier of one process; after a restart a home is pushed again once its user opens
+    it (Slack's ``app_home_opened`` publishes it fresh meanwhile)."""
+
+    def __init__(self) -> None:
+        self._users: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, user: str) -> None:
+        with self._lock:
+            self._users.add(user)
+
+    def users(self) -> list[str]:
+        with self._lock:
+            return sorted(self._users)
+
+
 class HomeRefresher:
-    """Republishes homes after job state changes (the notifier calls ``note`` with the job's
-    requester, then ``flush`` once a round): each user's at most once per ``interval`` seconds,
-    the last state always published in the end (a change inside the interval waits for it).
+    """Republishes homes after job state changes (the notifier calls ``job_changed``, then
+    ``flush`` once a round): the requester's, and that of everyone who opened their home and
+    sees the job there (``viewers``: approvers see every job, anyone a deployment job; the rules
+    of ``sees_job``). Each user's at most once per ``interval`` seconds, the last state always
+    published in the end (a change inside the interval waits for it).
 
     Slack's answers: rate limited (429, Retry-After) pauses every home for that long, and they
     wait; Slack or the network down: they wait for the next round; the token refused: every
@@ -287,9 +309,11 @@ class HomeRefresher:
         interval: float,
         clock: Any = time.monotonic,
         permalinks: Permalinks | None = None,
+        viewers: HomeViewers | None = None,
     ) -> None:
         self.db = db
         self.permalinks = permalinks if permalinks is not None else Permalinks()
+        self.viewers = viewers if viewers is not None else HomeViewers()
         self.client = client
         self.approvers = approvers
         self.base_model = base_model
@@ -303,6 +327,17 @@ class HomeRefresher:
     def note(self, user: str) -> None:
         with self._lock:
             self._pending.add(user)
+
+    def job_changed(self, job: Job) -> None:
+        """``job`` changed what a home shows: note the homes that show it."""
+        users = {job.requested_by} if job.requested_by else set()
+        users.update(
+            user
+            for user in self.viewers.users()
+            if user not in users and sees_job(viewer_of(self.approvers, user), job)
+        )
+        with self._lock:
+            self._pending.update(users)
 
     def flush(self) -> int:
         """Publish the homes that are due; returns how many were published."""
@@ -383,8 +418,10 @@ def in_home(body: dict[str, Any]) -> bool:
 
 
 def show_home(ctx: BotContext, client: Any, user: str, *, notice: str | None = None) -> None:
-    """Publish ``user``'s home from a listener; a failure is logged (the home stays as it was,
-    and the next open or state change publishes it again)."""
+    """Publish ``user``'s home from a listener (they opened it or clicked in it: from now on
+    the notifier pushes it too); a failure is logged (the home stays as it was, and the next open
+    or state change publishes it again)."""
+    ctx.home_viewers.add(user)
     try:
         publish_home(
             client,

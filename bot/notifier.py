@@ -36,9 +36,10 @@ write per ``channel_interval`` and at most ``writes_per_round`` writes, and a fa
 the job it concerns. One process relays at a time (``storage.outbox.relay_lock``); another
 notifier stands by until that one exits.
 
-After each round, the App Homes of the requesters of jobs whose state changed are published again
-(``bot.home.HomeRefresher``: at most once per ``HOME_REFRESH_SECONDS`` per user, a 429 pausing
-them all for Retry-After).
+After each round, the App Homes that show jobs whose state changed (their requesters', and those
+opened since the process started that show them: approvers', anyone's for a deployment job) are
+published again (``bot.home.HomeRefresher``: at most once per ``HOME_REFRESH_SECONDS`` per user,
+a 429 pausing them all for Retry-After).
 """
 
 from __future__ import annotations
@@ -259,8 +260,8 @@ class Notifier:
         if job is None or not events:
             return 0
         changed = any(event.kind in HOME_EVENTS for event in events)
-        if self.homes is not None and job.requested_by and changed:
-            self.homes.note(job.requested_by)  # paced: see HomeRefresher
+        if self.homes is not None and changed:
+            self.homes.job_changed(job)  # paced: see HomeRefresher
         if not job.channel_id or not job.thread_ts:
             return mark_delivered(session, events)  # a job started outside Slack: no thread
         if job.thread_error:
