@@ -200,14 +200,22 @@ def register_classify(app: Any, ctx: BotContext) -> None:
             return
         try:
             answer = call_serving(ctx.settings, "POST", "/v1/classify", request)
+            blocks = classify_blocks(
+                request["text"], answer, threshold=_min_confidence(ctx, answer)
+            )
         except FinetuneError as exc:
             respond(text=f":warning: {exc.message}", response_type="ephemeral")
             return
-        respond(
-            blocks=classify_blocks(request["text"], answer, threshold=_min_confidence(ctx, answer)),
-            text=classify_text(answer),
-            response_type="in_channel",
-        )
+        except Exception:  # an answer this bot cannot show: said to the asker alone
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("/classify failed (error id %s)", error_id)
+            respond(
+                text=f"Something went wrong (error id `{error_id}`); the bot's log has the "
+                "details.",
+                response_type="ephemeral",
+            )
+            return
+        respond(blocks=blocks, text=classify_text(answer), response_type="in_channel")
 
 
 def _min_confidence(ctx: BotContext, answer: dict[str, Any]) -> float | None:

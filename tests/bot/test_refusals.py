@@ -4,9 +4,12 @@ user; never a message in the channel. Driven through signed requests against the
 
 from __future__ import annotations
 
+import re
 import socket
+import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlmodel import select
@@ -177,3 +180,34 @@ def test_every_refusal_is_told_to_the_user_who_acted_and_nothing_to_the_channel(
     with new_session(engine) as session:  # and nothing was changed by any of it
         assert session.get(Checkpoint, promoted_id).status == CheckpointStatus.promoted
         assert {j.status for j in session.exec(select(Job)).all()} <= {"queued", "cancelled"}
+
+
+class _OddServing(BaseHTTPRequestHandler):
+    """A serving that answers `/v1/classify` with something no bot can show."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = b'["not", "an", "answer"]'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_answer_the_bot_cannot_show_is_an_error_id_told_to_the_asker(
+    slack, engine, caplog
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OddServing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # The bot under test reads this Settings object (this test's own bot): point it there.
+        slack.settings.serving_url = f"http://127.0.0.1:{server.server_address[1]}"
+        text = _private(Actor(slack, USER).command("球队夺冠", command="/classify"))
+    finally:
+        server.shutdown()
+    [error_id] = re.findall(r"error id `(\w+)`", text)
+    assert f"/classify failed (error id {error_id})" in caplog.text
+    assert _channel_messages(slack) == []
