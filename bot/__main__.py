@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             from slack_bolt.adapter.socket_mode import SocketModeHandler
 
             from bot.app import create_app, start_notifier
+            from bot.home import HomeViewers
 
-            app = create_app(settings, socket_mode=True)
-            start_notifier(settings)
+            viewers = HomeViewers()  # who opened their home: the notifier pushes it too
+            app = create_app(settings, socket_mode=True, home_viewers=viewers)
+            start_notifier(settings, home_viewers=viewers)
             SocketModeHandler(app, settings.slack_app_token.get_secret_value()).start()
     except FinetuneError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

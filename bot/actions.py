@@ -12,6 +12,8 @@ import json
 import logging
 from typing import Any
 
+from slack_sdk.errors import SlackApiError
+
 from bot.answer_blocks import mistakes_blocks, mistakes_text
 from bot.blocks import SHOW_MISTAKES, decided_blocks, rolled_back_text, served_name
 from bot.commands import BotContext
@@ -64,7 +66,19 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
     from bot.home import in_home, show_home
 
     user = body["user"]["id"]
-    checkpoint_id = int(body["actions"][0]["value"])
+    value = str(body["actions"][0].get("value") or "")
+    if not value.isdigit():  # not a button this bot made
+        log.warning("a decision button with value %r from %s", value[:40], user)
+        if in_home(body):
+            show_home(ctx, client, user, notice=":warning: That button names no checkpoint.")
+        else:
+            client.chat_postEphemeral(
+                channel=body["channel"]["id"],
+                user=user,
+                text=":warning: That button names no checkpoint; nothing was changed.",
+            )
+        return
+    checkpoint_id = int(value)
     if in_home(body):  # told at the top of the home, published again with the outcome
         told: list[str] = []
         # Only approvers get past _decided's first check, and they may reach every channel.
@@ -102,12 +116,17 @@ def _decide(ctx: BotContext, body: dict[str, Any], client: Any, *, approve: bool
         if approve
         else f":no_entry: Rejected by <@{user}> at {when}."
     )
-    client.chat_update(
-        channel=channel,
-        ts=message.get("ts"),
-        text=verdict,
-        blocks=decided_blocks(message.get("blocks") or [], verdict),
-    )
+    try:
+        client.chat_update(
+            channel=channel,
+            ts=message.get("ts"),
+            text=verdict,
+            blocks=decided_blocks(message.get("blocks") or [], verdict),
+        )
+    except SlackApiError as exc:  # decided all the same: say so to the one who clicked
+        code = exc.response.get("error")
+        log.warning("could not mark checkpoint %d's report decided: %s", checkpoint_id, code)
+        tell(f"{verdict} (Slack refused to update the report's message: {code}.)")
 
 
 def _decided(
@@ -214,8 +233,6 @@ def _show_mistakes(ctx: BotContext, body: dict[str, Any], client: Any) -> None:
 
 
 def _drop_more_button(client: Any, channel: str, page: dict[str, Any]) -> None:
-    from slack_sdk.errors import SlackApiError
-
     kept = [
         b
         for b in page["blocks"]
@@ -251,13 +268,18 @@ def _confirm_rollback(ctx: BotContext, body: dict[str, Any], client: Any, respon
 
     if not _approver(ctx, user, tell, "roll back"):
         return
-    shown = json.loads(body["actions"][0]["value"])
+    try:
+        shown = json.loads(body["actions"][0]["value"])
+        target = {"to": shown["to"], "expected_current": shown["expected_current"]}
+    except (ValueError, KeyError, TypeError):
+        tell(":warning: That button does not say what to roll back to; nothing was changed.")
+        return
     try:
         result = call_serving(
             ctx.settings,
             "POST",
             "/v1/adapters/rollback",
-            {"by": user, "to": shown["to"], "expected_current": shown["expected_current"]},
+            {"by": user, **target},
         )
     except FinetuneError as exc:
         tell(f":warning: {exc.message}")
@@ -269,7 +291,7 @@ def _confirm_rollback(ctx: BotContext, body: dict[str, Any], client: Any, respon
         "rolled back to %s by %s",
         served_name(result.get("current")),
         user,
-        extra={"event": "rollback", "by": user, **shown},
+        extra={"event": "rollback", "by": user, **target},
     )
 
 

@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from core.errors import ConfigError
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from bot.home import HomeViewers
+
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, *, socket_mode: bool = False, process_before_response: bool = False
+    settings: Settings,
+    *,
+    socket_mode: bool = False,
+    process_before_response: bool = False,
+    home_viewers: HomeViewers | None = None,
 ) -> Any:
     """``socket_mode``: requests arrive over the Socket Mode websocket (``SLACK_APP_TOKEN``),
     unsigned, so no signing secret is needed; otherwise over HTTP, each verified against
     ``SLACK_SIGNING_SECRET``. ``process_before_response`` is bolt's FaaS mode (listeners finish
-    before the HTTP response); only bench/bot_ack.py turns it on, as the baseline."""
+    before the HTTP response); only bench/bot_ack.py turns it on, as the baseline.
+    ``home_viewers``: who opened their App Home, shared with this process's notifier
+    (``start_notifier``), which pushes their homes when jobs they see change."""
     from concurrent.futures import ThreadPoolExecutor
 
     from slack_bolt import App
 
     from bot import actions, commands, events, feedback, home, sweeps
     from bot.auth import Approvers
+    from bot.home import HomeViewers
     from runner.models import base_model_name
     from storage.db import make_engine
     from storage.migrate import check_schema
@@ -62,6 +72,7 @@ def create_app(
         db=db,
         approvers=Approvers(settings.approvers, client),
         base_model=base_model_name(settings),
+        home_viewers=home_viewers if home_viewers is not None else HomeViewers(),
     )
     commands.register(app, context)
     commands.register_classify(app, context)
@@ -97,15 +108,17 @@ def listener_client(token: str, base_url: str) -> Any:
     )
 
 
-def start_notifier(settings: Settings) -> Any:
+def start_notifier(settings: Settings, *, home_viewers: HomeViewers | None = None) -> Any:
     """The outbox relay, with a Slack client of its own, in a daemon thread (it republishes the
-    App Homes of jobs' requesters too); returns the event that stops it (and lets go of the
-    relay lock)."""
+    App Homes that show jobs whose state changed: their requesters', and those of
+    ``home_viewers`` who see them); returns the event that stops it (and lets go of the relay
+    lock)."""
     import threading
 
     from bot.auth import Approvers
     from bot.home import HomeRefresher
     from bot.notifier import Notifier, relay_client
+    from bot.permalinks import Permalinks
     from runner.models import base_model_name
     from storage.artifacts import ArtifactStore
     from storage.db import make_engine
@@ -116,22 +129,32 @@ def start_notifier(settings: Settings) -> Any:
     stop = threading.Event()
     db = make_engine(settings.db_url)
     client = relay_client(token, settings.slack_api_url)
+    permalinks = Permalinks()  # one cache for the homes and the threads it writes
     homes = HomeRefresher(
         db,
         client,
         Approvers(settings.approvers, client),
         base_model_name(settings),
         interval=settings.home_refresh_seconds,
+        permalinks=permalinks,
+        viewers=home_viewers,
     )
-    notifier = Notifier(db, client, ArtifactStore(settings.artifact_dir), homes=homes)
+    notifier = Notifier(
+        db, client, ArtifactStore(settings.artifact_dir), homes=homes, permalinks=permalinks
+    )
     threading.Thread(target=notifier.run, args=(stop,), name="notifier", daemon=True).start()
     return stop
 
 
 def create_http_app(
-    settings: Settings, *, notifier: bool = True, process_before_response: bool = False
+    settings: Settings,
+    *,
+    notifier: bool = True,
+    process_before_response: bool = False,
+    home_viewers: HomeViewers | None = None,
 ) -> Any:
-    """A Starlette app serving ``POST /slack/events`` (commands, interactivity, events)."""
+    """A Starlette app serving ``POST /slack/events`` (commands, interactivity, events), and
+    (``notifier``) the outbox relay; both share ``home_viewers``."""
     from slack_bolt.adapter.starlette.handler import to_bolt_request, to_starlette_response
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -139,8 +162,13 @@ def create_http_app(
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    app = create_app(settings, process_before_response=process_before_response)
-    stop = start_notifier(settings) if notifier else None
+    from bot.home import HomeViewers
+
+    viewers = home_viewers if home_viewers is not None else HomeViewers()
+    app = create_app(
+        settings, process_before_response=process_before_response, home_viewers=viewers
+    )
+    stop = start_notifier(settings, home_viewers=viewers) if notifier else None
 
     async def events(request: Request) -> Response:
         # bolt's sync dispatch waits for ack(): run it off the event loop, or concurrent

@@ -125,6 +125,28 @@ def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str
     ]
 
 
+def job_header_text(job: Job) -> str:
+    """The root message's notification text: the job's state in words, as its header shows it.
+
+    >>> job_header_text(Job(id=3, base_model="m", status="running", progress={"step": 4,
+    ...     "total_steps": 8, "loss": 0.5, "eta_s": 75}))
+    'Fine-tuning job 3: running, step 4/8, loss 0.5000, about 1m15s left'
+    >>> job_header_text(Job(id=4, base_model="m", status="failed", error="out of memory"))
+    'Fine-tuning job 4: failed: out of memory'
+    """
+    text = f"{job_noun(job)} {job.id}: {job.status}"
+    progress = job.progress or {}
+    if progress.get("total_steps") and job.status in ("running", "evaluating"):
+        text += f", step {progress['step']}/{progress['total_steps']}"
+        if isinstance(progress.get("loss"), int | float):
+            text += f", loss {progress['loss']:.4f}"
+        if progress.get("eta_s") is not None and job.status == "running":
+            text += f", about {_duration(progress['eta_s'])} left"
+    if job.error:
+        text += f": {cut(job.error, 300)}"
+    return text
+
+
 def job_line(job: Job, *, with_channel: bool = False) -> str:
     progress = job.progress or {}
     step = (
@@ -272,6 +294,47 @@ def export_text(payload: dict[str, Any]) -> str:
 
 SHOW_MISTAKES = "show_mistakes"  # the report's Show mistakes button and each page's More mistakes
 DECISIONS = ("approve_checkpoint", "reject_checkpoint")
+
+# Every action of the bot's buttons and menus, sorted by what a click does. A destructive one
+# changes what serves, stops work or throws a result away: it carries a confirm dialog
+# (``confirm_dialog``), which tests/bot/test_conventions.py checks on every block the bot builds.
+# An action in neither set fails that test: sort a new one here.
+DESTRUCTIVE_ACTIONS = frozenset(
+    {
+        "approve_checkpoint",  # the report's Approve & promote, the home's Promote, the sweep's
+        "reject_checkpoint",
+        "confirm_rollback",  # `/finetune rollback`'s Roll back to …
+        "cancel_job",  # the home's Cancel
+        "cancel_sweep",
+    }
+)
+HARMLESS_ACTIONS = frozenset(
+    {
+        SHOW_MISTAKES,  # posts a page of mistakes in the thread
+        "cancel_rollback",  # closes the rollback question, nothing changed
+        "home_start_job",  # opens the start form
+        "correct_label",  # feedback on an answer: a later choice replaces it
+        "confirm_label",
+    }
+)
+CONFIRM_TITLE_CHARS, CONFIRM_TEXT_CHARS, CONFIRM_BUTTON_CHARS = 100, 300, 30  # Slack's limits
+
+
+def confirm_dialog(
+    title: str, text: str, yes: str, no: str = "Keep it", *, style: str = "danger"
+) -> dict[str, Any]:
+    """The dialog Slack shows before a destructive button's click is sent.
+
+    >>> confirm_dialog("Cancel this job?", "Job 3 stops.", "Cancel the job")["deny"]["text"]
+    'Keep it'
+    """
+    return {
+        "title": {"type": "plain_text", "text": cut(title, CONFIRM_TITLE_CHARS)},
+        "text": {"type": "mrkdwn", "text": cut(text, CONFIRM_TEXT_CHARS)},
+        "confirm": {"type": "plain_text", "text": cut(yes, CONFIRM_BUTTON_CHARS)},
+        "deny": {"type": "plain_text", "text": cut(no, CONFIRM_BUTTON_CHARS)},
+        "style": style,
+    }
 
 
 def pct(value: float | None) -> str:
@@ -462,6 +525,37 @@ def per_class_text(per_class: dict[str, dict[str, Any]], limit: int = SECTION_CH
     return head + "\n".join(shown_rows) + fence
 
 
+def eval_report_text(payload: dict[str, Any]) -> str:
+    """The report's notification text: the scores that matter and what can be done with it.
+
+    >>> eval_report_text({"checkpoint_id": 4, "accuracy": 0.9, "macro_f1": 0.85, "ece": 0.031})
+    'Evaluation of checkpoint 4: accuracy 90.0%, macro-F1 85.0%, calibration error 3.1%. Approvers can approve and promote it, or reject it.'
+    """
+    text = (
+        f"Evaluation of checkpoint {payload['checkpoint_id']}: accuracy "
+        f"{_pct(payload.get('accuracy'))}, macro-F1 {_pct(payload.get('macro_f1'))}"
+    )
+    ece = payload.get("ece")
+    if isinstance(ece, int | float):
+        text += f", calibration error {_pct(ece)}"
+    return text + ". Approvers can approve and promote it, or reject it."
+
+
+def promote_confirm(
+    checkpoint: int | str, what: str | None = None, *, warning: str = ""
+) -> dict[str, Any]:
+    """The dialog before every Promote: the report's, the home's, the sweep's best run's
+    (``warning``: its first words, e.g. the forgetting check's)."""
+    return confirm_dialog(
+        "Promote this checkpoint?",
+        f"{warning}{what or f'Checkpoint {checkpoint}'} will answer `/classify` for everyone, "
+        "replacing what serves now.",
+        "Promote",
+        "Cancel",
+        style="primary",
+    )
+
+
 def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The evaluation report (``payload``: the ``evaluated`` event, runner/job.py): the scores
     that matter first, the per-class table, Approve & promote / Reject, and Show mistakes (a
@@ -494,16 +588,7 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "primary",
                     "text": {"type": "plain_text", "text": "Approve & promote"},
                     "value": str(checkpoint),
-                    "confirm": {
-                        "title": {"type": "plain_text", "text": "Promote this checkpoint?"},
-                        "text": {
-                            "type": "mrkdwn",
-                            "text": _general_warning(payload) + f"Checkpoint {checkpoint} will "
-                            "answer /classify for everyone, replacing what serves now.",
-                        },
-                        "confirm": {"type": "plain_text", "text": "Promote"},
-                        "deny": {"type": "plain_text", "text": "Cancel"},
-                    },
+                    "confirm": promote_confirm(checkpoint, warning=_general_warning(payload)),
                 },
                 {
                     "type": "button",
@@ -511,6 +596,12 @@ def eval_report_blocks(payload: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "danger",
                     "text": {"type": "plain_text", "text": "Reject"},
                     "value": str(checkpoint),
+                    "confirm": confirm_dialog(
+                        "Reject this checkpoint?",
+                        f"Checkpoint {checkpoint} is marked rejected: it can no longer be "
+                        "promoted (its files stay).",
+                        "Reject",
+                    ),
                 },
             ],
         }
@@ -596,6 +687,12 @@ def rollback_confirm_blocks(plan: dict[str, Any]) -> list[dict[str, Any]]:
                     "style": "danger",
                     "text": {"type": "plain_text", "text": f"Roll back to {after}"},
                     "value": rollback_value(plan),
+                    "confirm": confirm_dialog(
+                        f"Roll back to {after}?",
+                        f"{after[0].upper() + after[1:]} will answer `/classify` for everyone, "
+                        f"instead of {now}.",
+                        "Roll back",
+                    ),
                 },
                 {
                     "type": "button",

@@ -15,6 +15,7 @@ from bot.blocks import (
     served_name,
     text_blocks,
 )
+from bot.permalinks import mrkdwn_link, report_messages
 from bot.scope import Scope, find_checkpoint, require_approver, scope_of
 from bot.serving_client import call_serving
 from core.enums import CheckpointStatus
@@ -150,10 +151,15 @@ def promote(ctx: BotContext, command: dict, args: list[str], respond: Any, clien
     result = call_serving(
         ctx.settings, "POST", "/v1/adapters/promote", {"checkpoint_id": checkpoint.id, "by": user}
     )
+    assert checkpoint.id is not None
+    with new_session(ctx.db) as session:
+        where = report_messages(session, [checkpoint.id]).get(checkpoint.id)
+    link = ctx.permalinks.link(client, *where) if where else None
     respond(
         text=f":white_check_mark: <@{user}> promoted checkpoint {checkpoint.id}"
         + (f" (forced: {problem})" if problem is not None else "")
-        + f": `/classify` now answers with it (swap {result.get('swap_ms')} ms).",
+        + f": `/classify` now answers with it (swap {result.get('swap_ms')} ms)."
+        + (f" {mrkdwn_link(link, 'Its eval report')}." if link else ""),
         response_type="in_channel",
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -22,7 +22,9 @@ from sqlalchemy.engine import Engine
 from bot import checkpoint_commands, dataset_commands, feedback, job_commands, sweeps
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
+from bot.home import HomeViewers
 from bot.job_commands import queue_job
+from bot.permalinks import Permalinks
 from bot.serving_client import call_serving
 from core.errors import FinetuneError, NotFound
 from core.settings import Settings
@@ -84,6 +86,8 @@ class BotContext:
     db: Engine
     approvers: Approvers
     base_model: str
+    permalinks: Permalinks = field(default_factory=Permalinks)  # links Slack gave, cached
+    home_viewers: HomeViewers = field(default_factory=HomeViewers)  # shared with the notifier
 
 
 def usage_text(unknown: str | None = None, settings: Settings | None = None) -> str:
@@ -196,14 +200,22 @@ def register_classify(app: Any, ctx: BotContext) -> None:
             return
         try:
             answer = call_serving(ctx.settings, "POST", "/v1/classify", request)
+            blocks = classify_blocks(
+                request["text"], answer, threshold=_min_confidence(ctx, answer)
+            )
         except FinetuneError as exc:
             respond(text=f":warning: {exc.message}", response_type="ephemeral")
             return
-        respond(
-            blocks=classify_blocks(request["text"], answer, threshold=_min_confidence(ctx, answer)),
-            text=classify_text(answer),
-            response_type="in_channel",
-        )
+        except Exception:  # an answer this bot cannot show: said to the asker alone
+            error_id = uuid.uuid4().hex[:8]
+            log.exception("/classify failed (error id %s)", error_id)
+            respond(
+                text=f"Something went wrong (error id `{error_id}`); the bot's log has the "
+                "details.",
+                response_type="ephemeral",
+            )
+            return
+        respond(blocks=blocks, text=classify_text(answer), response_type="in_channel")
 
 
 def _min_confidence(ctx: BotContext, answer: dict[str, Any]) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from bot.commands import BotContext
+from bot.commands import BotContext, tell_privately
 from core.enums import JobKind
 from core.errors import FinetuneError
 from core.settings import Settings
@@ -95,8 +95,9 @@ def queue_upload(
     then_train: dict[str, Any] | None = None,
 ) -> Job | None:
     """Fetch a shared dataset file and queue its check; the check's job, or None when the file
-    is not a dataset (silence) or was refused (said in the channel). ``then_train``: the settings
-    of a training job to queue once the dataset is stored (the start form with a file)."""
+    is not a dataset (silence) or was refused (told to the user who shared it alone, in the
+    channel when Slack names no user). ``then_train``: the settings of a training job to queue
+    once the dataset is stored (the start form with a file)."""
     settings = ctx.settings
     info = client.files_info(file=file_id)["file"]
     filename = Path(info.get("name") or file_id).name  # never a path from outside
@@ -112,8 +113,12 @@ def queue_upload(
             )
         with _download_slots(settings):
             upload = _download(settings, store, info["url_private_download"], filename)
-    except FinetuneError as exc:
-        client.chat_postMessage(channel=channel, text=f":x: `{filename}`: {exc.message}")
+    except FinetuneError as exc:  # told to whoever shared it, not to the channel
+        text = f":x: `{filename}`: {exc.message}"
+        if user:
+            tell_privately(client, channel=channel, user=user, text=text)
+        else:
+            client.chat_postMessage(channel=channel, text=text)
         return None
     with new_session(ctx.db) as session:
         job = create_job(

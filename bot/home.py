@@ -1,6 +1,7 @@
 """The App Home: ``app_home_opened`` publishes (``views.publish``) each user's own home; the
-notifier republishes it when one of their jobs changes state, at most once per
-``HOME_REFRESH_SECONDS`` per user (``HomeRefresher``).
+notifier republishes it when a job it shows changes state (the requester's home, and the homes
+opened in this process that show the job: approvers', and anyone's for a deployment job), at
+most once per ``HOME_REFRESH_SECONDS`` per user (``HomeRefresher``).
 
 What a home shows. Channels are tenants (bot/scope.py), and the bot cannot tell which channels a
 user is in (it has no ``channels:read`` scope, and the stand-in no membership): so a home shows
@@ -44,7 +45,9 @@ from bot.home_blocks import (
     Viewer,
     home_fallback_view,
     home_view,
+    row_key,
 )
+from bot.permalinks import Permalinks, mrkdwn_link, report_messages
 from bot.slack_errors import Rejected, RetryLater, TokenRefused, Undelivered, slack_problem
 from core.enums import JobStatus
 from core.errors import FinetuneError
@@ -140,8 +143,23 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
         board.append(
             Board(checkpoint, job, dataset_of(job), found.metrics if found is not None else None)
         )
+    refs: dict[str, tuple[str, str, str]] = {}
+    for job in jobs:
+        if job.channel_id and job.thread_ts:
+            refs[row_key("job", job.id)] = (job.channel_id, job.thread_ts, "thread")
+    linked = [c.id for c, _ in rows if c.id is not None]
+    if serving_visible and promotion is not None and promotion.checkpoint_id is not None:
+        linked.append(promotion.checkpoint_id)
+    reports = report_messages(session, linked)
+    for checkpoint, job in rows:
+        if job.channel_id and job.thread_ts:
+            refs[row_key("checkpoint", checkpoint.id)] = (job.channel_id, job.thread_ts, "thread")
+    for checkpoint_id, (channel, ts) in reports.items():
+        refs[row_key("checkpoint", checkpoint_id)] = (channel, ts, "report")
+    sweeps = _recent_sweeps(session, viewer, refs)
     return HomeData(
-        sweeps=_recent_sweeps(session, viewer),
+        sweeps=sweeps,
+        refs=refs,
         base_model=base_model,
         promotion=promotion,
         serving_metrics=serving_metrics,
@@ -153,10 +171,10 @@ def read_home(session: Session, viewer: Viewer, *, base_model: str) -> HomeData:
 
 
 def _recent_sweeps(
-    session: Session, viewer: Viewer
+    session: Session, viewer: Viewer, refs: dict[str, tuple[str, str, str]]
 ) -> list[tuple[int, str | None, int, int, bool, str | None]]:
     """The newest sweeps the viewer sees (their own, the deployment's; every one for approvers):
-    how many runs ended and the best run so far."""
+    how many runs ended and the best run so far; their threads go in ``refs``."""
     from bot.sweeps import best_text
     from storage.models import Sweep
     from storage.sweeps import best_row, sweep_rows
@@ -169,6 +187,8 @@ def _recent_sweeps(
     out = []
     for found in session.exec(query).all():
         assert found.id is not None
+        if found.channel_id and found.thread_ts:
+            refs[row_key("sweep", found.id)] = (found.channel_id, found.thread_ts, "thread")
         rows = sweep_rows(session, found)
         ended = sum(JobStatus(r.status).finished for r in rows)
         best = best_row(rows)
@@ -212,13 +232,21 @@ def publish_home(
     base_model: str,
     user: str,
     notice: str | None = None,
+    permalinks: Permalinks | None = None,
 ) -> None:
-    """Publish ``user``'s home. A home Slack refuses (``invalid_arguments``, ``invalid_blocks``…)
-    is published again as plain text; raises ``RetryLater`` (rate limited, Slack or the network
-    down), ``TokenRefused``, or ``Rejected`` when the plain one is refused too."""
+    """Publish ``user``'s home, its rows linked to their threads and reports (``permalinks``
+    caches Slack's links; a row Slack gives none for shows none). A home Slack refuses
+    (``invalid_arguments``, ``invalid_blocks``…) is published again as plain text; raises
+    ``RetryLater`` (rate limited, Slack or the network down), ``TokenRefused``, or ``Rejected``
+    when the plain one is refused too."""
     viewer = viewer_of(approvers, user)
     with new_session(db) as session:
         data = read_home(session, viewer, base_model=base_model)
+    if permalinks is not None:
+        for key, (channel, ts, words) in data.refs.items():
+            link = permalinks.link(client, channel, ts)
+            if link:
+                data.links[key] = mrkdwn_link(link, words)
     try:
         _publish(client, user, home_view(data, viewer, notice=notice))
     except Rejected as exc:
@@ -241,10 +269,31 @@ def _publish(client: Any, user: str, view: dict[str, Any]) -> None:
         raise RetryLater(f"network error: {type(exc).__name__}: {exc}") from exc
 
 
+class HomeViewers:
+    """Who opened their App Home (or clicked in it) since this bot process started: the homes a
+    job's change is pushed to besides its requester's. Held in memory, shared by the listeners
+    and the notifier of one process; after a restart a home is pushed again once its user opens
+    it (Slack's ``app_home_opened`` publishes it fresh meanwhile)."""
+
+    def __init__(self) -> None:
+        self._users: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, user: str) -> None:
+        with self._lock:
+            self._users.add(user)
+
+    def users(self) -> list[str]:
+        with self._lock:
+            return sorted(self._users)
+
+
 class HomeRefresher:
-    """Republishes homes after job state changes (the notifier calls ``note`` with the job's
-    requester, then ``flush`` once a round): each user's at most once per ``interval`` seconds,
-    the last state always published in the end (a change inside the interval waits for it).
+    """Republishes homes after job state changes (the notifier calls ``job_changed``, then
+    ``flush`` once a round): the requester's, and that of everyone who opened their home and
+    sees the job there (``viewers``: approvers see every job, anyone a deployment job; the rules
+    of ``sees_job``). Each user's at most once per ``interval`` seconds, the last state always
+    published in the end (a change inside the interval waits for it).
 
     Slack's answers: rate limited (429, Retry-After) pauses every home for that long, and they
     wait; Slack or the network down: they wait for the next round; the token refused: every
@@ -259,8 +308,12 @@ class HomeRefresher:
         *,
         interval: float,
         clock: Any = time.monotonic,
+        permalinks: Permalinks | None = None,
+        viewers: HomeViewers | None = None,
     ) -> None:
         self.db = db
+        self.permalinks = permalinks if permalinks is not None else Permalinks()
+        self.viewers = viewers if viewers is not None else HomeViewers()
         self.client = client
         self.approvers = approvers
         self.base_model = base_model
@@ -274,6 +327,17 @@ class HomeRefresher:
     def note(self, user: str) -> None:
         with self._lock:
             self._pending.add(user)
+
+    def job_changed(self, job: Job) -> None:
+        """``job`` changed what a home shows: note the homes that show it."""
+        users = {job.requested_by} if job.requested_by else set()
+        users.update(
+            user
+            for user in self.viewers.users()
+            if user not in users and sees_job(viewer_of(self.approvers, user), job)
+        )
+        with self._lock:
+            self._pending.update(users)
 
     def flush(self) -> int:
         """Publish the homes that are due; returns how many were published."""
@@ -293,6 +357,7 @@ class HomeRefresher:
                     approvers=self.approvers,
                     base_model=self.base_model,
                     user=user,
+                    permalinks=self.permalinks,
                 )
                 published += 1
             except RetryLater as exc:
@@ -334,7 +399,17 @@ def register(app: Any, ctx: BotContext) -> None:
     @app.action(NEW_JOB)
     def handle_new_job(ack: Any, body: dict[str, Any], client: Any) -> None:
         ack()
-        _open_start_form(ctx, client, body["user"]["id"], body["trigger_id"])
+        user = body["user"]["id"]
+        try:
+            _open_start_form(ctx, client, user, body["trigger_id"])
+        except SlackApiError as exc:  # e.g. expired_trigger: said at the top of their home
+            code = exc.response.get("error")
+            log.warning("could not open the start form for %s: %s", user, code)
+            notice = (
+                f":warning: Slack did not open the form (`{code}`); click *New fine-tune* "
+                "again, or type `/finetune start` in a channel."
+            )
+            show_home(ctx, client, user, notice=notice)
 
 
 def in_home(body: dict[str, Any]) -> bool:
@@ -343,8 +418,10 @@ def in_home(body: dict[str, Any]) -> bool:
 
 
 def show_home(ctx: BotContext, client: Any, user: str, *, notice: str | None = None) -> None:
-    """Publish ``user``'s home from a listener; a failure is logged (the home stays as it was,
-    and the next open or state change publishes it again)."""
+    """Publish ``user``'s home from a listener (they opened it or clicked in it: from now on
+    the notifier pushes it too); a failure is logged (the home stays as it was, and the next open
+    or state change publishes it again)."""
+    ctx.home_viewers.add(user)
     try:
         publish_home(
             client,
@@ -353,6 +430,7 @@ def show_home(ctx: BotContext, client: Any, user: str, *, notice: str | None = N
             base_model=ctx.base_model,
             user=user,
             notice=notice,
+            permalinks=ctx.permalinks,
         )
     except Undelivered as exc:
         log.warning("%s's home was not published: %s", user, exc.reason)

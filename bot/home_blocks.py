@@ -5,7 +5,8 @@ Sections, top to bottom: a notice (the answer to the user's last click, when the
 serves now, a "New fine-tune" button, running and queued jobs (Cancel for the requester and
 approvers), and the last ten checkpoints as a leaderboard, ranked by macro-F1 (Promote for
 approvers), and the five most recent sweeps (how many runs ended, the best run so far by
-macro-F1).
+macro-F1). Each job and sweep row links to its thread, each checkpoint to its eval report (its
+job's thread before it has one), where Slack gave a permalink (``HomeData.links``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 from bot.blocks import (
     STATE_EMOJI,
     channel_mention,
+    confirm_dialog,
     cut,
     job_noun,
     model_display_name,
     progress_bar,
+    promote_confirm,
 )
 from core.enums import CheckpointStatus
 from storage.models import Checkpoint, Dataset, Job, Promotion
@@ -64,6 +67,19 @@ class HomeData:
     now: datetime | None = None
     # (sweep id, its channel, runs ended, runs, finished, the best row's text or None)
     sweeps: list[tuple[int, str | None, int, int, bool, str | None]] = field(default_factory=list)
+    # The message a row links to, by ``row_key``: (channel, ts, the link's words); and the links
+    # Slack gave for them (``chat.getPermalink``, as mrkdwn): a row without one shows no link.
+    refs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+
+
+def row_key(kind: str, row_id: int | None) -> str:
+    """A home row's key in ``HomeData.refs`` and ``links``: ``job 3``, ``checkpoint 7``…"""
+    return f"{kind} {row_id}"
+
+
+def _linked(text: str, link: str | None) -> str:
+    return f"{text} · {link}" if link else text
 
 
 def _pct(value: float | None) -> str:
@@ -87,15 +103,6 @@ def _header(text: str) -> dict[str, Any]:
 
 def _context(text: str) -> dict[str, Any]:
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": cut(text)}]}
-
-
-def _confirm(title: str, text: str, yes: str) -> dict[str, Any]:
-    return {
-        "title": {"type": "plain_text", "text": title},
-        "text": {"type": "mrkdwn", "text": text},
-        "confirm": {"type": "plain_text", "text": yes},
-        "deny": {"type": "plain_text", "text": "Keep it"},
-    }
 
 
 def scores_text(metrics: dict[str, Any] | None) -> str:
@@ -126,6 +133,7 @@ def settings_text(job: Job) -> str:
 
 
 def serving_block(data: HomeData) -> dict[str, Any]:
+    """What serves now; a link to its eval report when the viewer sees it and Slack gave one."""
     promotion = data.promotion
     if promotion is None or promotion.checkpoint_id is None:
         since = (
@@ -142,9 +150,13 @@ def serving_block(data: HomeData) -> dict[str, Any]:
         if data.serving_visible
         else "its scores belong to a channel you have no jobs in"
     )
+    link = data.links.get(row_key("checkpoint", promotion.checkpoint_id))
     return _section(
         f"*Serving now:* checkpoint {promotion.checkpoint_id} · {scores}\n"
-        f"{how} by <@{promotion.decided_by}> at {_when(promotion.created_at)}"
+        + _linked(
+            f"{how} by <@{promotion.decided_by}> at {_when(promotion.created_at)}",
+            link if data.serving_visible else None,
+        )
     )
 
 
@@ -152,7 +164,9 @@ def may_cancel(job: Job, viewer: Viewer) -> bool:
     return viewer.approver or (job.requested_by is not None and job.requested_by == viewer.user)
 
 
-def job_block(job: Job, dataset: Dataset | None, viewer: Viewer) -> dict[str, Any]:
+def job_block(
+    job: Job, dataset: Dataset | None, viewer: Viewer, link: str | None = None
+) -> dict[str, Any]:
     progress = job.progress or {}
     stopping = " · :octagonal_sign: stopping" if job.cancel_requested else ""
     lines = [
@@ -166,7 +180,7 @@ def job_block(job: Job, dataset: Dataset | None, viewer: Viewer) -> dict[str, An
             f"{progress['step']}/{progress['total_steps']}"
         )
     who = f"<@{job.requested_by}>" if job.requested_by else "the deployment"
-    lines.append(f"by {who} in {channel_mention(job.channel_id)}")
+    lines.append(_linked(f"by {who} in {channel_mention(job.channel_id)}", link))
     button = None
     if may_cancel(job, viewer) and not job.cancel_requested:
         button = {
@@ -175,7 +189,7 @@ def job_block(job: Job, dataset: Dataset | None, viewer: Viewer) -> dict[str, An
             "style": "danger",
             "text": {"type": "plain_text", "text": "Cancel"},
             "value": str(job.id),
-            "confirm": _confirm(
+            "confirm": confirm_dialog(
                 "Cancel this job?",
                 f"{job_noun(job)} {job.id} stops; a training job keeps its last checkpoint.",
                 "Cancel the job",
@@ -216,7 +230,7 @@ def ranked(board: list[Board]) -> list[Board]:
 
 
 def checkpoint_block(
-    row: Board, viewer: Viewer, *, serving: bool, rank: int | None = None
+    row: Board, viewer: Viewer, *, serving: bool, rank: int | None = None, link: str | None = None
 ) -> dict[str, Any]:
     checkpoint, job, dataset = row.checkpoint, row.job, row.dataset
     now = " · :arrow_forward: *serving now*" if serving else ""
@@ -225,7 +239,10 @@ def checkpoint_block(
     text = (
         f"{place}*checkpoint {checkpoint.id}* · {checkpoint.status}{now}\n"
         f"{scores_text(row.metrics)}\n"
-        f"{data} · {settings_text(job)} · job {job.id} in {channel_mention(job.channel_id)}"
+        + _linked(
+            f"{data} · {settings_text(job)} · job {job.id} in {channel_mention(job.channel_id)}",
+            link,
+        )
     )
     button = None
     if may_promote(row, viewer):
@@ -235,12 +252,7 @@ def checkpoint_block(
             "style": "primary",
             "text": {"type": "plain_text", "text": "Promote"},
             "value": str(checkpoint.id),
-            "confirm": _confirm(
-                "Promote this checkpoint?",
-                f"Checkpoint {checkpoint.id} will answer /classify for everyone, replacing "
-                "what serves now.",
-                "Promote",
-            ),
+            "confirm": promote_confirm(checkpoint.id or 0),
         }
     return _section(text, button)
 
@@ -282,7 +294,10 @@ def home_view(data: HomeData, viewer: Viewer, *, notice: str | None = None) -> d
     )
     blocks += [{"type": "divider"}, _header("Running and queued")]
     if data.active:
-        blocks += [job_block(job, dataset, viewer) for job, dataset in data.active[:MAX_JOBS]]
+        blocks += [
+            job_block(job, dataset, viewer, data.links.get(row_key("job", job.id)))
+            for job, dataset in data.active[:MAX_JOBS]
+        ]
     else:
         blocks.append(_context("Nothing is running or queued."))
     blocks += [{"type": "divider"}, _header("Latest checkpoints, best macro-F1 first")]
@@ -294,6 +309,7 @@ def home_view(data: HomeData, viewer: Viewer, *, notice: str | None = None) -> d
                 viewer,
                 serving=row.checkpoint.id == serving,
                 rank=place if row.metrics is not None else None,
+                link=data.links.get(row_key("checkpoint", row.checkpoint.id)),
             )
             for place, row in enumerate(ranked(data.board[:MAX_CHECKPOINTS]), start=1)
         ]
@@ -307,7 +323,7 @@ def home_view(data: HomeData, viewer: Viewer, *, notice: str | None = None) -> d
             line = f":test_tube: *Sweep {sweep_id}*{where} · {state}"
             if best:
                 line += f" · best: {best}"
-            blocks.append(_section(cut(line)))
+            blocks.append(_section(_linked(line, data.links.get(row_key("sweep", sweep_id)))))
     updated = f"Updated {_when(data.now)}. " if data.now is not None else ""
     blocks.append(_context(updated + scope_words(viewer)))
     return {"type": "home", "blocks": blocks}

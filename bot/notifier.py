@@ -36,9 +36,10 @@ write per ``channel_interval`` and at most ``writes_per_round`` writes, and a fa
 the job it concerns. One process relays at a time (``storage.outbox.relay_lock``); another
 notifier stands by until that one exits.
 
-After each round, the App Homes of the requesters of jobs whose state changed are published again
-(``bot.home.HomeRefresher``: at most once per ``HOME_REFRESH_SECONDS`` per user, a 429 pausing
-them all for Retry-After).
+After each round, the App Homes that show jobs whose state changed (their requesters', and those
+opened since the process started that show them: approvers', anyone's for a deployment job) are
+published again (``bot.home.HomeRefresher``: at most once per ``HOME_REFRESH_SECONDS`` per user,
+a 429 pausing them all for Retry-After).
 """
 
 from __future__ import annotations
@@ -61,10 +62,18 @@ from slack_sdk.http_retry.builtin_handlers import ConnectionErrorRetryHandler
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from bot.blocks import eval_report_blocks, job_header_blocks, job_noun, milestone_text
+from bot.blocks import (
+    eval_report_blocks,
+    eval_report_text,
+    job_header_blocks,
+    job_header_text,
+    job_noun,
+    milestone_text,
+)
 from bot.home import HOME_EVENTS, HomeRefresher
+from bot.permalinks import REPORT_TS, Permalinks, mrkdwn_link, report_messages
 from bot.slack_errors import (
     Rejected,
     RetryLater,
@@ -157,6 +166,7 @@ class Notifier:
         writes_per_round: int = 10,
         workers: int = 8,
         homes: HomeRefresher | None = None,
+        permalinks: Permalinks | None = None,
     ) -> None:
         self.db = db
         self.client = client
@@ -169,6 +179,7 @@ class Notifier:
         self.writes_per_round = writes_per_round
         self.workers = workers
         self.homes = homes
+        self.permalinks = permalinks if permalinks is not None else Permalinks()
         self._last_write: dict[str, float] = {}
         self._paused_until: dict[str, float] = {}
         self._token_paused_until = -math.inf
@@ -249,8 +260,8 @@ class Notifier:
         if job is None or not events:
             return 0
         changed = any(event.kind in HOME_EVENTS for event in events)
-        if self.homes is not None and job.requested_by and changed:
-            self.homes.note(job.requested_by)  # paced: see HomeRefresher
+        if self.homes is not None and changed:
+            self.homes.job_changed(job)  # paced: see HomeRefresher
         if not job.channel_id or not job.thread_ts:
             return mark_delivered(session, events)  # a job started outside Slack: no thread
         if job.thread_error:
@@ -388,20 +399,23 @@ class Notifier:
                         None,
                     ),
                 )
-            report = self._part(
-                run,
-                event,
-                "report",
-                lambda: self._post(
-                    run,
-                    text=f"Evaluation of checkpoint {payload['checkpoint_id']}",
-                    blocks=eval_report_blocks(payload),
-                ),
-            )
+            posted: dict[str, Any] = {}  # the report's ts, kept on the event: links find it
+
+            def post_report() -> None:
+                answer = self._post(
+                    run, text=eval_report_text(payload), blocks=eval_report_blocks(payload)
+                )
+                posted[REPORT_TS] = answer["ts"]
+
+            report = self._part(run, event, "report", post_report, record=posted)
             if not report:
                 refused = (event.payload.get("_part_errors") or {}).get("report", "")
                 self._part(
-                    run, event, "report_text", lambda: self._report_as_text(run, payload, refused)
+                    run,
+                    event,
+                    "report_text",
+                    lambda: self._report_as_text(run, payload, refused, posted),
+                    record=posted,
                 )
             return
         if event.kind == "sweep_finished":
@@ -420,16 +434,9 @@ class Notifier:
                     part,
                     partial(self._upload_blob, run, payload[key], filename, title),
                 )
-            best = payload.get("best_job_id")
-            text = (
-                f":checkered_flag: Sweep {payload.get('sweep_id')} finished: the best run by "
-                f"macro-F1 is job {best} (checkpoint {payload.get('best_checkpoint_id')}); "
-                "approvers can promote it from the table above."
-                if best
-                else f":checkered_flag: Sweep {payload.get('sweep_id')} finished: no run was "
-                "evaluated, so there is no best run."
+            self._part(
+                run, event, "reply", lambda: self._reply(run, self._sweep_text(run, payload))
             )
-            self._part(run, event, "reply", partial(self._reply, run, text))
             return
         if event.kind == "ingested":
             self._part(run, event, "stored", partial(self._reply, run, stored_text(payload)))
@@ -444,11 +451,48 @@ class Notifier:
         if reply:
             self._part(run, event, "reply", partial(self._reply, run, reply))
 
+    def _sweep_text(self, run: _JobRun, payload: dict[str, Any]) -> str:
+        """A finished sweep's reply: the best run, with a link to its eval report."""
+        best, checkpoint = payload.get("best_job_id"), payload.get("best_checkpoint_id")
+        if not best:
+            return (
+                f":checkered_flag: Sweep {payload.get('sweep_id')} finished: no run was "
+                "evaluated, so there is no best run."
+            )
+        waiting = run.session.exec(
+            select(JobEvent.id).where(
+                JobEvent.job_id == int(best),
+                JobEvent.kind == "evaluated",
+                col(JobEvent.delivered_at).is_(None),
+            )
+        ).first()
+        if waiting is not None:  # its report comes first, so this reply can link to it
+            raise RetryLater(f"the sweep's reply waits for job {best}'s report")
+        where = (
+            report_messages(run.session, [int(checkpoint)]).get(int(checkpoint))
+            if checkpoint is not None
+            else None
+        )
+        link = self.permalinks.link(self.client, *where) if where else None
+        report = f", {mrkdwn_link(link, 'its report')}" if link else ""
+        return (
+            f":checkered_flag: Sweep {payload.get('sweep_id')} finished: the best run by "
+            f"macro-F1 is job {best} (checkpoint {checkpoint}{report}); approvers can promote "
+            "it from the table above."
+        )
+
     def _part(
-        self, run: _JobRun, event: JobEvent, name: str, send: Callable[[], str | None]
+        self,
+        run: _JobRun,
+        event: JobEvent,
+        name: str,
+        send: Callable[[], str | None],
+        *,
+        record: dict[str, Any] | None = None,
     ) -> bool:
         """Send one part of an event unless an earlier round already did (or gave it up), then
-        remember it; ``send`` returns a note when it had to fall back. False: given up."""
+        remember it, with what ``send`` put in ``record`` (kept on the event's payload); ``send``
+        returns a note when it had to fall back. False: given up."""
         payload = event.payload
         done = list(payload.get("_delivered_parts", []))
         errors = dict(payload.get("_part_errors") or {})
@@ -467,6 +511,7 @@ class Notifier:
             return False
         event.payload = {
             **payload,
+            **(record or {}),
             "_delivered_parts": [*done, name],
             **({"_part_errors": {**errors, name: note}} if note else {}),
         }
@@ -480,7 +525,7 @@ class Notifier:
         job = run.job
         dataset = run.session.get(Dataset, job.dataset_id) if job.dataset_id else None
         blocks = job_header_blocks(job, dataset)
-        header = f"{job_noun(job)} {job.id}: {job.status}"
+        header = job_header_text(job)
         if job.sweep_id is not None:  # a sweep's runs share one root: the comparison table
             from bot.sweeps import root_blocks_for
 
@@ -583,9 +628,9 @@ class Notifier:
         finally:
             self._last_write[channel.id] = self.clock()
 
-    def _post(self, run: _JobRun, *, text: str, blocks: list[dict[str, Any]] | None = None) -> None:
+    def _post(self, run: _JobRun, *, text: str, blocks: list[dict[str, Any]] | None = None) -> Any:
         channel, thread = run.channel.id, run.thread
-        self._send(
+        return self._send(
             run,
             lambda: self.client.chat_postMessage(
                 channel=channel, thread_ts=thread, text=text, blocks=blocks
@@ -603,7 +648,9 @@ class Notifier:
         self._post(run, text=_cut(text, FALLBACK_CHARS))
         return f"msg_too_long (sent cut to {FALLBACK_CHARS} characters)"
 
-    def _report_as_text(self, run: _JobRun, payload: dict[str, Any], refused: str) -> str:
+    def _report_as_text(
+        self, run: _JobRun, payload: dict[str, Any], refused: str, posted: dict[str, Any]
+    ) -> str:
         """The eval report without its buttons, saying how to promote without them."""
         checkpoint = payload["checkpoint_id"]
         section = _blocks_text(eval_report_blocks(payload))
@@ -611,7 +658,8 @@ class Notifier:
             f"\n_Slack refused the report's buttons ({refused.split(' ')[0]}): an approver can "
             f"promote it with `/finetune promote {checkpoint}`._"
         )
-        self._post(run, text=_cut(section, FALLBACK_CHARS - len(note)) + note)
+        answer = self._post(run, text=_cut(section, FALLBACK_CHARS - len(note)) + note)
+        posted[REPORT_TS] = answer["ts"]
         return "sent as plain text, without the buttons"
 
     def _upload(

@@ -12,7 +12,13 @@ Slack does), and fails the way Slack does:
   ``not_in_channel``, a deleted one (``delete_channel``) ``channel_not_found``;
 - from the message: text over 40,000 characters is ``msg_too_long``; a section text over 3,000
   characters, or more than 50 blocks, is ``invalid_blocks``; neither text nor blocks is
-  ``no_text``;
+  ``no_text``; blocks without a ``text`` are taken, as Slack takes them, but the call is marked
+  with the warning ``missing_text`` (``warned``): Slack's notifications and screen readers read
+  that text, not the blocks;
+- ``chat.getPermalink`` of a message it took (``messages``) answers Slack's link
+  (``https://standin.slack.com/archives/C…/p<ts without the dot>``, with ``?thread_ts=…&cid=…``
+  for a reply); of a deleted or unknown message ``message_not_found``, of a channel it never
+  posted in (or deleted) ``channel_not_found``;
 - from a published home (``views.publish``, kept per user in ``homes``): not a ``home`` view,
   more than 100 blocks, a section over 3,000 or a header over 150 characters is
   ``invalid_arguments``, as Slack answers.
@@ -44,6 +50,7 @@ MAX_BLOCKS = 50
 MAX_VIEW_BLOCKS = 100  # a home or modal view
 MAX_HEADER_CHARS = 150
 WRITES = ("chat.postMessage", "chat.update", "chat.postEphemeral", "files.completeUploadExternal")
+TEXT_FALLBACK = ("chat.postMessage", "chat.update", "chat.postEphemeral")  # and response_url
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Call:
     at: float = field(default_factory=time.time)
     status: int = 200  # the HTTP status answered (429/500 when a fault was injected; 0: reset)
     error: str | None = None  # Slack's error code when it answered ok: false
+    warning: str | None = None  # what Slack takes but warns of: "missing_text" (blocks, no text)
 
     @property
     def accepted(self) -> bool:
@@ -111,6 +119,9 @@ class SlackStandIn:
         self.kicked: set[str] = set()
         self.deleted_channels: set[str] = set()
         self.homes: dict[str, dict[str, Any]] = {}  # user id → the view last published
+        # (channel, ts) → thread_ts (None: not a reply) of every message posted, for permalinks
+        self.messages: dict[tuple[str, str], str | None] = {}
+        self.workspace = "standin"  # permalinks are https://standin.slack.com/archives/…
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -202,6 +213,11 @@ class SlackStandIn:
     ) -> None:
         self.files[file_id] = StoredFile(file_id, name, content, html_login_page)
 
+    def warned(self) -> list[Call]:
+        """The messages Slack took with a warning (``missing_text``: blocks without a text)."""
+        with self._lock:
+            return [c for c in self.calls if c.warning is not None]
+
     def calls_to(self, method: str, *, accepted_only: bool = False) -> list[dict[str, Any]]:
         with self._lock:
             return [
@@ -256,15 +272,18 @@ class SlackStandIn:
         path = handler.path
         if path.startswith("/response/"):
             params = self._read(handler)
+            params["_response_url"] = path.removeprefix("/response/")  # whose answer it is
             with self._lock:
-                self.calls.append(Call("response_url", params))
+                self.calls.append(Call("response_url", params, warning=_text_warning(params)))
             return self._reply(handler, 200, b"ok", "text/plain")
         if path.startswith("/upload/"):
             raw = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
             self.uploads[path.rsplit("/", 1)[1]] = raw
             return self._reply(handler, 200, b"OK - uploaded", "text/plain")
-        method = path.removeprefix("/api/")
-        params = self._read(handler)
+        self._api(handler, path.removeprefix("/api/"), self._read(handler))
+
+    def _api(self, handler: BaseHTTPRequestHandler, method: str, params: dict[str, Any]) -> None:
+        """A Web API call (a POST's body or a GET's query, as slack_sdk sends each method)."""
         auth = handler.headers.get("Authorization", "")
         params["_token"] = auth.removeprefix("Bearer ")
         with self._lock:
@@ -280,7 +299,8 @@ class SlackStandIn:
                 status, error = 200, refusal[0]
             else:
                 status, error = 200, None
-            self.calls.append(Call(method, params, status=status, error=error))
+            warning = _text_warning(params) if method in TEXT_FALLBACK else None
+            self.calls.append(Call(method, params, status=status, error=error, warning=warning))
         if fault is not None and fault.reset and not fault.after_accept:
             return self._reset(handler)
         if fault is not None and not fault.after_accept:
@@ -317,6 +337,13 @@ class SlackStandIn:
         thread it names; None when it would accept it."""
         if method == "views.publish":
             return _view_refusal(params.get("view"))
+        if method == "chat.getPermalink":
+            channel, ts = _channel_of(params), str(params.get("message_ts") or "")
+            if channel in self.deleted_channels or channel not in {c for c, _ in self.messages}:
+                return "channel_not_found", []
+            if (channel, ts) not in self.messages or (channel, ts) in self.deleted_messages:
+                return "message_not_found", []
+            return None
         if method not in WRITES:
             return None
         channel = _channel_of(params)
@@ -363,6 +390,8 @@ class SlackStandIn:
                 "url": "https://standin.slack.test/",
             }
         if method == "chat.postMessage":
+            with self._lock:
+                self.messages[(_channel_of(params), ts)] = params.get("thread_ts")
             return {
                 "ok": True,
                 "channel": params.get("channel"),
@@ -371,6 +400,16 @@ class SlackStandIn:
             }
         if method == "chat.update":
             return {"ok": True, "channel": params.get("channel"), "ts": params.get("ts")}
+        if method == "chat.getPermalink":
+            channel, message = _channel_of(params), str(params["message_ts"])
+            with self._lock:
+                thread = self.messages.get((channel, message))
+            link = (
+                f"https://{self.workspace}.slack.com/archives/{channel}/p{message.replace('.', '')}"
+            )
+            if thread and thread != message:  # a reply: Slack's link opens it in its thread
+                link += f"?thread_ts={thread}&cid={channel}"
+            return {"ok": True, "channel": channel, "permalink": link}
         if method == "chat.postEphemeral":
             return {"ok": True, "message_ts": ts}
         if method == "views.publish":
@@ -411,6 +450,10 @@ class SlackStandIn:
         return {"ok": False, "error": "unknown_method"}
 
     def _get(self, handler: BaseHTTPRequestHandler) -> None:
+        if handler.path.startswith("/api/"):
+            path, _, query = handler.path.partition("?")
+            params = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+            return self._api(handler, path.removeprefix("/api/"), params)
         parts = handler.path.split("/")
         if len(parts) >= 3 and parts[1] == "files" and parts[2] in self.files:
             stored = self.files[parts[2]]
@@ -422,6 +465,15 @@ class SlackStandIn:
                 return self._reply(handler, 200, page, "text/html; charset=utf-8")
             return self._reply(handler, 200, stored.content, "application/octet-stream")
         self._reply(handler, 404, b"not found", "text/plain")
+
+
+def _text_warning(params: dict[str, Any]) -> str | None:
+    """``missing_text`` for a message with blocks and no (or a blank) ``text``: Slack takes it,
+    but its notifications and screen readers have nothing to say (slack_sdk warns the same)."""
+    blocks = params.get("blocks")
+    if blocks and not str(params.get("text") or "").strip():
+        return "missing_text"
+    return None
 
 
 def _view_refusal(view: Any) -> tuple[str, list[str]] | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from slack_sdk.errors import SlackApiError
 from sqlmodel import Session
 
-from bot.blocks import cut, model_display_name
+from bot.blocks import confirm_dialog, cut, model_display_name, promote_confirm
 from bot.job_commands import (
     ARCHIVED,
     NOT_A_MEMBER,
@@ -222,16 +222,12 @@ def sweep_blocks(
                         "style": "danger",
                         "text": {"type": "plain_text", "text": "Cancel sweep"},
                         "value": str(found.id),
-                        "confirm": {
-                            "title": {"type": "plain_text", "text": "Cancel the sweep?"},
-                            "text": {
-                                "type": "mrkdwn",
-                                "text": f"Every run of sweep {found.id} that has not ended stops; "
-                                "finished runs keep their checkpoints.",
-                            },
-                            "confirm": {"type": "plain_text", "text": "Cancel every run"},
-                            "deny": {"type": "plain_text", "text": "Keep it"},
-                        },
+                        "confirm": confirm_dialog(
+                            "Cancel the sweep?",
+                            f"Every run of sweep {found.id} that has not ended stops; finished "
+                            "runs keep their checkpoints.",
+                            "Cancel every run",
+                        ),
                     }
                 ],
             }
@@ -248,19 +244,11 @@ def sweep_blocks(
                         "style": "primary",
                         "text": {"type": "plain_text", "text": "Approve & promote best"},
                         "value": str(best.checkpoint_id),
-                        "confirm": {
-                            "title": {"type": "plain_text", "text": "Promote the best run?"},
-                            "text": {
-                                "type": "mrkdwn",
-                                "text": cut(
-                                    f"Checkpoint {best.checkpoint_id} (job {best.job_id}, "
-                                    f"`{best.settings_text}`, macro-F1 {_pct(best.macro_f1)}) will answer "
-                                    "`/classify` in place of what serves now."
-                                ),
-                            },
-                            "confirm": {"type": "plain_text", "text": "Promote"},
-                            "deny": {"type": "plain_text", "text": "Cancel"},
-                        },
+                        "confirm": promote_confirm(
+                            best.checkpoint_id,
+                            f"Checkpoint {best.checkpoint_id} (job {best.job_id}, "
+                            f"`{best.settings_text}`, macro-F1 {_pct(best.macro_f1)})",
+                        ),
                     }
                 ],
             }
@@ -274,5 +262,15 @@ def root_blocks_for(session: Session, job: Job) -> tuple[str, list[dict[str, Any
     found = get_sweep(session, job.sweep_id)
     rows = sweep_rows(session, found)
     dataset = session.get(Dataset, found.dataset_id) if found.dataset_id else None
-    state = "finished" if found.finished_at else "running"
-    return f"Sweep {found.id}: {state}", sweep_blocks(found, rows, dataset)
+    return sweep_text(found, rows), sweep_blocks(found, rows, dataset)
+
+
+def sweep_text(found: Sweep, rows: list[SweepRow]) -> str:
+    """The sweep root's notification text: how far it is, and its best run once finished."""
+    if not found.finished_at:
+        done = sum(JobStatus(r.status).finished for r in rows)
+        return f"Sweep {found.id}: running, {done}/{len(rows)} runs ended"
+    best = best_row(rows)
+    return f"Sweep {found.id}: finished, " + (
+        f"best run {best_text(best)}" if best is not None else "no run was evaluated"
+    )

@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from bot.app import create_http_app
+from bot.home import HomeViewers
 from bot.standin import SlackStandIn, signed_headers, slash_command_body
 from core.settings import Settings
 
@@ -27,6 +28,7 @@ class SlackWorld:
     standin: SlackStandIn
     url: str
     settings: Settings
+    home_viewers: HomeViewers  # who opened their App Home in the bot under test
 
     def post(
         self,
@@ -137,9 +139,10 @@ def slack(engine, settings: Settings, bot_extra_settings: dict) -> Iterator[Slac
         **bot_extra_settings,
     )
     port = _free_port()
+    viewers = HomeViewers()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_http_app(configured, notifier=False),
+            create_http_app(configured, notifier=False, home_viewers=viewers),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -150,7 +153,7 @@ def slack(engine, settings: Settings, bot_extra_settings: dict) -> Iterator[Slac
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield SlackWorld(standin, f"http://127.0.0.1:{port}", configured)
+    yield SlackWorld(standin, f"http://127.0.0.1:{port}", configured, viewers)
     server.should_exit = True
     thread.join(10)
     standin.stop()

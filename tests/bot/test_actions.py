@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from slack_sdk import WebClient
 from sqlmodel import select
 
 from bot.standin import block_action_body
@@ -20,7 +21,9 @@ from core.settings import Settings
 from serving.app import create_app as create_serving_app
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
+from storage.jobs import add_job_event
 from storage.models import AuditLog, Checkpoint, Job, Promotion
+from storage.types import utcnow
 from tests.bot.conftest import APPROVER, GROUP_MEMBER, ingest
 from tests.serving.conftest import AdapterCache, adapter_checkpoints
 
@@ -213,6 +216,18 @@ def test_classify_promote_rollback_and_compare_commands(
     good = checkpoints["good"]
     slack.command(f"promote {good}", user="U0STRANGER")
     assert "only approvers can promote a checkpoint" in slack.reply(0)["text"]
+    with new_session(engine) as session:  # a report of it was posted in its job's thread once
+        job = session.get(Job, session.get(Checkpoint, good).job_id)
+        job.channel_id = "C0CHAN"
+        session.add(job)
+        session.commit()
+        client = WebClient(token=slack.standin.bot_token, base_url=slack.settings.slack_api_url)
+        report = client.chat_postMessage(channel="C0CHAN", text="a report", thread_ts="5.0")["ts"]
+        event = add_job_event(session, job_id=job.id, kind="evaluated", checkpoint_id=good)
+        event.payload = {**event.payload, "_report_ts": report}
+        event.delivered_at = utcnow()
+        session.add(event)
+        session.commit()
     slack.command(f"promote {good} force", user=APPROVER)  # never evaluated: forced
     promoted = slack.reply(1)
     assert promoted["response_type"] == "in_channel"
@@ -220,6 +235,8 @@ def test_classify_promote_rollback_and_compare_commands(
         f":white_check_mark: <@{APPROVER}> promoted checkpoint {good} (forced: checkpoint "
         f"{good} was never evaluated (its job 1 succeeded)): `/classify` now answers with it"
     )
+    link = f"https://standin.slack.com/archives/C0CHAN/p{report.replace('.', '')}"
+    assert promoted["text"].endswith(f" <{link}?thread_ts=5.0&cid=C0CHAN|Its eval report>.")
 
     slack.command("球队夺冠", command="/classify")
     answer = slack.reply(2)
@@ -236,7 +253,7 @@ def test_classify_promote_rollback_and_compare_commands(
     confirmation = slack.reply(5)
     assert confirmation["response_type"] == "ephemeral"
     _click_rollback(slack, confirmation, GROUP_MEMBER)
-    [announced] = slack.standin.wait_for("chat.postMessage")
+    announced = slack.standin.wait_for("chat.postMessage", 2)[1]  # after the report above
     assert "the base model answers `/classify` now" in announced["text"]
     assert slack.reply(6)["replace_original"] is True  # the confirmation's button is gone
 

@@ -18,7 +18,7 @@ from bot.standin import _view_refusal, home_action_body, home_opened_body, view_
 from core.enums import CheckpointStatus, JobStatus
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
-from storage.jobs import claim_next_job
+from storage.jobs import add_job_event, claim_next_job
 from storage.models import Checkpoint, Dataset, Evaluation, Job, Promotion
 from tests.bot.conftest import APPROVER, ingest
 
@@ -281,11 +281,18 @@ class Clock:
 
 
 def _refresher(slack, engine, clock: Clock) -> HomeRefresher:
+    """The notifier's refresher, knowing who opened their home in the bot under test."""
     from bot.auth import Approvers
 
     client = relay_client(slack.standin.bot_token, slack.settings.slack_api_url)
     return HomeRefresher(
-        engine, client, Approvers([APPROVER], client), "tiny", interval=10, clock=clock
+        engine,
+        client,
+        Approvers([APPROVER], client),
+        "tiny",
+        interval=10,
+        clock=clock,
+        viewers=slack.home_viewers,
     )
 
 
@@ -385,3 +392,57 @@ def test_a_full_home_fits_slacks_limits() -> None:
     view = home_view(data, viewer, notice="n" * 5000)
     assert _view_refusal(view) is None
     assert json.dumps(view)  # plain data
+
+
+def test_a_job_change_pushes_every_open_home_that_shows_the_job_paced(slack, engine) -> None:
+    ingest(slack, engine, channel=A)
+    ingest(slack, engine, channel=B)
+    for user in (USER, OTHER, APPROVER):  # each opens their home in Slack once
+        _home(slack, user)
+    opened = len(slack.standin.calls_to("views.publish"))
+    clock = Clock()
+    notifier = Notifier(
+        engine,
+        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
+        ArtifactStore(slack.settings.artifact_dir),
+        channel_interval=0.0,
+        clock=clock,
+        homes=_refresher(slack, engine, clock),
+    )
+
+    def pushed() -> dict[str, str]:
+        """Whose homes were published since the last look: user → its text."""
+        nonlocal opened
+        published = slack.standin.calls_to("views.publish")[opened:]
+        opened += len(published)
+        return {p["user_id"]: _text(p["view"]) for p in published}
+
+    try:
+        mine = _start(slack, engine, user=USER, channel=A)
+        notifier.deliver_pending()  # "queued": the requester's home and the approver's
+        homes = pushed()
+        assert set(homes) == {USER, APPROVER}  # not U0OTHER's: A's job is not in their home
+        assert f"*Fine-tuning job {mine.id}* · queued" in homes[APPROVER]
+
+        theirs = _start(slack, engine, user=OTHER, channel=B)
+        notifier.deliver_pending()
+        assert set(pushed()) == {OTHER}  # the approver's waits: pushed 0 s ago
+        clock.now += 10
+        notifier.deliver_pending()
+        homes = pushed()
+        assert (
+            set(homes) == {APPROVER}
+            and f"*Fine-tuning job {theirs.id}* · queued" in (homes[APPROVER])
+        )
+
+        with new_session(engine) as session:  # a deployment job: every open home shows it
+            job = Job(base_model="tiny", status="queued", config={})
+            session.add(job)
+            session.commit()
+            add_job_event(session, job_id=job.id, kind="queued")
+            session.commit()
+        clock.now += 10
+        notifier.deliver_pending()
+        assert set(pushed()) == {USER, OTHER, APPROVER}
+    finally:
+        notifier.close()

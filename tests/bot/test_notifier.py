@@ -22,6 +22,10 @@ from storage.models import Checkpoint, Job, JobEvent
 from tests.bot.test_commands import _dataset
 
 OTHER = "C0OTHER"
+REPORT_TEXT = (
+    "Evaluation of checkpoint 1: accuracy 50.0%, macro-F1 33.3%. Approvers can approve and "
+    "promote it, or reject it."
+)
 
 
 class Clock:
@@ -221,11 +225,11 @@ def test_the_job_thread_tells_the_whole_story(slack, engine, notifiers) -> None:
         "Epoch 1 done · step 4/8 · loss 0.5000",
         "Epoch 2 done · step 8/8 · loss 0.2500",
     ]
-    assert texts[-1] == "Evaluation of checkpoint 1"
+    assert texts[-1] == REPORT_TEXT  # the scores in words, for notifications
     report = next(
         p
         for p in slack.standin.calls_to("chat.postMessage", accepted_only=True)
-        if p.get("text") == "Evaluation of checkpoint 1"
+        if p.get("text") == REPORT_TEXT
     )
     section = report["blocks"][0]["text"]["text"]
     assert "*Accuracy* 50.0% · +30.0 pt vs base" in section and "BLEU-4 20.00" in section
@@ -433,7 +437,7 @@ def test_missing_plots_are_recorded_and_the_rest_of_the_story_arrives(
     texts = _thread_texts(slack, job)
     assert len(texts) == 5
     assert texts[3].startswith(":checkered_flag: Training finished: 8 steps")  # the plot's comment
-    assert texts[4] == "Evaluation of checkpoint 1"
+    assert texts[4] == REPORT_TEXT
     report = slack.standin.calls_to("chat.postMessage", accepted_only=True)[-1]
     assert [b["action_id"] for b in report["blocks"][1]["elements"]] == [
         "approve_checkpoint",

@@ -209,7 +209,10 @@ def test_a_finished_sweep_posts_its_plots_and_promotes_the_best_run_for_approver
     )
     updates = [u for u in slack.standin.calls_to("chat.update") if u["ts"] == root["_ts"]]
     final = updates[-1]
-    assert final["text"] == f"Sweep {found.id}: finished"
+    assert final["text"] == (
+        f"Sweep {found.id}: finished, best run job {second.id} (`learning_rate=5e-5`, "
+        "macro-F1 80.0%)"
+    )
     table = json.dumps(final["blocks"], ensure_ascii=False)
     assert f"job {second.id} · `learning_rate=5e-5`" in table and ":star: *best*" in table
     [button] = [e for b in final["blocks"] if b["type"] == "actions" for e in b["elements"]]

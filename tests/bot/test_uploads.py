@@ -133,9 +133,11 @@ def test_files_that_are_not_datasets_are_left_alone(slack, engine) -> None:
 def test_an_html_login_page_instead_of_the_file_is_an_error(slack, engine) -> None:
     slack.standin.add_file("F0HTML", "train.json", b"[]", html_login_page=True)
     _share(slack, "F0HTML", "Ev002")
-    [message] = slack.standin.wait_for("chat.postMessage")
+    [message] = slack.standin.wait_for("chat.postEphemeral")  # told to who shared it alone
+    assert message["user"] == "U0USER" and message["channel"] == "C0CHAN"
     assert "Slack sent a login page instead of train.json" in message["text"]
     assert "files:read" in message["text"]
+    assert slack.standin.calls_to("chat.postMessage") == []  # nothing said in the channel
     assert _checks(engine) == [] and _datasets(engine) == []
     assert not (Path(slack.settings.artifact_dir) / "uploads").exists()
 
