@@ -32,6 +32,7 @@ from core.protocol import Message, render_prompt, render_prompt_text, render_tra
 from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset
+from runner.eval.evaluate import evaluate_conversations
 from runner.eval.predict import TransformersPredictor
 from runner.export import export_name
 from runner.export_gguf import GgufRefused, check_architecture
@@ -398,42 +399,55 @@ def _label_adapter(base: Path, out: Path) -> None:
 # tests/serving serves through the whole app; every family through the same model and LoRA code in
 # vLLM's offline engine (~3 s each).
 SERVING_ENGINE_FAMILY = "gemma3"
+EVAL_LABELS = sorted({c[1].content for c in synthetic(1)})
 
 
-def test_vllm_cpu_serves_every_family_with_a_hot_loaded_adapter(family_dirs, tmp_path) -> None:
-    """Each family's adapter is added after its engine started (as a promotion does), and the
-    answers with it and without it are exactly transformers' (+ PEFT) greedy answers, in float32;
-    the adapter's is the label it was trained to give."""
+def test_vllm_cpu_evaluates_and_serves_every_family_with_its_adapter(family_dirs, tmp_path) -> None:
+    """Evaluation's vLLM backend predicts and scores as its transformers backend does. Serving:
+    the adapter is added after the engine started (as a promotion does), and the answers with it
+    and without it are exactly transformers' (+ PEFT) greedy answers, in float32; the adapter's is
+    the label it was trained to give."""
     specs, want = [], {}
+    conversations = synthetic(1, seed=2)
     for family in FAMILY_NAMES:
         base = family_dirs[family]
         adapter = tmp_path / f"{family}-adapter"
         _label_adapter(base, adapter)
-        prompt = render_prompt(load_tokenizer(base), [Message("user", "标题：球队比赛消息")])
+        tokenizer = load_tokenizer(base)
+        prompt = render_prompt(tokenizer, [Message("user", "标题：球队比赛消息")])
         engines = ["offline"] + (["serving"] if family == SERVING_ENGINE_FAMILY else [])
-        for engine in engines:
-            specs.append(
-                {
-                    "family": family,
-                    "model": str(base),
-                    "adapter": str(adapter),
-                    "prompt": prompt,
-                    "engine": engine,
-                }
-            )
+        where = {"family": family, "model": str(base), "adapter": str(adapter)}
+        specs += [{**where, "engine": engine, "prompt": prompt} for engine in engines]
+        specs.append(
+            {
+                **where,
+                "engine": "evaluation",
+                "conversations": [[[m.role, m.content] for m in c] for c in conversations],
+                "labels": EVAL_LABELS,
+            }
+        )
+        reference = TransformersPredictor(base, adapter, dtype=torch.float32)
+        evaluated = evaluate_conversations(
+            reference,
+            tokenizer,
+            conversations,
+            EVAL_LABELS,
+            max_model_len=Settings(_env_file=None).eval_max_model_len,
+        )
         want[family] = {
             "base": TransformersPredictor(base, None, dtype=torch.float32)
             .generate([prompt], 6)[0]
             .text,
-            "adapter": TransformersPredictor(base, adapter, dtype=torch.float32)
-            .generate([prompt], 6)[0]
-            .text,
+            "adapter": reference.generate([prompt], 6)[0].text,
+            "predict": [row["predict"] for row in evaluated.predictions],
+            "prediction": [row["prediction"] for row in evaluated.predictions],
+            "accuracy": evaluated.metrics["accuracy"],
         }
         assert want[family]["adapter"] == "体育", family  # the adapter learned its answer
-    spec_file = tmp_path / "serve.json"
+    spec_file = tmp_path / "specs.json"
     spec_file.write_text(json.dumps(specs))
     done = subprocess.run(
-        [sys.executable, "-m", "tests.runner.family_serving", str(spec_file), "6"],
+        [sys.executable, "-m", "tests.runner.family_vllm", str(spec_file), "6"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -449,4 +463,6 @@ def test_vllm_cpu_serves_every_family_with_a_hot_loaded_adapter(family_dirs, tmp
         row = ROWS[got["family"]]
         assert row.serving == "yes", got
         assert "error" not in got and "refused" not in got, got
-        assert {"base": got["base"], "adapter": got["adapter"]} == want[got["family"]], got
+        keys = ["predict", "prediction", "accuracy"] if got["engine"] == "evaluation" else None
+        keys = keys or ["base", "adapter"]
+        assert {k: got[k] for k in keys} == {k: want[got["family"]][k] for k in keys}, got

