@@ -192,9 +192,25 @@ def graphs_off_reason(
 def check_architecture(model: torch.nn.Module, config: TrainConfig) -> str | None:
     """Refuse an architecture packed training cannot compute; otherwise the note for the job's
     thread when the architecture keeps it off the fused layers (logged too), else None. Said on
-    every device: the path is the architecture's, whichever machine runs the job."""
+    every device: the path is the architecture's, whichever machine runs the job. An
+    architecture outside the support matrix (docs/models.md) is first probed: packed samples
+    must compute what each computes alone (``packing_error``)."""
+    from runner.models import SUPPORT_MATRIX
+
     model_config = causal_lm(model).config
     refusal = families.packed_training_refusal(model_config)
+    if refusal is None and not set(model_config.architectures or ()) & {
+        row.architecture for row in SUPPORT_MATRIX
+    }:
+        error = packing_error(model)
+        if error > PACKING_TOLERANCE:
+            refusal = (
+                f"{model_config.model_type} is not in the support matrix and its layers do not "
+                f"keep packed samples apart (a probe of two packed samples differs from the "
+                f"samples alone by {error:.2g}, relative): training would mix samples"
+            )
+        else:
+            log.info("%s passed the packing probe (%.2g)", model_config.model_type, error)
     if refusal is not None:
         raise TrainingFailed(
             f"cannot train this base model: {refusal}. Choose a base model of a family in "
@@ -204,6 +220,34 @@ def check_architecture(model: torch.nn.Module, config: TrainConfig) -> str | Non
     if note is not None:
         log.info("%s", note)
     return note
+
+
+# Above bf16 rounding of logits (~1e-2 relative at worst), far below what attention across
+# samples gives (~1).
+PACKING_TOLERANCE = 0.05
+
+
+def packing_error(model: torch.nn.Module) -> float:
+    """The relative difference between the logits of two random samples packed into one
+    sequence (``packing.pack``: what every training step runs) and of each run alone."""
+    from core.protocol import TrainingExample
+    from runner.train.packing import pack
+
+    lm = causal_lm(model)
+    device = lm.get_input_embeddings().weight.device
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, lm.config.vocab_size, (n,), generator=generator) for n in (7, 11)]
+    batch = pack([TrainingExample(t.tolist(), 1) for t in ids]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
+            packed = model(**inputs).logits[0].float()
+            alone = torch.cat([model(input_ids=t[None].to(device)).logits[0] for t in ids]).float()
+    finally:
+        model.train(was_training)
+    return float((packed - alone).norm() / alone.norm().clamp_min(1e-12))
 
 
 def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> Any:

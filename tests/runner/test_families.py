@@ -23,12 +23,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from sqlmodel import select
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bot.blocks import milestone_text
 from core.enums import JobKind, JobStatus
-from core.protocol import Message, render_prompt, render_prompt_text, render_training_example
+from core.protocol import (
+    Message,
+    TrainingExample,
+    render_prompt,
+    render_prompt_text,
+    render_training_example,
+)
 from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset
@@ -38,12 +45,13 @@ from runner.export import export_name
 from runner.export_gguf import GgufRefused, check_architecture
 from runner.job import run_job
 from runner.models import SUPPORT_MATRIX, load_tokenizer, support_table
-from runner.tiny_model import FAMILY_NAMES, TINY_FAMILIES, build_tiny_family_model
+from runner.tiny_model import DIMENSIONS, FAMILY_NAMES, TINY_FAMILIES, build_tiny_family_model
 from runner.train import attention, families
 from runner.train.graphs import GraphedDecoder, fused_layers
 from runner.train.packing import pack, pack_step
 from runner.train.recipe import (
     TrainHooks,
+    TrainingFailed,
     TrainSpec,
     accumulate_step,
     graphs_off_reason,
@@ -258,6 +266,52 @@ def test_an_architecture_packed_training_cannot_compute_is_refused_before_traini
     with pytest.raises(Exception, match="soft-caps its attention logits") as raised:
         train(spec)
     assert "docs/models.md" in str(raised.value)
+
+
+def _random_examples(vocab: int, n: int = 8) -> list[TrainingExample]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        TrainingExample(torch.randint(0, vocab, (12 + i,), generator=generator).tolist(), 8)
+        for i in range(n)
+    ]
+
+
+def test_an_architecture_outside_the_matrix_trains_once_a_packing_probe_passes() -> None:
+    config = transformers.Olmo2Config(vocab_size=512, **DIMENSIONS)
+    notes: list[str] = []
+    result = train(
+        TrainSpec(
+            config=parse_train_args(["bs=4", "grad_accum=1", "rank=8"]),
+            examples=_random_examples(512),
+            base=config,
+            device="cpu",
+        ),
+        TrainHooks(on_note=notes.append),
+    )
+    assert result.status == "completed" and result.step == result.total_steps == 6
+    (note,) = notes  # its thread hears it is off the fused layers, and why
+    assert note.startswith("olmo2 trains with transformers' own decoder layers")
+    assert "not olmo2" in note
+
+
+def test_an_architecture_whose_layers_mix_packed_samples_is_refused_before_training() -> None:
+    """StableLM's layers do not keep packed samples apart: without the probe such a job trained
+    every sample on its neighbours' tokens, and nothing said so."""
+    config = transformers.StableLmConfig(vocab_size=512, **DIMENSIONS)
+    spec = TrainSpec(
+        config=parse_train_args(["bs=4", "grad_accum=1", "rank=8"]),
+        examples=_random_examples(512),
+        base=config,
+        device="cpu",
+    )
+    with pytest.raises(TrainingFailed) as raised:
+        train(spec)
+    message = raised.value.message
+    assert message.startswith(
+        "cannot train this base model: stablelm is not in the support matrix and its layers do "
+        "not keep packed samples apart"
+    )
+    assert message.endswith("Choose a base model of a family in docs/models.md")
 
 
 # A job per family: train, evaluate, export ------------------------------------------------------
