@@ -363,6 +363,7 @@ JOB_CONFIG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_a_job_trains_evaluates_and_exports_each_family(
     family, family_dirs, engine, settings, tmp_path
@@ -456,6 +457,7 @@ SERVING_ENGINE_FAMILY = "gemma3"
 EVAL_LABELS = sorted({c[1].content for c in synthetic(1)})
 
 
+@pytest.mark.slow
 def test_vllm_cpu_evaluates_and_serves_every_family_with_its_adapter(family_dirs, tmp_path) -> None:
     """Evaluation's vLLM backend predicts and scores as its transformers backend does. Serving:
     the adapter is added after the engine started (as a promotion does), and the answers with it
