@@ -230,7 +230,6 @@ PACKING_TOLERANCE = 0.05
 def packing_error(model: torch.nn.Module) -> float:
     """The relative difference between the logits of two random samples packed into one
     sequence (``packing.pack``: what every training step runs) and of each run alone."""
-    from core.protocol import TrainingExample
     from runner.train.packing import pack
 
     lm = causal_lm(model)
