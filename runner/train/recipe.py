@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from core.errors import FinetuneError
 from core.protocol import TrainingExample
 from runner.config import TrainConfig
-from runner.train import attention, memory
+from runner.train import attention, families, memory
 from runner.train.packing import PackedBatch, Schedule, micro_batch_sizes, pack_step, truncate
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class TrainHooks:
     on_checkpoint: Callable[[int, bool, Path], None] = lambda step, final, path: None
     # Called once before the first step with the step resumed from (None: from the start).
     on_start: Callable[[int | None], None] = lambda resumed_from_step: None
+    # Called before the first step with what the job's thread should be told about how it
+    # trains (the architecture keeps it off the fused layers: ``families.training_path_note``).
+    on_note: Callable[[str], None] = lambda message: None
 
 
 @dataclass
@@ -161,10 +164,14 @@ def setup_model(spec: TrainSpec, device: torch.device, dtype: torch.dtype) -> to
     return trainable
 
 
-def graphs_off_reason(spec: TrainSpec, device: torch.device, *, varlen_kernel: bool) -> str | None:
+def graphs_off_reason(
+    spec: TrainSpec, device: torch.device, *, varlen_kernel: bool, model_config: Any = None
+) -> str | None:
     """Why this job trains without the CUDA-graphed decoder (None: it uses it). ``varlen_kernel``:
     whether torch's varlen attention kernel is there (``attention.varlen_kernel_available``):
-    without it attention reads ``cu_seqlens`` back to the host, which capture forbids."""
+    without it attention reads ``cu_seqlens`` back to the host, which capture forbids.
+    ``model_config``: the model's, whose architecture may keep it off graphs
+    (``families.graphs_refusal``)."""
     if not spec.cuda_graphs:
         return "CUDA graphs are turned off (RUNNER_CUDA_GRAPHS=false)"
     if device.type != "cuda":
@@ -177,14 +184,77 @@ def graphs_off_reason(spec: TrainSpec, device: torch.device, *, varlen_kernel: b
         return "CUDA graphs do not apply with per-layer torch.compile (RUNNER_COMPILE=true)"
     if not varlen_kernel:
         return attention.varlen_missing_reason()
+    if model_config is not None:
+        return families.graphs_refusal(model_config)
     return None
+
+
+def check_architecture(model: torch.nn.Module, config: TrainConfig) -> str | None:
+    """Refuse an architecture packed training cannot compute; otherwise the note for the job's
+    thread when the architecture keeps it off the fused layers (logged too), else None. Said on
+    every device: the path is the architecture's, whichever machine runs the job. An
+    architecture outside the support matrix (docs/models.md) is first probed: packed samples
+    must compute what each computes alone (``packing_error``)."""
+    from runner.models import SUPPORT_MATRIX
+
+    model_config = causal_lm(model).config
+    refusal = families.packed_training_refusal(model_config)
+    if refusal is None and not set(model_config.architectures or ()) & {
+        row.architecture for row in SUPPORT_MATRIX
+    }:
+        error = packing_error(model)
+        if error > PACKING_TOLERANCE:
+            refusal = (
+                f"{model_config.model_type} is not in the support matrix and its layers do not "
+                f"keep packed samples apart (a probe of two packed samples differs from the "
+                f"samples alone by {error:.2g}, relative): training would mix samples"
+            )
+        else:
+            log.info("%s passed the packing probe (%.2g)", model_config.model_type, error)
+    if refusal is not None:
+        raise TrainingFailed(
+            f"cannot train this base model: {refusal}. Choose a base model of a family in "
+            "docs/models.md"
+        )
+    note = families.training_path_note(model_config) if config.method == "lora" else None
+    if note is not None:
+        log.info("%s", note)
+    return note
+
+
+# Above bf16 rounding of logits (~1e-2 relative at worst), far below what attention across
+# samples gives (~1).
+PACKING_TOLERANCE = 0.05
+
+
+def packing_error(model: torch.nn.Module) -> float:
+    """The relative difference between the logits of two random samples packed into one
+    sequence (``packing.pack``: what every training step runs) and of each run alone."""
+    from runner.train.packing import pack
+
+    lm = causal_lm(model)
+    device = lm.get_input_embeddings().weight.device
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, lm.config.vocab_size, (n,), generator=generator) for n in (7, 11)]
+    batch = pack([TrainingExample(t.tolist(), 1) for t in ids]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.model_inputs().items() if k != "logits_to_keep"}
+            packed = model(**inputs).logits[0].float()
+            alone = torch.cat([model(input_ids=t[None].to(device)).logits[0] for t in ids]).float()
+    finally:
+        model.train(was_training)
+    return float((packed - alone).norm() / alone.norm().clamp_min(1e-12))
 
 
 def setup_graphs(spec: TrainSpec, model: torch.nn.Module, device: torch.device) -> Any:
     """The CUDA-graphed decoder (``graphs.GraphedDecoder``: fused layers replayed as CUDA graphs)
     where it applies, else None (eager steps; the reason is logged)."""
     varlen = attention.varlen_kernel_available()
-    reason = graphs_off_reason(spec, device, varlen_kernel=varlen)
+    config = causal_lm(model).config
+    reason = graphs_off_reason(spec, device, varlen_kernel=varlen, model_config=config)
     if reason is not None:
         if spec.cuda_graphs:  # asked for and not possible: say why, once per job
             degraded = device.type == "cuda" and not varlen  # a GPU stack without the kernel
@@ -724,6 +794,7 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         config.max_steps,
     )
     model = setup_model(spec, device, dtype)
+    note = check_architecture(model, config)
     graphed = setup_graphs(spec, model, device)
     loss_chunk = memory.LOSS_CHUNK if spec.gradient_checkpointing else 0
     logits_of = graphed.logits if graphed is not None else None
@@ -771,6 +842,8 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         )
 
     hooks.on_start(resumed_from)
+    if note is not None:
+        hooks.on_note(note)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = window_start = time.perf_counter()
