@@ -148,10 +148,8 @@ def distill_split(
         raise ConfigError("distill: tries and concurrency must be at least 1, the rate above 0")
     journal.parent.mkdir(parents=True, exist_ok=True)
     done = read_journal(journal)
-    todo = [
-        i for i in range(len(conversations) if limit is None else min(limit, len(conversations)))
-    ]
-    todo = [i for i in todo if i not in done]
+    count = len(conversations) if limit is None else min(limit, len(conversations))
+    todo = [i for i in range(count) if i not in done]
     pacer = _Pacer(limits.requests_per_second)
     lock = threading.Lock()
     stats = Counter[str]()

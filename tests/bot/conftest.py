@@ -157,3 +157,22 @@ def slack(engine, settings: Settings, bot_extra_settings: dict) -> Iterator[Slac
     server.should_exit = True
     thread.join(10)
     standin.stop()
+
+
+def deliver_all(slack: SlackWorld, engine) -> None:
+    """Relay every pending job event to the stand-in, as the bot's notifier does, until none is
+    left."""
+    from bot.notifier import Notifier, relay_client
+    from storage.artifacts import ArtifactStore
+
+    notifier = Notifier(
+        engine,
+        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
+        ArtifactStore(slack.settings.artifact_dir),
+        channel_interval=0.0,
+    )
+    try:
+        while notifier.deliver_pending():
+            pass
+    finally:
+        notifier.close()

@@ -12,7 +12,6 @@ import re
 import pytest
 from sqlmodel import select
 
-from bot.notifier import Notifier, relay_client
 from bot.standin import block_action_body
 from runner.sweep import after_run
 from storage.artifacts import ArtifactStore
@@ -20,7 +19,7 @@ from storage.db import new_session
 from storage.jobs import add_job_event, record_progress
 from storage.models import Checkpoint
 from storage.sweeps import sweep_jobs
-from tests.bot.conftest import APPROVER
+from tests.bot.conftest import APPROVER, deliver_all
 from tests.bot.test_feedback import _checkpoint, serving  # noqa: F401 - a canned /v1/classify
 from tests.bot.test_notifier import REPORT_TEXT, _queued_job, _run_a_job
 from tests.bot.test_sweeps import _finish, _threaded_sweep
@@ -34,20 +33,6 @@ def bot_extra_settings(serving) -> dict:  # noqa: F811
     return {"serving_url": f"http://127.0.0.1:{serving.server_address[1]}"}
 
 
-def _deliver(slack, engine) -> None:
-    notifier = Notifier(
-        engine,
-        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
-        ArtifactStore(slack.settings.artifact_dir),
-        channel_interval=0.0,
-    )
-    try:
-        while notifier.deliver_pending():
-            pass
-    finally:
-        notifier.close()
-
-
 def _with_blocks(slack) -> list[tuple[str, dict]]:
     with slack.standin._lock:
         calls = list(slack.standin.calls)
@@ -57,7 +42,7 @@ def _with_blocks(slack) -> list[tuple[str, dict]]:
 def test_every_message_with_blocks_says_the_same_in_its_text(slack, engine, serving) -> None:  # noqa: F811
     # A job from its root to its report, and an approver's decision on it.
     job = _run_a_job(slack, engine)
-    _deliver(slack, engine)
+    deliver_all(slack, engine)
     report = next(p for _, p in _with_blocks(slack) if p.get("text") == REPORT_TEXT)
     updated = len(slack.standin.calls_to("chat.update"))
     click = block_action_body(
@@ -79,7 +64,7 @@ def test_every_message_with_blocks_says_the_same_in_its_text(slack, engine, serv
     with new_session(engine) as session:
         progress = {"step": 3, "total_steps": 8, "epoch": 0.75, "loss": 2 / 3, "eta_s": 5}
         record_progress(session, job_id=training.id, token=training.lease_token, progress=progress)
-    _deliver(slack, engine)
+    deliver_all(slack, engine)
 
     # A sweep to its best run.
     assert slack.command("sweep lr=1e-5,5e-5").status_code == 200
@@ -97,7 +82,7 @@ def test_every_message_with_blocks_says_the_same_in_its_text(slack, engine, serv
             add_job_event(session, job_id=run.id, kind="evaluated", checkpoint_id=checkpoint)
         session.commit()
         assert after_run(session, store, sweep_id=found.id)
-    _deliver(slack, engine)
+    deliver_all(slack, engine)
 
     # `/classify`'s answer.
     serving.checkpoint_id = _checkpoint(slack, engine, "C0CHAN")

@@ -10,7 +10,6 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from sqlmodel import col, select
 
-from bot.notifier import Notifier, relay_client
 from bot.permalinks import REPORT_TS, Permalinks
 from runner.sweep import after_run
 from storage.artifacts import ArtifactStore
@@ -18,7 +17,7 @@ from storage.db import new_session
 from storage.jobs import add_job_event
 from storage.models import Checkpoint, JobEvent
 from storage.sweeps import sweep_jobs
-from tests.bot.conftest import ingest
+from tests.bot.conftest import deliver_all, ingest
 from tests.bot.test_home import _home
 from tests.bot.test_notifier import REPORT_TEXT, _queued_job, _run_a_job
 from tests.bot.test_sweeps import _finish, _threaded_sweep
@@ -97,17 +96,7 @@ def test_the_home_links_jobs_to_their_threads_and_checkpoints_to_their_reports(
     slack, engine
 ) -> None:
     done = _run_a_job(slack, engine)  # its checkpoint 1 has a report in its thread
-    notifier = Notifier(
-        engine,
-        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
-        ArtifactStore(slack.settings.artifact_dir),
-        channel_interval=0.0,
-    )
-    try:
-        while notifier.deliver_pending():
-            pass
-    finally:
-        notifier.close()
+    deliver_all(slack, engine)
     report = _report_ts(engine, done.id)
     [posted] = [
         p for p in slack.standin.calls_to("chat.postMessage") if p.get("text") == REPORT_TEXT
@@ -159,17 +148,7 @@ def test_a_finished_sweeps_reply_links_to_its_best_runs_report(slack, engine) ->
             add_job_event(session, job_id=job_id, kind="evaluated", checkpoint_id=checkpoint)
         session.commit()
         assert after_run(session, store, sweep_id=found.id)
-    notifier = Notifier(
-        engine,
-        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
-        store,
-        channel_interval=0.0,
-    )
-    try:
-        while notifier.deliver_pending():
-            pass
-    finally:
-        notifier.close()
+    deliver_all(slack, engine)
     report = _report_ts(engine, second.id)
     [reply] = [
         p["text"]

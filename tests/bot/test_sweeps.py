@@ -12,7 +12,6 @@ import time
 import pytest
 from sqlmodel import select
 
-from bot.notifier import Notifier, relay_client
 from bot.standin import block_action_body
 from core.enums import CheckpointStatus, JobStatus
 from runner.plots import loss_curve_png
@@ -22,7 +21,7 @@ from storage.db import new_session
 from storage.jobs import add_job_event
 from storage.models import Checkpoint, Evaluation, Job, Sweep
 from storage.sweeps import sweep_jobs
-from tests.bot.conftest import APPROVER, ingest
+from tests.bot.conftest import APPROVER, deliver_all, ingest
 from tests.bot.test_actions import (  # noqa: F401 - fixtures: a real serving app, two adapters
     adapter_cache,
     bot_extra_settings,
@@ -186,17 +185,7 @@ def test_a_finished_sweep_posts_its_plots_and_promotes_the_best_run_for_approver
         assert after_run(session, store, sweep_id=found.id)  # this call finished it
         assert not after_run(session, store, sweep_id=found.id)  # and only this one
 
-    notifier = Notifier(
-        engine,
-        relay_client(slack.standin.bot_token, slack.settings.slack_api_url),
-        store,
-        channel_interval=0.0,
-    )
-    try:
-        while notifier.deliver_pending():
-            pass
-    finally:
-        notifier.close()
+    deliver_all(slack, engine)
     uploads = slack.standin.calls_to("files.completeUploadExternal")
     titles = [f.get("title") for u in uploads for f in u.get("files") or []]
     assert {"Training loss, every run", "Eval accuracy and macro-F1 by run"} <= set(titles)

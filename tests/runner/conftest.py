@@ -35,8 +35,12 @@ def eval_settings(settings: Settings, tiny_model_dir: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def dataset(engine, eval_settings: Settings, tmp_path: Path) -> Dataset:
+def ingest_synthetic(
+    engine, settings: Settings, folder: Path, *, name: str, train: list, eval: list | None = None
+) -> Dataset:
+    """``train`` (and ``eval``) conversations as ShareGPT files under ``folder``, ingested as the
+    deployment's dataset ``name``."""
+
     def records(conversations):
         return [
             {
@@ -48,26 +52,38 @@ def dataset(engine, eval_settings: Settings, tmp_path: Path) -> Dataset:
             for c in conversations
         ]
 
-    folder = tmp_path / "upload"
     folder.mkdir()
-    files.write_json(folder / "train.json", records(synthetic(24)))
-    files.write_json(folder / "eval.json", records(synthetic(5, seed=1)))
+    files.write_json(folder / "train.json", records(train))
+    if eval is not None:
+        files.write_json(folder / "eval.json", records(eval))
     with new_session(engine) as session:
         stored, _ = ingest_dataset(
             session,
-            ArtifactStore(eval_settings.artifact_dir),
+            ArtifactStore(settings.artifact_dir),
             folder,
-            IngestOptions.from_settings(eval_settings),
-            name="syn",
+            IngestOptions.from_settings(settings),
+            name=name,
             tokenizer=None,
         )
     return stored
 
 
-def train_job(engine, settings: Settings, dataset: Dataset) -> Job:
+@pytest.fixture
+def dataset(engine, eval_settings: Settings, tmp_path: Path) -> Dataset:
+    return ingest_synthetic(
+        engine,
+        eval_settings,
+        tmp_path / "upload",
+        name="syn",
+        train=synthetic(24),
+        eval=synthetic(5, seed=1),
+    )
+
+
+def train_job(engine, settings: Settings, dataset: Dataset, config: dict | None = None) -> Job:
     with new_session(engine) as session:
         job = create_job(
-            session, base_model=settings.base_model, dataset_id=dataset.id, config=TRAIN
+            session, base_model=settings.base_model, dataset_id=dataset.id, config=config or TRAIN
         )
         token = claim_next_job(session, owner="inline", lease_seconds=60).lease_token
     run_job(job.id, token, settings)

@@ -8,28 +8,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlmodel import select
 
 from core.enums import JobStatus
-from core.protocol import Message, parse_answer, render_training_example
+from core.protocol import parse_answer
 from core.settings import Settings
-from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset, load_dataset, read_split
 from runner.datasets.layout import Split
 from runner.distill import DistillLimits, Teacher, distill_dataset, read_journal, teacher_messages
 from runner.models import load_tokenizer
-from runner.train.recipe import TrainHooks, TrainSpec, train
 from storage.artifacts import ArtifactStore
 from storage.db import make_engine, new_session
 from storage.migrate import upgrade
 from storage.models import Checkpoint, Dataset, Job, Promotion
 from tests.runner.conftest import train_job
-from tests.serving.conftest import TOKEN, Deployment, start, stop
+from tests.serving.conftest import TOKEN, Deployment, _train_adapter, start, stop
 
 REPO = Path(__file__).resolve().parents[2]
 REASONED = "<think>\n这是体育新闻。\n</think>\n\n体育"
@@ -80,23 +76,14 @@ def _teacher_adapter(engine, store: ArtifactStore, model_dir: Path, meta: dict) 
         _raw_folder(store.root.parent / "raw"),
         IngestOptions.from_settings(Settings(_env_file=None)),
     )
-    conversations = [[*c[:-1], Message("assistant", REASONED)] for c in loaded.splits[Split.train]]
-    tokenizer = load_tokenizer(model_dir)
-    examples = [render_training_example(tokenizer, c) for c in conversations]
-    config = parse_train_args(["lr=1e-2", "epochs=12", "bs=8", "grad_accum=1", "rank=8"])
-    out = store.path("checkpoints/teacher")
-
-    @contextmanager
-    def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
-        if final:
-            out.mkdir(parents=True)
-            yield out
-        else:
-            yield out.parent / "unused"
-
-    train(
-        TrainSpec(config=config, examples=examples, base=model_dir, meta=meta),
-        TrainHooks(checkpoint_dir=checkpoint_dir),
+    _train_adapter(
+        model_dir,
+        load_tokenizer(model_dir),
+        REASONED,
+        store.path("checkpoints/teacher"),
+        meta=meta,
+        histories=[c[:-1] for c in loaded.splits[Split.train]],
+        epochs=12,
     )
     with new_session(engine) as session:
         job = Job(base_model=str(model_dir), status="succeeded", channel_id="C0CHAN")

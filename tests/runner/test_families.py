@@ -38,7 +38,6 @@ from core.protocol import (
 )
 from core.settings import Settings
 from runner.config import parse_train_args
-from runner.datasets.ingest import IngestOptions, ingest_dataset
 from runner.eval.evaluate import evaluate_conversations
 from runner.eval.predict import TransformersPredictor
 from runner.export import export_name
@@ -64,7 +63,7 @@ from storage.db import new_session
 from storage.jobs import claim_next_job, create_job, job_events
 from storage.models import Checkpoint, Job
 from tests.conftest import REPO
-from tests.runner import dataset_files as files
+from tests.runner.conftest import ingest_synthetic
 from tests.runner.graph_stand_in import make_graphed_stand_in
 from tests.runner.train_helpers import examples, lora_model, synthetic
 
@@ -327,30 +326,9 @@ def _run(engine, settings: Settings, **fields) -> Job:
 
 
 def _dataset(engine, settings: Settings, folder: Path):
-    def records(conversations):
-        return [
-            {
-                "conversations": [
-                    {"from": "human", "value": c[0].content},
-                    {"from": "gpt", "value": c[1].content},
-                ]
-            }
-            for c in conversations
-        ]
-
-    folder.mkdir()
-    files.write_json(folder / "train.json", records(synthetic(6)))
-    files.write_json(folder / "eval.json", records(synthetic(1, seed=1)))
-    with new_session(engine) as session:
-        stored, _ = ingest_dataset(
-            session,
-            ArtifactStore(settings.artifact_dir),
-            folder,
-            IngestOptions.from_settings(settings),
-            name="syn",
-            tokenizer=None,
-        )
-    return stored
+    return ingest_synthetic(
+        engine, settings, folder, name="syn", train=synthetic(6), eval=synthetic(1, seed=1)
+    )
 
 
 JOB_CONFIG = {

@@ -10,53 +10,22 @@ from sqlmodel import select
 from core.enums import JobStatus
 from core.errors import ConfigError, NotFound
 from runner.config import parse_train_args
-from runner.datasets.ingest import IngestOptions, ingest_dataset
+from runner.datasets.ingest import IngestOptions
 from runner.eval.benchmark import ingest_benchmark
-from runner.job import run_job
 from storage.artifacts import ArtifactStore
 from storage.datasets import mix_dataset
 from storage.db import new_session
-from storage.jobs import claim_next_job, create_job, job_events
-from storage.models import Checkpoint, Job
-from tests.runner import dataset_files as files
-from tests.runner.conftest import TRAIN
+from storage.jobs import job_events
+from storage.models import Checkpoint
+from tests.runner.conftest import TRAIN, ingest_synthetic, train_job
 from tests.runner.test_benchmark import ceval_files, write
 from tests.runner.train_helpers import synthetic
 
 
 def _general(engine, settings, tmp_path, samples: int) -> None:
-    folder = tmp_path / "general"
-    folder.mkdir()
-    rows = [
-        {
-            "conversations": [
-                {"from": "human", "value": c[0].content},
-                {"from": "gpt", "value": c[1].content},
-            ]
-        }
-        for c in synthetic(samples, seed=9)
-    ]
-    files.write_json(folder / "train.json", rows)
-    with new_session(engine) as session:
-        ingest_dataset(
-            session,
-            ArtifactStore(settings.artifact_dir),
-            folder,
-            IngestOptions.from_settings(settings),
-            name="general",
-            tokenizer=None,
-        )
-
-
-def _run(engine, settings, dataset, config: dict) -> Job:
-    with new_session(engine) as session:
-        job = create_job(
-            session, base_model=settings.base_model, dataset_id=dataset.id, config=config
-        )
-        token = claim_next_job(session, owner="inline", lease_seconds=60).lease_token
-    run_job(job.id, token, settings)
-    with new_session(engine) as session:
-        return session.get(Job, job.id)
+    ingest_synthetic(
+        engine, settings, tmp_path / "general", name="general", train=synthetic(samples, seed=9)
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,7 +35,7 @@ def test_a_job_trains_on_its_samples_and_a_share_of_the_mixed_dataset(
     engine, eval_settings, dataset, tmp_path
 ) -> None:
     _general(engine, eval_settings, tmp_path, samples=5)  # 20, fewer than asked for: repeated
-    job = _run(
+    job = train_job(
         engine, eval_settings, dataset, {**TRAIN, "num_train_epochs": 1, "mix": "general:0.5"}
     )
     assert job.status == JobStatus.succeeded, job.error
@@ -87,7 +56,7 @@ def test_a_job_trains_on_its_samples_and_a_share_of_the_mixed_dataset(
     )
 
     # A job whose mix names nothing it may use fails, saying so (queued around the checks).
-    missing = _run(engine, eval_settings, dataset, {**TRAIN, "mix": "nowhere:0.2"})
+    missing = train_job(engine, eval_settings, dataset, {**TRAIN, "mix": "nowhere:0.2"})
     assert missing.status == JobStatus.failed
     assert "mix: no dataset named nowhere" in missing.error
 

@@ -59,10 +59,16 @@ def _train_adapter(
     *,
     rank: int = 8,
     meta: dict,
+    histories: list[list[Message]] | None = None,
+    epochs: int = 4,
 ) -> None:
-    conversations = [[c[0], Message("assistant", answer)] for c in synthetic(6)]
+    """An adapter that answers ``answer`` to ``histories`` (default: synthetic headlines)."""
+    histories = histories or [c[:1] for c in synthetic(6)]
+    conversations = [[*h, Message("assistant", answer)] for h in histories]
     examples = [render_training_example(tokenizer, c) for c in conversations]
-    config = parse_train_args(["lr=1e-2", "epochs=4", "bs=8", "grad_accum=1", f"rank={rank}"])
+    config = parse_train_args(
+        ["lr=1e-2", f"epochs={epochs}", "bs=8", "grad_accum=1", f"rank={rank}"]
+    )
 
     @contextmanager
     def checkpoint_dir(step: int, final: bool) -> Iterator[Path]:
