@@ -247,6 +247,8 @@ def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
             f"{payload['seconds']:.0f} s ({payload['tokens_per_s']:,.0f} tokens/s), final "
             f"loss {payload['final_loss']:.4f}. Evaluating on the eval split…"
         )
+    if kind == "perplexity":
+        return perplexity_text(payload)
     if kind == "evaluation_skipped":
         return f"No evaluation: {payload.get('reason')}."
     if kind == "failed":
@@ -261,6 +263,24 @@ def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
     if kind == "exported":
         return export_text(payload)
     return None
+
+
+def perplexity_text(payload: dict[str, Any]) -> str:
+    """A stage=pt job's evaluation: held-out perplexity, base → checkpoint, and what the
+    checkpoint is for (no Approve: it is a base for SFT, not served).
+
+    >>> perplexity_text({"checkpoint_id": 7, "base_perplexity": 41.23, "perplexity": 18.7,
+    ...     "documents": 40, "tokens": 5120}).splitlines()[0]
+    ':bar_chart: Held-out perplexity 41.2 → 18.7 on 40 held-out documents (5,120 tokens)'
+    """
+    n = payload["checkpoint_id"]
+    return (
+        f":bar_chart: Held-out perplexity {payload['base_perplexity']:.1f} → "
+        f"{payload['perplexity']:.1f} on {payload['documents']} held-out documents "
+        f"({payload['tokens']:,} tokens)\n"
+        f"Checkpoint {n} is continued pre-training (stage=pt): it is not served or promoted; "
+        f"fine-tune on it with `/finetune start base=checkpoint-{n} dataset=NAME`."
+    )
 
 
 def export_text(payload: dict[str, Any]) -> str:

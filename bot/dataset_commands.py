@@ -25,7 +25,8 @@ UPLOAD_HELP = (
     "with me; I fetch it, check it and post the validation report in a thread. Accepted: "
     "ShareGPT (`conversations`), OpenAI (`messages`) or Alpaca (`instruction`/`output`) records "
     "as .json or .jsonl; a LLaMA-Factory folder as a .zip with `dataset_info.json` (e.g. "
-    "`train.json` + `eval.json`); or a .csv/.tsv with a text and a label column. Up to {mib} MiB. "
+    "`train.json` + `eval.json`); or a .csv/.tsv with a text and a label column; raw text for "
+    '`stage=pt` (continued pre-training) as .txt or `{{"text": …}}` records. Up to {mib} MiB. '
     "Then `/finetune start lr=5e-6 …` trains on the latest upload of the channel. A dataset "
     "belongs to the channel it was uploaded in; `/finetune share <name>` lets every channel use "
     "it."

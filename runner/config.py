@@ -10,6 +10,7 @@ promotion. Imports nothing heavy: the bot renders help and the start modal from 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
@@ -40,6 +41,22 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    stage: Literal["sft", "pt"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on conversations (loss on the answer); pt: "
+        "continued pre-training on a raw-text dataset (loss on every token)",
+    )
+    base: str | None = Field(
+        None,
+        max_length=40,
+        description="checkpoint-N: start from a stage=pt checkpoint (its LoRA merged into the "
+        "base weights) instead of the deployment's base model; stage=sft only",
+    )
+    long_docs: Literal["split", "truncate"] = Field(
+        "split",
+        description="stage=pt: a document longer than cutoff_len is split into cutoff_len "
+        "chunks (split) or cut at cutoff_len (truncate)",
+    )
     method: Literal["lora", "qlora", "freeze", "full"] = Field(
         "lora",
         description="lora; qlora (LoRA on a 4/8-bit base, GPU only); freeze (train the "
@@ -117,7 +134,28 @@ class TrainConfig(BaseModel):
         if self.quantization_bit is not None and self.method != "qlora":
             raise ValueError("quantization_bit is for method=qlora only")
         _ = self.mix_spec  # validates mix
+        _ = self.base_checkpoint_id  # validates base
+        if self.base is not None and self.stage != "sft":
+            raise ValueError(
+                f"base={self.base} is for stage=sft (an SFT job on a stage=pt checkpoint); a "
+                "stage=pt job starts from the deployment's base model"
+            )
+        if self.stage == "pt" and self.mix is not None:
+            raise ValueError("mix= mixes SFT data into stage=sft jobs; stage=pt cannot take it")
         return self
+
+    @property
+    def base_checkpoint_id(self) -> int | None:
+        """``base=checkpoint-N`` as N."""
+        if self.base is None:
+            return None
+        match = re.fullmatch(r"checkpoint-(\d+)", self.base.strip())
+        if match is None:
+            raise ValueError(
+                f"base={self.base} is not checkpoint-N (a stage=pt checkpoint's id, as "
+                "`/finetune checkpoints` lists it), for example base=checkpoint-7"
+            )
+        return int(match.group(1))
 
     @property
     def mix_spec(self) -> tuple[str, float] | None:

@@ -237,11 +237,11 @@ def _write_export(
         merged_dir = staging if bits is None else store.tmp / f"{staging.name}-merged"
         try:
             on_status(f"merging checkpoint {checkpoint_id} into {checkpoint.base_model}")
-            full_precision = _merge(base_dir, adapter_dir, merged_dir, shard_size)
+            full_precision = merge_adapter(base_dir, adapter_dir, merged_dir, shard_size)
             if bits is not None:
                 on_status(f"quantizing to {bits}-bit with bitsandbytes")
                 _quantize(merged_dir, staging, bits, shard_size)
-            _save_tokenizer(base_dir, staging)
+            save_tokenizer(base_dir, staging)
             on_status(f"verifying the export on {len(prompts)} eval prompts")
             verification = verify(
                 base_dir,
@@ -454,7 +454,7 @@ def _merged_in_memory(base_dir: Path, adapter_dir: Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()  # type: ignore[arg-type]
 
 
-def _merge(base_dir: Path, adapter_dir: Path, out: Path, shard_size: str) -> bool:
+def merge_adapter(base_dir: Path, adapter_dir: Path, out: Path, shard_size: str) -> bool:
     """Merge and save; True when the merged weights are float32 (exactly comparable)."""
     import torch
     from peft import PeftModel
@@ -491,7 +491,7 @@ def _quantize(merged_dir: Path, out: Path, bits: int, shard_size: str) -> None:
     _free()
 
 
-def _save_tokenizer(base_dir: Path, out: Path) -> None:
+def save_tokenizer(base_dir: Path, out: Path) -> None:
     """The base tokenizer, whose chat template rendered every training sample (the shared
     protocol renders through it); checked to render the same prompt after the round trip."""
     tokenizer = load_tokenizer(base_dir)

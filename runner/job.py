@@ -30,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 from sqlmodel import Session
 
 from core.enums import JobKind, JobStatus
-from core.errors import FinetuneError, NotFound
+from core.errors import ConfigError, FinetuneError, NotFound
 from core.label_scoring import answer_style
 from core.protocol import PROTOCOL_VERSION, answer_of, render_training_example
 from core.settings import Settings
 from runner.config import build_train_config
-from runner.datasets.ingest import read_split
+from runner.datasets.ingest import read_documents, read_split
 from runner.jobdb import ClaimLost, DatabaseAway, JobDb, fenced
 from runner.models import base_model_build, load_tokenizer, model_dir_for
 from storage.artifacts import ArtifactStore
+from storage.datasets import stage_problem
 from storage.db import make_engine
 from storage.jobs import (
     add_checkpoint,
@@ -223,7 +224,10 @@ def _run_training(
     if not _state(db, JobStatus.evaluating, event="trained", **summary):
         return None  # another attempt owns the job now
     try:
-        summary["evaluation"] = _evaluate(db, store, settings, job, dataset)
+        if dataset.kind == "pt":
+            summary["evaluation"] = _evaluate_perplexity(db, store, settings, job, dataset)
+        else:
+            summary["evaluation"] = _evaluate(db, store, settings, job, dataset)
     except Cancelled:
         _state(
             db,
@@ -390,27 +394,61 @@ def _prepare(
         raise TrainingFailed(f"job {job.id} has no dataset (dataset id {job.dataset_id})")
     if dataset.kind == "benchmark":
         raise TrainingFailed(benchmark_refusal(dataset))
-    model_dir = model_dir_for(
-        settings, job.base_model, on_status=lambda message: _event(db, "status", message=message)
-    )
+    if problem := stage_problem(dataset, config.stage):
+        raise TrainingFailed(problem)
+
+    def status(message: str) -> None:
+        _event(db, "status", message=message)
+
+    base_meta: dict[str, Any] = {}
+    if (base_id := config.base_checkpoint_id) is not None:
+        from runner.pt import checkpoint_base_meta, ensure_checkpoint_base
+
+        base_checkpoint = db.wait(lambda s: s.get(Checkpoint, base_id))
+        if base_checkpoint is None:
+            raise TrainingFailed(f"base={config.base}: checkpoint {base_id} no longer exists")
+        ensure_checkpoint_base(store, settings, base_checkpoint, on_status=status)
+        base_meta = {"base_checkpoint": checkpoint_base_meta(base_checkpoint)}
+    model_dir = model_dir_for(settings, job.base_model, on_status=status)
     assert model_dir is not None
     tokenizer = load_tokenizer(model_dir)
-    conversations = read_split(store, dataset.train_sha256)[: config.max_samples]
-    mixed, mix_meta = _mix_in(db, store, job, config, len(conversations))
-    examples = [render_training_example(tokenizer, c) for c in conversations + mixed]
+    stage_meta: dict[str, Any]
+    if config.stage == "pt":
+        from runner.pt import pt_examples
+
+        documents = read_documents(store, dataset.train_sha256)[: config.max_samples]
+        examples = pt_examples(tokenizer, documents, config)
+        stage_meta = {
+            "stage": "pt",
+            "labels": None,
+            "prompt_frame": {},
+            "documents": len(documents),
+        }
+        status(
+            f"continued pre-training on {len(documents)} documents as {len(examples)} sequences "
+            f"(long_docs={config.long_docs}, cutoff_len {config.cutoff_len}), loss on every token"
+        )
+    else:
+        conversations = read_split(store, dataset.train_sha256)[: config.max_samples]
+        mixed, mix_meta = _mix_in(db, store, job, config, len(conversations))
+        examples = [render_training_example(tokenizer, c) for c in conversations + mixed]
+        stage_meta = {
+            "labels": dataset.labels,
+            "prompt_frame": dataset.prompt_frame,
+            "answer_style": answer_style([answer_of(c) for c in conversations]).to_dict(),
+            **({"mix": mix_meta} if mix_meta is not None else {}),
+        }
     saved = db.wait(lambda s: job_checkpoints(s, job_id=db.job_id))
     hooks.samples = len(examples)
     meta = {
         "protocol_version": PROTOCOL_VERSION,
         "base_model": job.base_model,
         **({"base_build": build} if (build := base_model_build(job.base_model)) else {}),
+        **base_meta,
         "method": config.method,
         "adapter": config.method in ("lora", "qlora"),
-        "labels": dataset.labels,
-        "prompt_frame": dataset.prompt_frame,
-        "answer_style": answer_style([answer_of(c) for c in conversations]).to_dict(),
+        **stage_meta,
         "dataset": {"id": dataset.id, "name": dataset.name, "version": dataset.version},
-        **({"mix": mix_meta} if mix_meta is not None else {}),
         "job_id": job.id,
     }
     spec = TrainSpec(
@@ -542,6 +580,44 @@ def _evaluate(
     return _evaluate_checkpoint(db, store, settings, checkpoint, dataset, job.base_model)
 
 
+def _evaluate_perplexity(
+    db: JobDb, store: ArtifactStore, settings: Settings, job: Job, dataset: Dataset
+) -> dict[str, Any] | None:
+    """A stage=pt job's evaluation: held-out perplexity of the base and of the final checkpoint
+    (the ``perplexity`` event). No label scores, no Approve: a pt checkpoint is a base for SFT
+    (``base=checkpoint-N``), never served itself."""
+    from runner.eval.perplexity import model_perplexity
+
+    if dataset.eval_sha256 is None:
+        _event(db, "evaluation_skipped", reason="the dataset has no held-out documents")
+        return None
+    checkpoint = db.wait(lambda s: latest_checkpoint(s, job_id=db.job_id))
+    assert checkpoint is not None and checkpoint.final
+    documents = read_documents(store, dataset.eval_sha256)
+    base_dir = model_dir_for(settings, job.base_model)
+    assert base_dir is not None
+    max_len = build_train_config(job.config).cutoff_len
+    _release_gpu_memory()
+    base = model_perplexity(base_dir, None, documents, max_len=max_len)
+    if _cancel_asked(db):
+        raise Cancelled()
+    if checkpoint.meta.get("adapter", True):
+        trained = model_perplexity(
+            base_dir, store.path(checkpoint.path), documents, max_len=max_len
+        )
+    else:
+        trained = model_perplexity(store.path(checkpoint.path), None, documents, max_len=max_len)
+    payload = {
+        "checkpoint_id": checkpoint.id,
+        "base_perplexity": base["perplexity"],
+        "perplexity": trained["perplexity"],
+        "documents": trained["documents"],
+        "tokens": trained["tokens"],
+    }
+    _event(db, "perplexity", **payload)
+    return payload
+
+
 def _evaluate_checkpoint(
     db: JobDb,
     store: ArtifactStore,
@@ -622,6 +698,12 @@ def _run_evaluate(db: JobDb, store: ArtifactStore, settings: Settings, job: Job)
         dataset = db.wait(lambda s: s.get(Dataset, dataset_id)) if dataset_id else None
         if dataset is None:
             raise NotFound(f"checkpoint {checkpoint_id}'s dataset is gone: nothing to score on")
+        if dataset.kind == "pt" or checkpoint.meta.get("stage") == "pt":
+            raise ConfigError(
+                f"checkpoint {checkpoint_id} is a stage=pt checkpoint: its held-out perplexity is "
+                "in its job's thread, and label scores do not apply to it (score the SFT job "
+                f"started with base=checkpoint-{checkpoint_id} instead)"
+            )
         if not _state(db, JobStatus.evaluating):
             return JobStatus.failed
         result = _evaluate_checkpoint(

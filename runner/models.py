@@ -9,6 +9,7 @@ model (``runner.tiny_model``, pre-trained on news headlines), built on first use
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,15 @@ TINY_MODEL_BUILD = "tiny-news-v2"
 
 class ModelUnavailable(FinetuneError):
     code = "model_unavailable"
+
+
+CHECKPOINT_BASE = re.compile(r"checkpoint-\d+")
+
+
+def checkpoint_base_dir(settings: Settings, name: str) -> Path:
+    """Where the base model ``checkpoint-N`` (a stage=pt checkpoint merged into its base's
+    weights, runner/pt.py) lives."""
+    return Path(settings.artifact_dir).resolve() / "models" / name
 
 
 def tiny_model_dir(settings: Settings) -> Path:
@@ -89,6 +99,14 @@ def model_dir_for(
         if not (path / "config.json").exists():
             build_pretrained_tiny_model(path, on_status)
         return path
+    if CHECKPOINT_BASE.fullmatch(name):
+        merged = checkpoint_base_dir(settings, name)
+        if not (merged / "config.json").exists():
+            raise ModelUnavailable(
+                f"base model {name} (a stage=pt checkpoint merged into its base) is not on this "
+                f"machine at {merged}: a job with base={name} writes it when it starts"
+            )
+        return merged
     candidate = Path(name).expanduser()
     if candidate.is_dir():
         if not (candidate / "config.json").exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.protocol import Message, render_prompt
-from runner.export import _merge, _quantize, _save_tokenizer, quantization_unavailable, verify
+from runner.export import _quantize, merge_adapter, quantization_unavailable, save_tokenizer, verify
 from runner.models import load_tokenizer
 from runner.tiny_model import CORPUS, build_tiny_model
 
@@ -55,11 +55,11 @@ def main() -> int:
     for bits in (None, 8, 4):
         out = work / f"export-{bits or 'merged'}"
         merged = out if bits is None else work / f"merged-{bits}"
-        exact = _merge(base, adapter, merged, "1MB") and bits is None
+        exact = merge_adapter(base, adapter, merged, "1MB") and bits is None
         if bits is not None:
             _quantize(merged, out, bits, "1MB")
             shutil.rmtree(merged)
-        _save_tokenizer(base, out)
+        save_tokenizer(base, out)
         try:
             report = verify(base, adapter, out, prompts, [], 24, exact=exact, with_vllm=False)
         except Exception as exc:

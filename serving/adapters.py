@@ -115,6 +115,11 @@ class AdapterRegistry:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
         problems = []
+        if meta.get("stage") == "pt":
+            problems.append(
+                "it is continued pre-training (stage=pt), a base for SFT jobs "
+                f"(base=checkpoint-{checkpoint_id}), not a classifier"
+            )
         if not meta.get("adapter", True):
             problems.append("it is a whole model (freeze/full), not a LoRA adapter")
         if meta.get("base_model") != self.base_model:

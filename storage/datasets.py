@@ -161,3 +161,21 @@ def mix_dataset(session: Session, *, name: str, channel_id: str | None) -> Datas
             f"mix: dataset {name} is a {found.kind} dataset, not training data; name one to mix in"
         )
     return found
+
+
+def stage_problem(dataset: Dataset, stage: str) -> str | None:
+    """Why a ``stage`` job cannot train on ``dataset`` (raw text is for stage=pt, conversations
+    for stage=sft); None when it can. Benchmarks are refused by the job itself."""
+    name = f"dataset {dataset.name} v{dataset.version}"
+    if stage == "pt" and dataset.kind == "sft":
+        return (
+            f"{name} holds conversations (SFT data) and stage=pt trains on raw text: upload a .txt "
+            'file, {"text": …} records or a dataset_info.json entry with columns {"prompt": '
+            '"text"}, or drop stage=pt to fine-tune on it'
+        )
+    if stage != "pt" and dataset.kind == "pt":
+        return (
+            f"{name} is raw text (documents, no answers to learn): train on it with stage=pt, "
+            "or name a conversation dataset for stage=sft"
+        )
+    return None

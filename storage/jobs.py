@@ -25,7 +25,8 @@ from sqlalchemy import case, delete, func, or_, update
 from sqlmodel import Session, col, select
 
 from core.enums import JobKind, JobStatus
-from storage.models import Checkpoint, Job, JobEvent, SlackEvent
+from core.errors import ConfigError, NotFound
+from storage.models import Checkpoint, Dataset, Job, JobEvent, SlackEvent
 from storage.types import utcnow
 
 ACTIVE = (JobStatus.running.value, JobStatus.evaluating.value)
@@ -89,7 +90,12 @@ def create_job(
     commit: bool = True,
 ) -> Job:
     """Queue a job (and its ``queued`` event). ``commit=False`` leaves the commit to the caller,
-    for a job queued in one transaction with other writes."""
+    for a job queued in one transaction with other writes. A training job is checked first
+    (``check_training_job``): its base model is the ``base=checkpoint-N`` it names, if any."""
+    if kind == JobKind.train:
+        base_model = check_training_job(
+            session, config=config, dataset_id=dataset_id, base_model=base_model
+        )
     job = Job(
         kind=kind.value,
         base_model=base_model,
@@ -107,6 +113,38 @@ def create_job(
     if commit:
         session.commit()
     return job
+
+
+def check_training_job(
+    session: Session, *, config: dict[str, Any], dataset_id: int | None, base_model: str
+) -> str:
+    """The base model a training job trains on: ``base_model``, or the ``checkpoint-N`` its
+    config names as ``base`` (a stage=pt checkpoint of a job on ``base_model``). ConfigError
+    (NotFound) when the dataset's kind does not fit the job's stage or the base is not one."""
+    from storage.datasets import stage_problem
+
+    dataset = session.get(Dataset, dataset_id) if dataset_id is not None else None
+    problem = stage_problem(dataset, config.get("stage", "sft")) if dataset else None
+    if problem:
+        raise ConfigError(problem)
+    base = config.get("base")
+    if not base:
+        return base_model
+    checkpoint_id = int(str(base).removeprefix("checkpoint-"))
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        raise NotFound(f"base={base}: no checkpoint {checkpoint_id} (`/finetune checkpoints`)")
+    if checkpoint.meta.get("stage") != "pt":
+        raise ConfigError(
+            f"base={base} is not a stage=pt checkpoint: base= starts an SFT job from continued "
+            "pre-training; to train further on an SFT checkpoint's data, start a new job"
+        )
+    if checkpoint.base_model != base_model:
+        raise ConfigError(
+            f"base={base} was pre-trained on {checkpoint.base_model}, and this deployment "
+            f"trains on {base_model}"
+        )
+    return f"checkpoint-{checkpoint_id}"
 
 
 def claim_next_job(

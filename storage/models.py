@@ -50,7 +50,8 @@ class Dataset(SQLModel, table=True):
         default="sft",
         max_length=20,
         sa_column_kwargs={"server_default": "sft"},
-        description="sft: training data; benchmark: multiple-choice questions that score "
+        description="sft: conversations to fine-tune on; pt: raw text for continued pre-training "
+        "(stage=pt); benchmark: multiple-choice questions that score "
         "general ability (runner/eval/benchmark.py), never trained on",
     )
     train_sha256: str = Field(max_length=64)

@@ -232,6 +232,8 @@ def promotion_problem(session: Session, *, checkpoint: Checkpoint) -> str | None
     else:
         ended = f"is still {job.status}"
     assert checkpoint.id is not None
+    if checkpoint.meta.get("stage") == "pt":
+        return pt_promotion_refusal(checkpoint.id)
     if checkpoint_evaluation(session, checkpoint_id=checkpoint.id) is None:
         return f"{name} was never evaluated (its job {job.id} {ended})"
     if job.status in (JobStatus.failed, JobStatus.cancelled) and not checkpoint.final:
@@ -240,3 +242,11 @@ def promotion_problem(session: Session, *, checkpoint: Checkpoint) -> str | None
             f"which {ended}"
         )
     return None
+
+
+def pt_promotion_refusal(checkpoint_id: int) -> str:
+    """Why a stage=pt checkpoint is never served (serving refuses it, forced or not)."""
+    return (
+        f"checkpoint {checkpoint_id} is continued pre-training (stage=pt), a base for SFT, "
+        f"not a classifier: start an SFT job on it with base=checkpoint-{checkpoint_id}"
+    )

@@ -48,8 +48,9 @@ class IngestOptions:
 def load_dataset(path: Path, options: IngestOptions) -> Loaded:
     files = read_upload(path, options.limits)
     loaded = load_splits(files, text_column=options.text_column, label_column=options.label_column)
-    if not loaded.splits.get(Split.train):
-        raise DatasetRejected(Problem("the dataset is empty: no train samples"))
+    if not (loaded.documents if loaded.kind == "pt" else loaded.splits).get(Split.train):
+        what = "documents" if loaded.kind == "pt" else "samples"
+        raise DatasetRejected(Problem(f"the dataset is empty: no train {what}"))
     return loaded
 
 
@@ -95,6 +96,25 @@ def read_split(store: ArtifactStore, sha256: str) -> list[list[Message]]:
     ]
 
 
+def serialise_documents(documents: list[str]) -> bytes:
+    """A raw-text split as JSON Lines of ``{"text": …}``."""
+    lines = (json.dumps({"text": d}, ensure_ascii=False) for d in documents)
+    return ("\n".join(lines) + "\n").encode()
+
+
+def read_documents(store: ArtifactStore, sha256: str) -> list[str]:
+    """Documents of a stored raw-text split (the inverse of ``serialise_documents``)."""
+    return [
+        json.loads(line)["text"] for line in store.read_bytes(sha256).decode().splitlines() if line
+    ]
+
+
+def _split_blobs(loaded: Loaded) -> dict[Split, bytes]:
+    if loaded.kind == "pt":
+        return {s: serialise_documents(d) for s, d in loaded.documents.items() if d}
+    return {s: serialise_split(c) for s, c in loaded.splits.items() if c}
+
+
 def ingest_dataset(
     session: Session,
     store: ArtifactStore,
@@ -120,10 +140,8 @@ def ingest_dataset(
     written: list[str] = []
     try:
         blobs: dict[Split, str] = {}
-        for split, conversations in loaded.splits.items():
-            if not conversations:
-                continue
-            blob = store.put_bytes(serialise_split(conversations))
+        for split, data in _split_blobs(loaded).items():
+            blob = store.put_bytes(data)
             if blob.created:
                 written.append(blob.sha256)
             blobs[split] = blob.sha256
@@ -134,8 +152,9 @@ def ingest_dataset(
             format=loaded.format,
             train_sha256=blobs[Split.train],
             eval_sha256=blobs.get(Split.eval),
-            train_samples=len(loaded.splits[Split.train]),
-            eval_samples=len(loaded.splits.get(Split.eval, [])),
+            kind=loaded.kind,
+            train_samples=report["samples"][Split.train.value],
+            eval_samples=report["samples"].get(Split.eval.value, 0),
             labels=report["labels"],
             prompt_frame=report["prompt_frame"],
             report=report,

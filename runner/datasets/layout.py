@@ -14,6 +14,14 @@ from typing import Any
 
 from core.enums import Split
 from core.errors import DatasetRejected, Problem
+from runner.datasets.raw_text import (
+    ParsedText,
+    hold_out,
+    is_text_records,
+    parse_text_records,
+    parse_txt,
+    pt_entry_field,
+)
 from runner.datasets.records import (
     ALPACA,
     OPENAI,
@@ -35,9 +43,41 @@ _EVAL_WORDS = ("eval", "test", "val", "dev")
 
 @dataclass
 class Loaded:
+    """An upload's splits: conversations (``kind`` sft) or raw-text documents (``kind`` pt, in
+    ``documents``; ``splits`` then stays empty). ``held_out``: the pt eval split was taken from
+    the train documents (no eval file)."""
+
     format: str
     splits: dict[Split, list[Conversation]]
     sources: dict[Split, list[str]] = field(default_factory=dict)
+    kind: str = "sft"
+    documents: dict[Split, list[str]] = field(default_factory=dict)
+    held_out: bool = False
+
+    def add_documents(self, split: Split, name: str, parsed: ParsedText) -> list[Problem]:
+        self.documents.setdefault(split, []).extend(parsed.documents)
+        self.sources.setdefault(split, []).append(name)
+        return parsed.problems
+
+    def finish_raw_text(self, problems: list[Problem], sft_files: list[str]) -> None:
+        """Make this a pt upload; refuse one that mixes raw text with conversations, and hold
+        out documents for perplexity when no eval file came with it."""
+        if sft_files:
+            text_files = sorted(
+                {n for names in self.sources.values() for n in names} - set(sft_files)
+            )
+            problems.append(
+                Problem(
+                    f"the upload mixes raw text ({', '.join(text_files)}) with conversation "
+                    f"records ({', '.join(sorted(sft_files))}): upload a stage=pt dataset "
+                    "(raw text only) and an SFT dataset separately"
+                )
+            )
+        self.kind, self.splits = "pt", {}
+        if not self.documents.get(Split.eval):
+            train, held = hold_out(self.documents.get(Split.train, []))
+            self.documents = {Split.train: train, **({Split.eval: held} if held else {})}
+            self.held_out = bool(held)
 
 
 def split_of(name: str) -> Split:
@@ -57,15 +97,22 @@ def load_splits(
         listed = ", ".join(sorted(files)) or "nothing"
         raise DatasetRejected(
             Problem(
-                f"no data file found (the upload holds {listed}); expected .json, .jsonl, .csv or .tsv "
+                f"no data file found (the upload holds {listed}); expected .json, .jsonl, .csv, .tsv or .txt "
                 f"files, or a {DATASET_INFO}"
             )
         )
     loaded = Loaded(format="", splits={Split.train: []})
     formats: set[str] = set()
     problems: list[Problem] = []
+    sft_files: list[str] = []
     for name in data_files:
         split = split_of(name) if len(data_files) > 1 else Split.train
+        text = _parse_raw_text(name, files[name])
+        if text is not None:
+            formats.add("text")
+            problems += loaded.add_documents(split, name, text)
+            continue
+        sft_files.append(name)
         fmt, parsed = _parse_plain(name, files[name], text_column, label_column)
         formats.add(fmt)
         problems += parsed.problems
@@ -73,10 +120,25 @@ def load_splits(
             problems.append(Problem("no records", file=name))
         loaded.splits.setdefault(split, []).extend(parsed.conversations)
         loaded.sources.setdefault(split, []).append(name)
+    if "text" in formats:
+        loaded.finish_raw_text(problems, sft_files)
     if problems:
         raise DatasetRejected(problems)
     loaded.format = "+".join(sorted(formats))
     return loaded
+
+
+def _parse_raw_text(name: str, data: bytes) -> ParsedText | None:
+    """The documents of a raw-text file (``.txt``, or JSON records whose only field is
+    ``text``); None for any other file."""
+    if name.lower().endswith(".txt"):
+        return parse_txt(name, data)
+    if name.lower().endswith((".csv", ".tsv")):
+        return None
+    records, problems = load_json_records(name, data)
+    if problems or not is_text_records(records):
+        return None
+    return parse_text_records(name, records)
 
 
 def _strip_single_top_folder(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -150,6 +212,7 @@ def _load_llamafactory(files: dict[str, bytes]) -> Loaded:
     loaded = Loaded(format="llamafactory", splits={Split.train: []})
     formats: set[str] = set()
     problems: list[Problem] = []
+    sft_files: list[str] = []
     for key, entry in info.items():
         where = {"file": DATASET_INFO, "field": key}
         if not isinstance(entry, dict):
@@ -181,6 +244,16 @@ def _load_llamafactory(files: dict[str, bytes]) -> Loaded:
                 )
             )
             continue
+        split = split_of(key) if split_of(key) is Split.eval else split_of(file_name)
+        text_field = pt_entry_field(entry)
+        if text_field is not None:
+            formats.add("text")
+            for member in members:
+                problems += loaded.add_documents(
+                    split, member, _entry_text(member, files[member], text_field)
+                )
+            continue
+        sft_files += members
         formatting = entry.get("formatting", "alpaca")
         try:
             parse = _entry_parser(formatting, entry)
@@ -188,7 +261,6 @@ def _load_llamafactory(files: dict[str, bytes]) -> Loaded:
             problems.append(Problem(str(exc), **where))
             continue
         formats.add(formatting)
-        split = split_of(key) if split_of(key) is Split.eval else split_of(file_name)
         for member in members:
             records, json_problems = load_json_records(member, files[member])
             parsed = Parsed(problems=json_problems) if json_problems else parse(member, records)
@@ -197,10 +269,24 @@ def _load_llamafactory(files: dict[str, bytes]) -> Loaded:
             problems += parsed.problems
             loaded.splits.setdefault(split, []).extend(parsed.conversations)
             loaded.sources.setdefault(split, []).append(member)
+    if "text" in formats:
+        loaded.finish_raw_text(problems, sft_files)
     if problems:
         raise DatasetRejected(problems)
     loaded.format = "llamafactory/" + "+".join(sorted(formats))
     return loaded
+
+
+def _entry_text(member: str, data: bytes, text_field: str) -> ParsedText:
+    """The documents of one file of a LLaMA-Factory pre-training entry."""
+    if member.lower().endswith(".txt"):
+        return parse_txt(member, data)
+    records, problems = load_json_records(member, data)
+    return (
+        ParsedText(problems=problems)
+        if problems
+        else parse_text_records(member, records, text_field)
+    )
 
 
 def _members(files: dict[str, bytes], file_name: str) -> list[str]:

@@ -53,6 +53,12 @@ def build_report(
     cutoff_len: int,
     tokenizer_note: str | None = None,
 ) -> dict[str, Any]:
+    if loaded.kind == "pt":
+        from runner.datasets.text_report import build_text_report
+
+        return build_text_report(
+            loaded, tokenizer=tokenizer, cutoff_len=cutoff_len, tokenizer_note=tokenizer_note
+        )
     train = loaded.splits.get(Split.train, [])
     evals = loaded.splits.get(Split.eval, [])
     labels = label_set(train + evals)
@@ -182,6 +188,10 @@ def _leakage(
 
 def render_report(report: dict[str, Any]) -> str:
     """The report as plain text (CLI and, wrapped in a code block, Slack)."""
+    if report.get("kind") == "pt":
+        from runner.datasets.text_report import render_text_report
+
+        return render_text_report(report)
     lines = [f"Format: {report['format']}"]
     for split, info in report["splits"].items():
         line = f"{split}: {info['samples']} samples, {info['with_think']} with <think>"
@@ -215,8 +225,13 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(
             "Eval labels missing from train: " + ", ".join(report["eval_labels_missing_from_train"])
         )
-    problems = report["problems"]
-    lines.append(f"Warnings: {len(problems)}" if problems else "Warnings: none")
+    lines += warning_lines(report["problems"])
+    return "\n".join(lines)
+
+
+def warning_lines(problems: list[dict[str, Any]]) -> list[str]:
+    """The report's warnings, one line each, under a count."""
+    lines = [f"Warnings: {len(problems)}" if problems else "Warnings: none"]
     for problem in problems:
         lines.append(f"  - {Problem(**{k: v for k, v in problem.items() if k != 'severity'})}")
-    return "\n".join(lines)
+    return lines

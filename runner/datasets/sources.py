@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from core.errors import DatasetRejected, Problem
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 _IGNORED_PARTS = {"__MACOSX", ".DS_Store"}
 
 
@@ -48,7 +48,7 @@ def read_upload(path: Path, limits: Limits) -> dict[str, bytes]:
         raise DatasetRejected(
             Problem(
                 f"{path.name}: unknown file type {path.suffix or '(none)'}; expected "
-                ".json, .jsonl, .csv, .tsv, .zip or a folder with dataset_info.json"
+                ".json, .jsonl, .csv, .tsv, .txt, .zip or a folder with dataset_info.json"
             )
         )
     return {path.name: path.read_bytes()}
