@@ -26,7 +26,8 @@ UPLOAD_HELP = (
     "ShareGPT (`conversations`), OpenAI (`messages`) or Alpaca (`instruction`/`output`) records "
     "as .json or .jsonl; a LLaMA-Factory folder as a .zip with `dataset_info.json` (e.g. "
     "`train.json` + `eval.json`); or a .csv/.tsv with a text and a label column; raw text for "
-    '`stage=pt` (continued pre-training) as .txt or `{{"text": …}}` records. Up to {mib} MiB. '
+    '`stage=pt` (continued pre-training) as `{{"text": …}}` records or .txt files in a .zip '
+    "(a bare .txt shared here is left alone: notes are not datasets). Up to {mib} MiB. "
     "Then `/finetune start lr=5e-6 …` trains on the latest upload of the channel. A dataset "
     "belongs to the channel it was uploaded in; `/finetune share <name>` lets every channel use "
     "it."

@@ -137,9 +137,9 @@ def test_unknown_format(engine, store, tmp_path) -> None:
 
 
 def test_unknown_file_type(engine, store, tmp_path) -> None:
-    path = tmp_path / "notes.txt"
+    path = tmp_path / "notes.docx"
     path.write_text("hello")
-    _reject(engine, store, path, "unknown file type .txt")
+    _reject(engine, store, path, "unknown file type .docx")
 
 
 def test_zip_with_parent_path(engine, store, tmp_path) -> None:

@@ -106,7 +106,7 @@ def test_raw_text_rejections_name_the_file_record_and_field(
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n\n", encoding="utf-8")
-    with pytest.raises(DatasetRejected, match="empty.txt: no documents"):
+    with pytest.raises(DatasetRejected, match=r"empty\.txt: no documents"):
         validate_dataset(empty, _options(settings), tokenizer=None)
 
     mixed = tmp_path / "mixed"
@@ -147,7 +147,7 @@ def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
             tokenizer=None,
         )
         assert text.kind == "pt"
-        with pytest.raises(ConfigError, match="corpus v1 is raw text.*stage=pt"):
+        with pytest.raises(ConfigError, match=r"corpus v1 is raw text.*stage=pt"):
             create_job(session, base_model="m", config={}, dataset_id=text.id)
         with pytest.raises(ConfigError, match="syn v1 holds conversations"):
             create_job(session, base_model="m", config={"stage": "pt"}, dataset_id=dataset.id)
