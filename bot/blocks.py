@@ -176,6 +176,8 @@ def dataset_scope(dataset: Dataset, here: str | None) -> str:
 
 def dataset_line(dataset: Dataset, here: str | None = None) -> str:
     labels = f"{len(dataset.labels)} labels" if dataset.labels else "free-form answers"
+    if dataset.kind == "pt":
+        labels = "raw text (stage=pt)"
     who = f" · by <@{dataset.uploaded_by}>" if dataset.uploaded_by else ""
     return (
         f"*{dataset.name}* v{dataset.version} · {dataset.train_samples} train / "

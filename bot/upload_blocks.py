@@ -12,14 +12,20 @@ def stored_text(payload: dict[str, Any]) -> str:
     >>> stored_text({"filename": "news.zip", "dataset": {"name": "news", "version": 2,
     ...     "train_samples": 300, "eval_samples": 100, "labels": 10}})
     ':inbox_tray: Dataset *news* v2 stored from `news.zip`: 300 train, 100 eval, 10 labels. Train on it with `/finetune start dataset=news lr=…`'
+    >>> stored_text({"filename": "c.zip", "dataset": {"name": "c", "version": 1, "kind": "pt",
+    ...     "train_samples": 90, "eval_samples": 10, "labels": None}})
+    ':inbox_tray: Dataset *c* v1 stored from `c.zip`: 90 train, 10 eval, raw-text documents for continued pre-training. Train on it with `/finetune start stage=pt dataset=c lr=…`'
     """
     dataset = payload["dataset"]
     labels = f"{dataset['labels']} labels" if dataset.get("labels") else "free-form answers"
+    stage = ""
+    if dataset.get("kind") == "pt":
+        labels, stage = "raw-text documents for continued pre-training", "stage=pt "
     then = payload.get("then_job_id")
     follow = (
         f"Fine-tuning job {then} is queued on it (its own thread follows)."
         if then
-        else f"Train on it with `/finetune start dataset={dataset['name']} lr=…`"
+        else f"Train on it with `/finetune start {stage}dataset={dataset['name']} lr=…`"
     )
     return (
         f":inbox_tray: Dataset *{dataset['name']}* v{dataset['version']} stored from "

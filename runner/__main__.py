@@ -262,10 +262,12 @@ def _submit(session: Session, settings: Settings, args: argparse.Namespace) -> i
         dataset_id=dataset.id,
         requested_by="cli",
     )
-    print(
-        f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, "
-        f"{len(dataset.labels or [])} labels"
+    what = (
+        f"stage=pt, {dataset.train_samples} documents"
+        if dataset.kind == "pt"
+        else f"{len(dataset.labels or [])} labels"
     )
+    print(f"queued job {job.id}: {dataset.name} v{dataset.version} on {job.base_model}, {what}")
     return 0
 
 

@@ -112,6 +112,12 @@ def check_export(
             f"checkpoint {checkpoint_id} was rejected by {checkpoint.decided_by or 'an approver'}"
             ": rejected checkpoints are not exported"
         )
+    if checkpoint.meta.get("stage") == "pt":
+        raise Conflict(
+            f"checkpoint {checkpoint_id} is continued pre-training (stage=pt): a job with "
+            f"base=checkpoint-{checkpoint_id} merges it into a whole model "
+            f"(ARTIFACT_DIR/models/checkpoint-{checkpoint_id}); export that job's checkpoint"
+        )
     if not checkpoint.meta.get("adapter", True):
         raise Conflict(
             f"checkpoint {checkpoint_id} was trained with method={checkpoint.meta.get('method')}"

@@ -121,6 +121,7 @@ def _describe(dataset: Dataset) -> dict[str, Any]:
         "eval_samples": dataset.eval_samples,
         "labels": len(dataset.labels) if dataset.labels else None,
         "format": dataset.format,
+        "kind": dataset.kind,
     }
 
 

@@ -157,8 +157,9 @@ def mix_dataset(session: Session, *, name: str, channel_id: str | None) -> Datas
             "another channel, or the deployment's: `/finetune datasets`)"
         )
     if found.kind != "sft":
+        what = "raw text (stage=pt)" if found.kind == "pt" else f"a {found.kind} dataset"
         raise ConfigError(
-            f"mix: dataset {name} is a {found.kind} dataset, not training data; name one to mix in"
+            f"mix: dataset {name} is {what}, not conversations to fine-tune on; name one to mix in"
         )
     return found
 

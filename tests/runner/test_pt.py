@@ -11,10 +11,11 @@ import pytest
 from sqlmodel import select
 
 from core.enums import JobStatus
-from core.errors import ConfigError, DatasetRejected
+from core.errors import ConfigError, Conflict, DatasetRejected
 from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset, read_documents, validate_dataset
+from runner.export import check_export
 from runner.pt import pt_examples
 from runner.train.packing import pack
 from storage.artifacts import ArtifactStore
@@ -196,6 +197,8 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
         assert promotion_problem(session, checkpoint=pt_checkpoint).startswith(
             f"checkpoint {pt_checkpoint.id} is continued pre-training"
         )
+        with pytest.raises(Conflict, match="continued pre-training"):
+            check_export(session, store, checkpoint_id=pt_checkpoint.id, bits=None)
     assert score["documents"] == 4 and score["checkpoint_id"] == pt_checkpoint.id
     assert score["perplexity"] < score["base_perplexity"] / 2, score
     assert pt_checkpoint.meta["stage"] == "pt" and pt_checkpoint.meta["labels"] is None
