@@ -24,8 +24,8 @@ from storage.jobs import create_job
 from storage.models import Checkpoint, Dataset, JobEvent
 from storage.promotions import promotion_problem
 from tests.runner import dataset_files as files
-from tests.runner.conftest import train_job
-from tests.runner.train_helpers import KEYWORDS
+from tests.runner.conftest import ingest_synthetic, train_job
+from tests.runner.train_helpers import KEYWORDS, synthetic
 
 SQLITE = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
@@ -160,7 +160,7 @@ def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
 
 @SQLITE
 def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
-    engine, eval_settings: Settings, tmp_path: Path, dataset: Dataset
+    engine, eval_settings: Settings, tmp_path: Path
 ) -> None:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(documents(40)) + "\n", encoding="utf-8")
@@ -207,12 +207,15 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
     sft_config = {
         "learning_rate": 3e-3,
         "num_train_epochs": 1,
-        "per_device_train_batch_size": 8,
+        "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 1,
         "lora_rank": 8,
         "base": base,
     }
-    sft_job = train_job(engine, eval_settings, dataset, sft_config)
+    labelled = ingest_synthetic(
+        engine, eval_settings, tmp_path / "sft", name="sft", train=synthetic(4), eval=synthetic(1)
+    )
+    sft_job = train_job(engine, eval_settings, labelled, sft_config)
     assert sft_job.status == JobStatus.succeeded, sft_job.error
     assert sft_job.base_model == base
     with new_session(engine) as session:
