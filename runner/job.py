@@ -598,15 +598,16 @@ def _evaluate_perplexity(
     assert base_dir is not None
     max_len = build_train_config(job.config).cutoff_len
     _release_gpu_memory()
-    base = model_perplexity(base_dir, None, documents, max_len=max_len)
+    base = model_perplexity(base_dir, None, documents, adapter=False, max_len=max_len)
     if _cancel_asked(db):
         raise Cancelled()
-    if checkpoint.meta.get("adapter", True):
-        trained = model_perplexity(
-            base_dir, store.path(checkpoint.path), documents, max_len=max_len
-        )
-    else:
-        trained = model_perplexity(store.path(checkpoint.path), None, documents, max_len=max_len)
+    trained = model_perplexity(
+        base_dir,
+        store.path(checkpoint.path),
+        documents,
+        adapter=bool(checkpoint.meta.get("adapter", True)),
+        max_len=max_len,
+    )
     payload = {
         "checkpoint_id": checkpoint.id,
         "base_perplexity": base["perplexity"],

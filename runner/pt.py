@@ -85,11 +85,11 @@ def ensure_checkpoint_base(
         with store.staged_dir(relpath) as staging:
             if adapter:
                 merge_adapter(base_dir, source, staging, "5GB")
-                save_tokenizer(base_dir, staging)
             else:
                 for entry in source.iterdir():
                     if entry.name not in _NOT_COPIED and entry.is_file():
                         shutil.copy2(entry, staging / entry.name)
+            save_tokenizer(base_dir, staging)  # a whole-model checkpoint carries no tokenizer
             provenance = checkpoint_base_meta(checkpoint)
             (staging / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     except FileExistsError:  # another job wrote it meanwhile

@@ -14,16 +14,37 @@ from runner.datasets.raw_text import document_chunks, document_ids
 
 
 def model_perplexity(
-    model_dir: Path, adapter_dir: Path | None, documents: Sequence[str], *, max_len: int
+    base_dir: Path,
+    checkpoint_dir: Path | None,
+    documents: Sequence[str],
+    *,
+    adapter: bool,
+    max_len: int,
 ) -> dict[str, Any]:
-    """``{"perplexity", "documents", "tokens"}`` of the model in ``model_dir`` (+ the adapter)."""
-    from runner.eval.predict import TransformersPredictor
+    """``{"perplexity", "documents", "tokens"}`` of the base model (``checkpoint_dir`` None), of
+    base + a LoRA checkpoint (``adapter``), or of a whole-model (full/freeze) checkpoint; the
+    tokenizer is always the base's (a whole-model checkpoint carries none)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    predictor = TransformersPredictor(model_dir, adapter_dir, merge_adapter=False)
+    from runner import warm
+    from runner.models import load_tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model: Any
+    if checkpoint_dir is not None and not adapter:
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype).to(device)  # type: ignore[arg-type]
+    else:  # in a warm worker: a copy of the resident base, not a reload
+        model = warm.load(base_dir, dtype=dtype, attn_implementation=None, device=device)
+        if checkpoint_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(checkpoint_dir)).to(device)
     try:
-        return perplexity(predictor.model, predictor.tokenizer, documents, max_len=max_len)
+        return perplexity(model.eval(), load_tokenizer(base_dir), documents, max_len=max_len)
     finally:
-        del predictor
+        del model
 
 
 def perplexity(

@@ -16,7 +16,8 @@ from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset, read_documents, validate_dataset
 from runner.export import check_export
-from runner.pt import pt_examples
+from runner.models import load_tokenizer
+from runner.pt import ensure_checkpoint_base, pt_examples
 from runner.train.packing import pack
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
@@ -228,3 +229,37 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
     assert meta["base_checkpoint"]["job_id"] == pt_job.id and meta["base_checkpoint"]["merged"]
     merged = Path(eval_settings.artifact_dir).resolve() / "models" / base
     assert json.loads((merged / "provenance.json").read_text())["id"] == pt_checkpoint.id
+
+
+@SQLITE
+def test_a_full_pt_checkpoint_is_scored_and_copied_into_a_base_with_the_tokenizer(
+    engine, eval_settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(documents(20)) + "\n", encoding="utf-8")
+    store = ArtifactStore(eval_settings.artifact_dir)
+    with new_session(engine) as session:
+        corpus, _ = ingest_dataset(
+            session, store, path, _options(eval_settings), name="corpus", tokenizer=None
+        )
+    config = {
+        "stage": "pt",
+        "method": "full",
+        "learning_rate": 1e-3,
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 9,
+        "gradient_accumulation_steps": 1,
+    }
+    job = train_job(engine, eval_settings, corpus, config)
+    assert job.status == JobStatus.succeeded, job.error
+    with new_session(engine) as session:
+        [score] = [
+            e.payload
+            for e in session.exec(select(JobEvent).where(JobEvent.job_id == job.id))
+            if e.kind == "perplexity"
+        ]
+        checkpoint = session.get(Checkpoint, score["checkpoint_id"])
+    assert score["perplexity"] < score["base_perplexity"], score
+    merged = ensure_checkpoint_base(store, eval_settings, checkpoint)
+    assert load_tokenizer(merged).eos_token_id is not None
+    assert not (merged / "training_state.pt").exists()
