@@ -4,8 +4,8 @@ before training on it. Pure: takes conversations and an optional tokenizer, retu
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from runner.datasets.layout import Loaded
 
 MAX_LABELS = 100  # more distinct answers than this is free-form generation, not classification
 SHOWN = 10  # indices listed per finding
+T = TypeVar("T")
 
 
 def label_set(conversations: Sequence[Sequence[Message]]) -> list[str] | None:
@@ -75,12 +76,8 @@ def build_report(
                 "or a dataset_info.json naming both) so the model can be scored"
             )
         )
-    duplicates = {s.value: _duplicate_groups(c) for s, c in loaded.splits.items()}
-    for split_name, groups in duplicates.items():
-        for group in groups[:SHOWN]:
-            warnings.append(
-                Problem(f"exact duplicate of record {group[0]}", split=split_name, index=group[1])
-            )
+    duplicates = {s.value: duplicate_groups(c, _key) for s, c in loaded.splits.items()}
+    warn_duplicates(duplicates, "record", warnings)
     leaks = _leakage(train, evals)
     for train_index, eval_index in leaks[:SHOWN]:
         warnings.append(
@@ -145,35 +142,61 @@ def _split_report(
         lengths = np.array(
             [len(render_training_example(tokenizer, c).input_ids) for c in conversations]
         )
-        over = np.flatnonzero(lengths > cutoff_len)
-        for index in over[:SHOWN]:
-            warnings.append(
-                Problem(
-                    f"{int(lengths[index])} tokens, over cutoff_len {cutoff_len}: "
-                    "the end of the answer would be cut",
-                    split=split.value,
-                    index=int(index),
-                )
-            )
-        report["tokens"] = {
-            "p50": int(np.percentile(lengths, 50)),
-            "p95": int(np.percentile(lengths, 95)),
-            "max": int(lengths.max()),
-            "total": int(lengths.sum()),
-            "over_cutoff": len(over),
-        }
+        report["tokens"] = length_report(
+            lengths, cutoff_len, split, warnings, lambda n: "the end of the answer would be cut"
+        )
     return report
+
+
+def length_report(
+    lengths: np.ndarray,
+    cutoff_len: int,
+    split: Split,
+    warnings: list[Problem],
+    over_note: Callable[[int], str],
+) -> dict[str, int]:
+    """Token-length percentiles of a split's sequences; a warning (``over_note`` of its length
+    says what training makes of it) for the first ``SHOWN`` over ``cutoff_len``."""
+    over = np.flatnonzero(lengths > cutoff_len)
+    for index in over[:SHOWN]:
+        n = int(lengths[index])
+        warnings.append(
+            Problem(
+                f"{n} tokens, over cutoff_len {cutoff_len}: {over_note(n)}",
+                split=split.value,
+                index=int(index),
+            )
+        )
+    return {
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "total": int(lengths.sum()),
+        "over_cutoff": len(over),
+    }
 
 
 def _key(conversation: Sequence[Message]) -> tuple[tuple[str, str], ...]:
     return tuple((m.role, m.content) for m in conversation)
 
 
-def _duplicate_groups(conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
-    seen: dict[tuple[tuple[str, str], ...], list[int]] = defaultdict(list)
-    for index, conversation in enumerate(conversations):
-        seen[_key(conversation)].append(index)
+def duplicate_groups(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[int]]:
+    """Indices of the items that share a key, one group per key held more than once."""
+    seen: dict[Hashable, list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        seen[key(item)].append(index)
     return [group for group in seen.values() if len(group) > 1]
+
+
+def warn_duplicates(
+    duplicates: dict[str, list[list[int]]], noun: str, warnings: list[Problem]
+) -> None:
+    """A warning per repeat (the first ``SHOWN`` groups of each split) naming the first copy."""
+    for split_name, groups in duplicates.items():
+        for group in groups[:SHOWN]:
+            warnings.append(
+                Problem(f"exact duplicate of {noun} {group[0]}", split=split_name, index=group[1])
+            )
 
 
 def _leakage(

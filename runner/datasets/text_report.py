@@ -4,8 +4,6 @@ held-out documents equal to train ones. Pure, like the SFT report beside it."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +13,13 @@ from core.errors import Problem
 from core.protocol import ChatTokenizer
 from runner.datasets.layout import Loaded
 from runner.datasets.raw_text import HOLD_OUT_EVERY, document_ids
-from runner.datasets.report import SHOWN, warning_lines
+from runner.datasets.report import (
+    SHOWN,
+    duplicate_groups,
+    length_report,
+    warn_duplicates,
+    warning_lines,
+)
 
 
 def build_text_report(
@@ -38,12 +42,8 @@ def build_text_report(
                 "file nothing is kept back, so the job cannot report perplexity"
             )
         )
-    duplicates = {s.value: _duplicate_groups(d) for s, d in loaded.documents.items()}
-    for split_name, groups in duplicates.items():
-        for group in groups[:SHOWN]:
-            warnings.append(
-                Problem(f"exact duplicate of document {group[0]}", split=split_name, index=group[1])
-            )
+    duplicates = {s.value: duplicate_groups(d, str) for s, d in loaded.documents.items()}
+    warn_duplicates(duplicates, "document", warnings)
     in_train = {d: i for i, d in reversed(list(enumerate(train)))}
     leaks = [(in_train[d], i) for i, d in enumerate(held) if d in in_train]
     for train_index, eval_index in leaks[:SHOWN]:
@@ -87,34 +87,22 @@ def _split_report(
     if tokenizer is None or not documents:
         return report
     lengths = np.array([len(document_ids(tokenizer, d)) for d in documents])
-    over = np.flatnonzero(lengths > cutoff_len)
-    for index in over[:SHOWN]:
-        warnings.append(
-            Problem(
-                f"{int(lengths[index])} tokens, over cutoff_len {cutoff_len}: split into "
-                f"{-(-int(lengths[index]) // cutoff_len)} sequences (long_docs=split, the "
-                "default) or cut (long_docs=truncate)",
-                split=split.value,
-                index=int(index),
-            )
-        )
+    tokens = length_report(
+        lengths,
+        cutoff_len,
+        split,
+        warnings,
+        lambda n: (
+            f"split into {-(-n // cutoff_len)} sequences (long_docs=split, the default) "
+            "or cut (long_docs=truncate)"
+        ),
+    )
     report["tokens"] = {
-        "p50": int(np.percentile(lengths, 50)),
-        "p95": int(np.percentile(lengths, 95)),
-        "max": int(lengths.max()),
-        "total": int(lengths.sum()),
-        "over_cutoff": len(over),
+        **tokens,
         "sequences_if_split": int(sum(-(-int(n) // cutoff_len) for n in lengths)),
         "tokens_if_truncated": int(np.minimum(lengths, cutoff_len).sum()),
     }
     return report
-
-
-def _duplicate_groups(documents: Sequence[str]) -> list[list[int]]:
-    seen: dict[str, list[int]] = defaultdict(list)
-    for index, document in enumerate(documents):
-        seen[document].append(index)
-    return [group for group in seen.values() if len(group) > 1]
 
 
 def render_text_report(report: dict[str, Any]) -> str:

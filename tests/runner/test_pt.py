@@ -11,7 +11,7 @@ import pytest
 from sqlmodel import select
 
 from core.enums import JobStatus
-from core.errors import ConfigError, Conflict, DatasetRejected
+from core.errors import ConfigError, Conflict, DatasetRejected, NotFound
 from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset, read_documents, validate_dataset
@@ -40,6 +40,23 @@ def documents(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     words = [w for ws in KEYWORDS.values() for w in ws]
     return ["，".join(rng.choice(words) + "新闻" for _ in range(6)) + "。" for _ in range(n)]
+
+
+def ingest_corpus(engine, settings: Settings, folder: Path, n: int) -> Dataset:
+    """``documents(n)`` as a .txt of one document a line, ingested as the deployment's
+    ``corpus``."""
+    path = folder / "corpus.txt"
+    path.write_text("\n".join(documents(n)) + "\n", encoding="utf-8")
+    with new_session(engine) as session:
+        stored, _ = ingest_dataset(
+            session,
+            ArtifactStore(settings.artifact_dir),
+            path,
+            _options(settings),
+            name="corpus",
+            tokenizer=None,
+        )
+    return stored
 
 
 @SQLITE
@@ -137,22 +154,17 @@ def test_pt_sequences_train_on_every_token_and_split_or_cut_long_documents(token
 def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
     engine, settings: Settings, tmp_path: Path, dataset: Dataset
 ) -> None:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(documents(3)), encoding="utf-8")
+    text = ingest_corpus(engine, settings, tmp_path, 3)
+    assert text.kind == "pt"
     with new_session(engine) as session:
-        text, _ = ingest_dataset(
-            session,
-            ArtifactStore(settings.artifact_dir),
-            path,
-            _options(settings),
-            name="corpus",
-            tokenizer=None,
-        )
-        assert text.kind == "pt"
         with pytest.raises(ConfigError, match=r"corpus v1 is raw text.*stage=pt"):
             create_job(session, base_model="m", config={}, dataset_id=text.id)
         with pytest.raises(ConfigError, match="syn v1 holds conversations"):
             create_job(session, base_model="m", config={"stage": "pt"}, dataset_id=dataset.id)
+        with pytest.raises(NotFound, match="base=checkpoint-999: no checkpoint 999"):
+            create_job(
+                session, base_model="m", config={"base": "checkpoint-999"}, dataset_id=dataset.id
+            )
     with pytest.raises(ConfigError, match="base=checkpoint-3 is for stage=sft"):
         parse_train_args(["stage=pt", "base=checkpoint-3"])
     with pytest.raises(ConfigError, match="not checkpoint-N"):
@@ -163,17 +175,7 @@ def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
 def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
     engine, eval_settings: Settings, tmp_path: Path
 ) -> None:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(documents(40)) + "\n", encoding="utf-8")
-    with new_session(engine) as session:
-        corpus, _ = ingest_dataset(
-            session,
-            ArtifactStore(eval_settings.artifact_dir),
-            path,
-            _options(eval_settings),
-            name="corpus",
-            tokenizer=None,
-        )
+    corpus = ingest_corpus(engine, eval_settings, tmp_path, 40)
     store = ArtifactStore(eval_settings.artifact_dir)
     assert len(read_documents(store, corpus.eval_sha256)) == 4
     pt_config = {
@@ -227,6 +229,13 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
     assert meta["base_model"] == base and sft_checkpoint.base_model == base
     assert meta["base_checkpoint"]["id"] == pt_checkpoint.id
     assert meta["base_checkpoint"]["job_id"] == pt_job.id and meta["base_checkpoint"]["merged"]
+    with new_session(engine) as session, pytest.raises(ConfigError, match="not a stage=pt"):
+        create_job(
+            session,
+            base_model=eval_settings.base_model,
+            config={"base": f"checkpoint-{sft_checkpoint.id}"},
+            dataset_id=labelled.id,
+        )
     merged = Path(eval_settings.artifact_dir).resolve() / "models" / base
     assert json.loads((merged / "provenance.json").read_text())["id"] == pt_checkpoint.id
 
@@ -235,13 +244,8 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
 def test_a_full_pt_checkpoint_is_scored_and_copied_into_a_base_with_the_tokenizer(
     engine, eval_settings: Settings, tmp_path: Path
 ) -> None:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(documents(20)) + "\n", encoding="utf-8")
+    corpus = ingest_corpus(engine, eval_settings, tmp_path, 20)
     store = ArtifactStore(eval_settings.artifact_dir)
-    with new_session(engine) as session:
-        corpus, _ = ingest_dataset(
-            session, store, path, _options(eval_settings), name="corpus", tokenizer=None
-        )
     config = {
         "stage": "pt",
         "method": "full",
