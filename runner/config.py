@@ -41,22 +41,6 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    stage: Literal["sft", "pt"] = Field(
-        "sft",
-        description="sft: supervised fine-tuning on conversations (loss on the answer); pt: "
-        "continued pre-training on a raw-text dataset (loss on every token)",
-    )
-    base: str | None = Field(
-        None,
-        max_length=40,
-        description="checkpoint-N: start from a stage=pt checkpoint (its LoRA merged into the "
-        "base weights) instead of the deployment's base model; stage=sft only",
-    )
-    long_docs: Literal["split", "truncate"] = Field(
-        "split",
-        description="stage=pt: a document longer than cutoff_len is split into cutoff_len "
-        "chunks (split) or cut at cutoff_len (truncate)",
-    )
     method: Literal["lora", "qlora", "freeze", "full"] = Field(
         "lora",
         description="lora; qlora (LoRA on a 4/8-bit base, GPU only); freeze (train the "
@@ -117,6 +101,22 @@ class TrainConfig(BaseModel):
         max_length=120,
         description="DATASET:SHARE: add SHARE x the train samples from another dataset's train "
         "split (general data against forgetting), e.g. mix=general-zh:0.2",
+    )
+    stage: Literal["sft", "pt"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning on conversations (loss on the answer); pt: "
+        "continued pre-training on a raw-text dataset (loss on every token)",
+    )
+    base: str | None = Field(
+        None,
+        max_length=40,
+        description="checkpoint-N: start from a stage=pt checkpoint (its LoRA merged into the "
+        "base weights) instead of the deployment's base model; stage=sft only",
+    )
+    long_docs: Literal["split", "truncate"] = Field(
+        "split",
+        description="stage=pt: a document longer than cutoff_len is split into cutoff_len "
+        "chunks (split) or cut at cutoff_len (truncate)",
     )
     save_steps: int = Field(100, ge=1, le=1_000_000, description="checkpoint every N steps")
     logging_steps: int = Field(5, ge=1, le=1_000_000, description="progress event every N steps")
