@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from storage.models import Checkpoint, Dataset, Job
@@ -75,9 +76,13 @@ def model_display_name(name: str) -> str:
     'DeepSeek-R1-Distill-Qwen-7B'
     >>> model_display_name("tiny"), model_display_name("./models/local-7b")
     ('tiny (built-in demo model)', 'local-7b')
+    >>> model_display_name("checkpoint-7")
+    'checkpoint-7 (stage=pt checkpoint merged into its base)'
     """
     if name == TINY_MODEL:
         return f"{TINY_MODEL} (built-in demo model)"
+    if re.fullmatch(r"checkpoint-\d+", name):
+        return f"{name} (stage=pt checkpoint merged into its base)"
     trimmed = name.rstrip("/\\") or name
     parts = [p for p in trimmed.replace("\\", "/").split("/") if p]
     hub_id = len(parts) == 2 and not trimmed.startswith(("/", "~", ".", "\\")) and ":" not in name
@@ -195,6 +200,8 @@ def checkpoint_line(
         if metrics is not None
         else "not evaluated"
     )
+    if checkpoint.meta.get("stage") == "pt":
+        scores = f"stage=pt: a base for `base=checkpoint-{checkpoint.id}`, not served"
     final = " (final)" if checkpoint.final else ""
     now = " · :arrow_forward: *serving now*" if serving else ""
     return (
