@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
+from bot.blocks import milestone_text
 from core.enums import JobStatus
 from core.errors import ConfigError, Conflict, DatasetRejected, NotFound
 from core.settings import Settings
@@ -19,6 +20,8 @@ from runner.export import check_export
 from runner.models import load_tokenizer
 from runner.pt import ensure_checkpoint_base, pt_examples
 from runner.train.packing import pack
+from serving.adapters import AdapterRegistry
+from serving.engine import AdapterRefused
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import create_job
@@ -203,6 +206,10 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
         with pytest.raises(Conflict, match="continued pre-training"):
             check_export(session, store, checkpoint_id=pt_checkpoint.id, bits=None)
     assert score["documents"] == 4 and score["checkpoint_id"] == pt_checkpoint.id
+    assert milestone_text("perplexity", score).startswith(
+        f":bar_chart: Held-out perplexity {score['base_perplexity']:.1f} → "
+        f"{score['perplexity']:.1f} on 4 held-out documents"
+    )
     assert score["perplexity"] < score["base_perplexity"] / 2, score
     assert pt_checkpoint.meta["stage"] == "pt" and pt_checkpoint.meta["labels"] is None
 
@@ -236,6 +243,18 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
             config={"base": f"checkpoint-{sft_checkpoint.id}"},
             dataset_id=labelled.id,
         )
+    served = AdapterRegistry(
+        None,  # type: ignore[arg-type]  # validation only: no engine
+        db=engine,
+        store=store,
+        base_model=eval_settings.base_model,
+        max_lora_rank=64,
+        tokenizer=None,
+    )
+    with pytest.raises(AdapterRefused, match=r"continued pre-training \(stage=pt\)"):
+        served.validate(pt_checkpoint.id)  # forced or not, serving never loads it
+    with pytest.raises(AdapterRefused, match=f"it was trained on {base}"):
+        served.validate(sft_checkpoint.id)  # served by a deployment with BASE_MODEL={base}
     merged = Path(eval_settings.artifact_dir).resolve() / "models" / base
     assert json.loads((merged / "provenance.json").read_text())["id"] == pt_checkpoint.id
 
