@@ -699,7 +699,7 @@ def _run_evaluate(db: JobDb, store: ArtifactStore, settings: Settings, job: Job)
         dataset = db.wait(lambda s: s.get(Dataset, dataset_id)) if dataset_id else None
         if dataset is None:
             raise NotFound(f"checkpoint {checkpoint_id}'s dataset is gone: nothing to score on")
-        if dataset.kind == "pt" or checkpoint.meta.get("stage") == "pt":
+        if checkpoint.meta.get("stage") == "pt":
             raise ConfigError(
                 f"checkpoint {checkpoint_id} is a stage=pt checkpoint: its held-out perplexity is "
                 "in its job's thread, and label scores do not apply to it (score the SFT job "

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from core.errors import BenchmarkRejected, NotFound
+from core.errors import BenchmarkRejected, ConfigError, NotFound
 from core.protocol import PromptFrame
 from core.settings import Settings
 from runner.datasets.ingest import read_split
@@ -43,6 +43,11 @@ def evaluate_model(
     max_new_tokens: int | None = None,
 ) -> Evaluation:
     """Evaluate ``checkpoint`` (None: the base model) on ``dataset``'s eval split and store it."""
+    if dataset.kind == "pt":
+        raise ConfigError(
+            f"dataset {dataset.name} v{dataset.version} is raw text (stage=pt): it has no labels "
+            "to score; a stage=pt job reports held-out perplexity in its thread"
+        )
     if dataset.eval_sha256 is None:
         raise NotFound(f"dataset {dataset.name} v{dataset.version} has no eval split to score on")
     assert dataset.id is not None

@@ -16,6 +16,7 @@ from core.errors import ConfigError, Conflict, DatasetRejected, NotFound
 from core.settings import Settings
 from runner.config import parse_train_args
 from runner.datasets.ingest import IngestOptions, ingest_dataset, read_documents, validate_dataset
+from runner.eval.report import evaluate_model
 from runner.export import check_export
 from runner.models import load_tokenizer
 from runner.pt import ensure_checkpoint_base, pt_examples
@@ -162,6 +163,15 @@ def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
     with new_session(engine) as session:
         with pytest.raises(ConfigError, match=r"corpus v1 is raw text.*stage=pt"):
             create_job(session, base_model="m", config={}, dataset_id=text.id)
+        with pytest.raises(ConfigError, match="corpus v1 is raw text.*no labels to score"):
+            evaluate_model(
+                session,
+                ArtifactStore(settings.artifact_dir),
+                settings,
+                dataset=text,
+                base_model="m",
+                checkpoint=None,
+            )
         with pytest.raises(ConfigError, match="syn v1 holds conversations"):
             create_job(session, base_model="m", config={"stage": "pt"}, dataset_id=dataset.id)
         with pytest.raises(NotFound, match="base=checkpoint-999: no checkpoint 999"):
