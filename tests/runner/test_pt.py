@@ -163,7 +163,7 @@ def test_a_job_refuses_data_of_the_other_stage_and_a_base_that_is_not_pt(
     with new_session(engine) as session:
         with pytest.raises(ConfigError, match=r"corpus v1 is raw text.*stage=pt"):
             create_job(session, base_model="m", config={}, dataset_id=text.id)
-        with pytest.raises(ConfigError, match="corpus v1 is raw text.*no labels to score"):
+        with pytest.raises(ConfigError, match=r"corpus v1 is raw text.*no labels to score"):
             evaluate_model(
                 session,
                 ArtifactStore(settings.artifact_dir),
