@@ -197,14 +197,14 @@ def test_an_export_finished_meanwhile_by_another_job_is_a_conflict_not_a_crash(
 
     store = ArtifactStore(eval_settings.artifact_dir)
     final = store.path(export_name(checkpoint.id, None))
-    save_tokenizer = export._save_tokenizer
+    save_tokenizer = export.save_tokenizer
 
     def another_job_finishes_first(base_dir, out):
         final.mkdir(parents=True)
         (final / "meta.json").write_text("{}")
         save_tokenizer(base_dir, out)
 
-    monkeypatch.setattr(export, "_save_tokenizer", another_job_finishes_first)
+    monkeypatch.setattr(export, "save_tokenizer", another_job_finishes_first)
     with new_session(engine) as session, pytest.raises(Conflict, match="by another job meanwhile"):
         export_checkpoint(session, store, eval_settings, checkpoint_id=checkpoint.id)
     assert [p.name for p in final.iterdir()] == ["meta.json"]  # the other export is untouched
