@@ -157,10 +157,12 @@ def mix_dataset(session: Session, *, name: str, channel_id: str | None) -> Datas
             "another channel, or the deployment's: `/finetune datasets`)"
         )
     if found.kind != "sft":
-        what = "raw text (stage=pt)" if found.kind == "pt" else f"a {found.kind} dataset"
-        raise ConfigError(
-            f"mix: dataset {name} is {what}, not conversations to fine-tune on; name one to mix in"
+        what = (
+            "raw text (stage=pt), not conversations"
+            if found.kind == "pt"
+            else f"a {found.kind} dataset, not training data"
         )
+        raise ConfigError(f"mix: dataset {name} is {what}; name one to mix in")
     return found
 
 
