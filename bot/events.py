@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # What a dataset upload can be (runner/datasets/sources.py reads these), by file name and by the
 # filetype Slack gives it; anything else shared in a channel is not ours to look at.
-DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".zip")
+DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".zip")
 DATASET_FILETYPES = {"json", "jsonl", "csv", "tsv", "zip", "text"}
 
 
