@@ -5,7 +5,7 @@ in the same process.
     python bench/eval_throughput.py --model 7b       # GPU: our batched greedy transformers path
                                                      # against the reference workflow's predict
                                                      # setting (batch 2, sampling on)
-    python bench/eval_throughput.py --model 7b-cold --cache static|dynamic
+    python bench/eval_throughput.py --model 7b-cold --cache static|dynamic|graphed
                                                      # GPU: the first pass in a fresh process
                                                      # against the second
 
@@ -292,7 +292,44 @@ def gpu_cold(args: argparse.Namespace) -> list[dict]:
                 time.perf_counter() - started,
             )
         )
+    if args.cache == "graphed":
+        print(graphed_agreement(model, prompts, args.new_tokens, outputs), flush=True)
     return rows
+
+
+def graphed_agreement(model, prompts, new_tokens: int, graphed: list) -> str:
+    """How far the graphed decode's tokens agree with generate's: on this model (bf16: near-ties
+    of random weights flip argmaxes) and on the tiny model in float32 on the same GPU, where they
+    must be identical."""
+    from transformers import AutoModelForCausalLM
+
+    from runner.tiny_model import build_tiny_model
+
+    def compare(model, prompts, new_tokens, graphed=None) -> str:
+        kwargs = dict(eos_token_id=None, pad_token_id=0, batch_size=128, device="cuda")
+        if graphed is None:
+            graphed = generate_batched(
+                model, prompts, new_tokens, cache_implementation="graphed", **kwargs
+            )
+        plain = generate_batched(model, prompts, new_tokens, **kwargs)
+        same = sum(g[0] == p[0] for g, p in zip(graphed, plain, strict=True))
+        first = [
+            next((k for k, (a, b) in enumerate(zip(g[0], p[0], strict=False)) if a != b), len(p[0]))
+            for g, p in zip(graphed, plain, strict=True)
+        ]
+        return f"{same}/{len(prompts)} answers identical, first difference at token {sum(first) / len(first):.1f} on average"
+
+    tiny_dir = build_tiny_model(Path("/tmp/eval_tiny"))
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    generator = torch.Generator().manual_seed(1)
+    tiny_prompts = [
+        torch.randint(10, tiny.config.vocab_size, (int(n),), generator=generator).tolist()
+        for n in torch.randint(5, 60, (100,), generator=generator)
+    ]
+    return (
+        f"graphed against generate, this model (bf16): {compare(model, prompts, new_tokens, graphed)}; "
+        f"the tiny model (float32, CUDA): {compare(tiny, tiny_prompts, 48)}"
+    )
 
 
 def _row(path: str, samples: int, tokens: int, seconds: float) -> dict:
@@ -325,7 +362,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", choices=["tiny", "7b", "7b-cold"], default="tiny")
-    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--cache", choices=["dynamic", "static", "graphed"], default="dynamic")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--new-tokens", type=int, default=150)
     parser.add_argument("--reference-batches", type=int, default=8)

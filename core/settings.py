@@ -185,11 +185,12 @@ class Settings(BaseSettings):
         "copy of the base weights before predicting (no adapter matmuls per token; the merged "
         "bf16 weights round differently from base + adapter). auto: on GPUs, not on CPU.",
     )
-    eval_kv_cache: Literal["dynamic", "static"] = Field(
-        "dynamic",
-        description="Transformers evaluation's KV cache: dynamic, or static (transformers "
-        "compiles the forward for it: slow the first time in a process, fast after; see "
-        "docs/benchmarks.md).",
+    eval_kv_cache: Literal["auto", "dynamic", "static", "graphed"] = Field(
+        "auto",
+        description="Transformers evaluation's KV cache: graphed (a static cache of our own, each "
+        "decode step replayed as one CUDA graph; on CPU the same loop eagerly), dynamic or static "
+        "(generate's; static compiles the forward: slow the first time in a process), auto: "
+        "graphed on GPUs, dynamic on CPU. See docs/benchmarks.md.",
     )
     eval_cpu_kv_cache_mib: int = Field(
         256, ge=1, description="vLLM-CPU KV cache size for evaluation and export checks."

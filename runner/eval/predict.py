@@ -112,13 +112,15 @@ class TransformersPredictor:
         dtype: Any = None,
         gguf_file: str | None = None,
         merge_adapter: bool | None = None,
-        cache_implementation: str = "dynamic",
+        cache_implementation: str = "auto",
     ) -> None:
         """``gguf_file``: a GGUF export in ``model_dir``, dequantized by transformers, with the
         tokenizer the file describes (runner/export_gguf.py). ``merge_adapter``: fold the adapter
         into this predictor's own copy of the weights (None: on CUDA only, where the adapter's small
-        matmuls per token dominate generation). ``cache_implementation``: generate's KV
-        cache (``dynamic`` or ``static``)."""
+        matmuls per token dominate generation). ``cache_implementation``: the KV cache:
+        ``dynamic`` or ``static`` (generate's), ``graphed`` (``runner.eval.decode``: a static
+        cache of ours, the decode steps replayed as CUDA graphs on a GPU), ``auto`` (graphed on
+        CUDA, dynamic elsewhere)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,6 +150,8 @@ class TransformersPredictor:
             if merge_adapter and not quantized:
                 model = model.merge_and_unload()
                 self.merged = True
+        if cache_implementation == "auto":
+            cache_implementation = "graphed" if self.device.type == "cuda" else "dynamic"
         self.cache_implementation = (
             None if cache_implementation == "dynamic" else cache_implementation
         )
@@ -258,30 +262,95 @@ def generate_batched(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]) :] = 1
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                do_sample=False,
-                eos_token_id=ends,
-                pad_token_id=pad_token_id,
-                use_cache=True,
-                **({"cache_implementation": cache_implementation} if cache_implementation else {}),
+        rows = _graphed_rows(
+            model,
+            [prompts[i] for i in chunk],
+            max_new_tokens,
+            ends=[t for t in (eos_token_id, *stops) if t is not None],
+            pad_token_id=pad_token_id,
+            device=device,
+            min_new_tokens=min_new_tokens if eos_token_id is not None or stops else 0,
+            asked=cache_implementation == "graphed",
+        )
+        if rows is None:
+            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            cache = (
+                {}
+                if cache_implementation in (None, "graphed")
+                else {"cache_implementation": cache_implementation}
             )
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens,
+                    do_sample=False,
+                    eos_token_id=ends,
+                    pad_token_id=pad_token_id,
+                    use_cache=True,
+                    **cache,
+                )
+            rows = [out[row, width:].tolist() for row in range(len(chunk))]
         for row, i in enumerate(chunk):
-            new = out[row, width:].tolist()
+            new = rows[row]
             end = next((k for k, t in enumerate(new) if t == eos_token_id or t in stops), None)
             if end is not None:
                 new = new[: end + 1] if new[end] in stops else new[:end]
             results[i] = (new, end is not None)
     return [results[i] for i in range(len(prompts))]
+
+
+def _graphed_rows(
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    ends: list[int],
+    pad_token_id: int,
+    device: Any,
+    min_new_tokens: int,
+    asked: bool,
+) -> list[list[int]] | None:
+    """One batch through ``runner.eval.decode`` (CUDA graphs on a GPU) when ``asked`` and the
+    model can take it; None (``generate`` decodes the batch) otherwise, the reason logged."""
+    if not asked:
+        return None
+    from runner.eval import decode
+
+    total = max(len(p) for p in prompts) + max_new_tokens
+    reason = decode.refusal(model, total, min_new_tokens)
+    if reason is None:
+        try:
+            tokens = decode.decode(
+                model,
+                prompts,
+                max_new_tokens,
+                pad_token_id=pad_token_id,
+                device=device,
+                graphs=getattr(device, "type", str(device)) == "cuda",
+                stops=_device_tensor(ends, device) if ends else None,
+            )
+            return [tokens[row].tolist() for row in range(len(prompts))]
+        except Exception as exc:  # a capture the model's code refuses: generate decodes it
+            reason = f"the graphed decode failed ({type(exc).__name__}: {exc})"
+    if reason not in _REFUSALS_LOGGED:
+        _REFUSALS_LOGGED.add(reason)
+        log.info("evaluation decodes with generate, not CUDA graphs: %s", reason)
+    return None
+
+
+_REFUSALS_LOGGED: set[str] = set()
+
+
+def _device_tensor(values: list[int], device: Any) -> Any:
+    import torch
+
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 class VllmPredictor:
