@@ -94,7 +94,11 @@ def create_job(
     (``check_training_job``): its base model is the ``base=checkpoint-N`` it names, if any."""
     if kind == JobKind.train:
         base_model = check_training_job(
-            session, config=config, dataset_id=dataset_id, base_model=base_model
+            session,
+            config=config,
+            dataset_id=dataset_id,
+            base_model=base_model,
+            channel_id=channel_id,
         )
     job = Job(
         kind=kind.value,
@@ -116,11 +120,17 @@ def create_job(
 
 
 def check_training_job(
-    session: Session, *, config: dict[str, Any], dataset_id: int | None, base_model: str
+    session: Session,
+    *,
+    config: dict[str, Any],
+    dataset_id: int | None,
+    base_model: str,
+    channel_id: str | None = None,
 ) -> str:
     """The base model a training job trains on: ``base_model``, or the ``checkpoint-N`` its
-    config names as ``base`` (a stage=pt checkpoint of a job on ``base_model``). ConfigError
-    (NotFound) when the dataset's kind does not fit the job's stage or the base is not one."""
+    config names as ``base`` (a stage=pt checkpoint of a job on ``base_model``, of the job's
+    channel or the deployment's). ConfigError (NotFound) when the dataset's kind does not fit the
+    job's stage or the base is not one."""
     from storage.datasets import stage_problem
 
     dataset = session.get(Dataset, dataset_id) if dataset_id is not None else None
@@ -132,7 +142,13 @@ def check_training_job(
         return base_model
     checkpoint_id = int(str(base).removeprefix("checkpoint-"))
     checkpoint = session.get(Checkpoint, checkpoint_id)
-    if checkpoint is None:
+    trained_by = session.get(Job, checkpoint.job_id) if checkpoint is not None else None
+    foreign = (  # another channel's checkpoint is not there for this one
+        trained_by is not None
+        and channel_id is not None
+        and trained_by.channel_id not in (None, channel_id)
+    )
+    if checkpoint is None or trained_by is None or foreign:
         raise NotFound(f"base={base}: no checkpoint {checkpoint_id} (`/finetune checkpoints`)")
     if checkpoint.meta.get("stage") != "pt":
         raise ConfigError(

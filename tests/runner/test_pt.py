@@ -26,7 +26,7 @@ from serving.engine import AdapterRefused
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import create_job
-from storage.models import Checkpoint, Dataset, JobEvent
+from storage.models import Checkpoint, Dataset, Job, JobEvent
 from storage.promotions import promotion_problem
 from tests.runner import dataset_files as files
 from tests.runner.conftest import ingest_synthetic, train_job
@@ -246,6 +246,17 @@ def test_a_pt_job_lowers_perplexity_and_its_checkpoint_is_an_sft_base(
     assert meta["base_model"] == base and sft_checkpoint.base_model == base
     assert meta["base_checkpoint"]["id"] == pt_checkpoint.id
     assert meta["base_checkpoint"]["job_id"] == pt_job.id and meta["base_checkpoint"]["merged"]
+    with new_session(engine) as session:  # a channel's pt checkpoint is that channel's base
+        session.get(Job, pt_job.id).channel_id = "C0ONE"
+        session.commit()
+        with pytest.raises(NotFound, match=f"base={base}: no checkpoint"):
+            create_job(
+                session,
+                base_model=eval_settings.base_model,
+                config=sft_config,
+                dataset_id=labelled.id,
+                channel_id="C0TWO",
+            )
     with new_session(engine) as session, pytest.raises(ConfigError, match="not a stage=pt"):
         create_job(
             session,
