@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from sqlmodel import select
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -65,7 +64,13 @@ from storage.models import Checkpoint, Job
 from tests.conftest import REPO
 from tests.runner.conftest import ingest_synthetic
 from tests.runner.graph_stand_in import make_graphed_stand_in
-from tests.runner.train_helpers import examples, lora_model, synthetic
+from tests.runner.train_helpers import (
+    eager_gradients,
+    examples,
+    lora_model,
+    perturb_norms,
+    synthetic,
+)
 
 ROWS = {row.tiny: row for row in SUPPORT_MATRIX}
 FUSED = [name for name, row in ROWS.items() if row.fused]
@@ -133,15 +138,6 @@ def test_prompts_are_rendered_by_the_tokenizers_own_chat_template(family, family
 # Training ---------------------------------------------------------------------------------------
 
 
-def _perturb_norms(model: torch.nn.Module) -> None:
-    """Norm weights away from their initial ones (and zeros), so a norm left out shows."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-
-
 @pytest.mark.parametrize("family", [*FAMILY_NAMES, "mistral-window"])
 def test_a_packed_step_computes_what_each_sample_alone_computes(family, family_dirs) -> None:
     """The packed attention keeps samples apart, sliding windows included (gemma3's local layer
@@ -155,7 +151,7 @@ def test_a_packed_step_computes_what_each_sample_alone_computes(family, family_d
     plain = AutoModelForCausalLM.from_pretrained(
         family_dirs[family], dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    _perturb_norms(packed)
+    perturb_norms(packed)
     plain.load_state_dict(packed.state_dict())
     window = getattr(plain.config, "sliding_window", None)
     if family in ("gemma3", "mistral-window"):
@@ -167,22 +163,13 @@ def test_a_packed_step_computes_what_each_sample_alone_computes(family, family_d
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _eager_gradients(model, batches, params) -> list[torch.Tensor]:
-    answer_tokens = sum(int(b.targets.numel()) for b in batches)
-    loss = sum(
-        F.cross_entropy(model(**b.model_inputs()).logits[0].float(), b.targets, reduction="sum")
-        for b in batches
-    )
-    return [g.float() for g in torch.autograd.grad(loss / answer_tokens, params)]
-
-
 @pytest.mark.parametrize("family", [*FUSED, "mistral-window"])
 def test_the_fused_graphed_step_gives_transformers_gradients(family, family_dirs) -> None:
     """Where the matrix says fused: every layer is a ``FusedLayer`` and the graphed step
     (``graph_stand_in``'s CPU replay of CUDA graphs) gives the eager model's LoRA gradients,
     norms (Qwen3's q/k norms among them) away from their initial weights."""
     model = lora_model(family_dirs[family])
-    _perturb_norms(model)
+    perturb_norms(model)
     model.train()
     tokenizer = load_tokenizer(family_dirs[family])
     samples = examples(tokenizer, synthetic(2)[:6])
@@ -196,7 +183,7 @@ def test_the_fused_graphed_step_gives_transformers_gradients(family, family_dirs
     graphed.plan([b.tokens for b in batches])
     named = trainable_parameters(model)
     params = [p for _, p in named]
-    want = _eager_gradients(model, batches, params)
+    want = eager_gradients(model, batches, params)
     masters = setup_masters(named, graphed)
     accumulate_step(model, batches, graphed.logits, masters)
     assert len(want) == 14 * model.config.num_hidden_layers

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from runner.config import parse_train_args
 from runner.train import memory
 from runner.train.graphs import GraphedDecoder
-from runner.train.packing import PackedBatch, pack_step
+from runner.train.packing import pack_step
 from runner.train.recipe import (
     TrainSpec,
     accumulate_step,
@@ -26,21 +26,9 @@ from runner.train.recipe import (
     trainable_parameters,
 )
 from tests.runner.graph_stand_in import GraphStandIn, make_graphed_stand_in
-from tests.runner.train_helpers import examples, synthetic
+from tests.runner.train_helpers import eager_gradients, examples, synthetic
 
 ARGS = ["lora_rank=8", "lora_target=all", "lr=1e-2", "bs=6", "grad_accum=1", "warmup_steps=0"]
-
-
-def _eager_gradients(
-    model: torch.nn.Module, batches: list[PackedBatch], params: list[torch.nn.Parameter]
-) -> list[torch.Tensor]:
-    """The step's gradient through the plain transformers forward, without touching ``.grad``."""
-    answer_tokens = sum(int(b.targets.numel()) for b in batches)
-    loss = sum(
-        F.cross_entropy(model(**b.model_inputs()).logits[0].float(), b.targets, reduction="sum")
-        for b in batches
-    )
-    return [g.float() for g in torch.autograd.grad(loss / answer_tokens, params)]
 
 
 def _relative_errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[float]:
@@ -81,7 +69,7 @@ def test_micro_batches_replaying_one_bucket_give_the_eager_gradient(
     optimizer = setup_optimizer(named, masters, config, torch.device("cpu"))
     scheduler = setup_scheduler(optimizer, config, total_steps=10)
     for step in range(2):  # the second step runs after the loop's zeroing
-        want = _eager_gradients(model, batches, params)
+        want = eager_gradients(model, batches, params)
         accumulate_step(model, batches, graphed.logits, masters)
         got = [m.grad.float() for m in masters.masters]
         errors = _relative_errors(got, want)
@@ -110,8 +98,8 @@ def test_the_stand_in_reproduces_the_aliasing_it_guards_against(tiny_model_dir, 
     )
     graphed.plan([b.tokens for b in batches])
     params = [p for _, p in trainable_parameters(model)]
-    want = _eager_gradients(model, batches, params)
-    last = _eager_gradients(model, batches[-1:], params)
+    want = eager_gradients(model, batches, params)
+    last = eager_gradients(model, batches[-1:], params)
     answer_tokens = sum(int(b.targets.numel()) for b in batches)
     last = [g * batches[-1].targets.numel() / answer_tokens for g in last]  # its share of the step
     model.zero_grad(set_to_none=True)

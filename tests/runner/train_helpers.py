@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from core.protocol import Message, render_training_example
 from runner.config import parse_train_args
@@ -45,14 +46,35 @@ def dir_hooks(root: Path, **kwargs) -> TrainHooks:
     return TrainHooks(checkpoint_dir=checkpoint_dir, **kwargs)
 
 
-def lora_model(tiny_model_dir: Path, *args: str) -> torch.nn.Module:
-    """The tiny model with rank-8 adapters on every linear layer (fp32, CPU) and non-zero B, so
-    that the adapters take part in the forward."""
+def lora_model(
+    tiny_model_dir: Path, *args: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The tiny model with rank-8 adapters on every linear layer (fp32, CPU unless asked) and
+    non-zero B, so that the adapters take part in the forward."""
     config = parse_train_args(["lora_rank=8", "lora_target=all", *args])
-    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device="cpu")
-    model = setup_model(spec, torch.device("cpu"), torch.float32)
+    spec = TrainSpec(config=config, examples=[], base=tiny_model_dir, device=device)
+    model = setup_model(spec, torch.device(device), dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     return model
+
+
+def perturb_norms(model: torch.nn.Module) -> None:
+    """Norm weights away from their initial ones (and zeros), so a norm left out shows."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=generator).to(p) * 0.2)
+
+
+def eager_gradients(model: torch.nn.Module, batches, params) -> list[torch.Tensor]:
+    """The step's gradient through the plain transformers forward, without touching ``.grad``."""
+    answer_tokens = sum(int(b.targets.numel()) for b in batches)
+    loss = sum(
+        F.cross_entropy(model(**b.model_inputs()).logits[0].float(), b.targets, reduction="sum")
+        for b in batches
+    )
+    return [g.float() for g in torch.autograd.grad(loss / answer_tokens, params)]
