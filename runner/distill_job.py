@@ -1,6 +1,6 @@
 """A distillation job: ``/finetune distill dataset=RAW teacher=URL model=NAME`` queued in Slack and
-run by a runner's distill slot (``RUNNER_DISTILL_SLOTS``: a process of its own, no GPU, no
-torch) with the same code as ``python -m runner distill`` (runner/distill.py).
+run by a runner's distill slot (``RUNNER_DISTILL_SLOTS``: a process of its own, no GPU) with the
+same code as ``python -m runner distill`` (runner/distill.py).
 
 Config: ``teacher`` (the API base URL, checked again here against the deployment's allowed
 teachers before any sample leaves: runner/teachers.py), ``model``, ``tries`` and optionally
