@@ -131,6 +131,18 @@ def run_queued(slack: SlackWorld, engine, kind) -> list:
         return [session.get(Job, job_id) for job_id in ran]
 
 
+def send_json(handler, payload: dict, status: int = 200) -> None:
+    """Answer a stand-in HTTP server's request (a ``BaseHTTPRequestHandler``) with JSON."""
+    import json
+
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

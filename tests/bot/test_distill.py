@@ -22,7 +22,14 @@ from core.enums import JobKind, JobStatus
 from runner.distill import read_journal
 from storage.db import new_session
 from storage.models import Dataset, Job, JobEvent
-from tests.bot.conftest import APPROVER, GROUP_MEMBER, deliver_all, ingest, run_queued
+from tests.bot.conftest import (
+    APPROVER,
+    GROUP_MEMBER,
+    deliver_all,
+    ingest,
+    run_queued,
+    send_json,
+)
 from tests.runner.dataset_files import label_only_csv
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # not about the DB
@@ -41,6 +48,7 @@ class TeacherServer:
         self.keys: set[str] = set()
         self.tokens = 0  # the usage it reported, in all
         self.fail_after: int | None = None
+        self.delay = 0.0  # seconds before each answer (past DISTILL_TIMEOUT_SECONDS: a timeout)
         self.lock = threading.Lock()
         teacher = self
 
@@ -50,6 +58,9 @@ class TeacherServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if teacher.delay:
+                    time.sleep(teacher.delay)
+                    return  # the client gave up long ago
                 with teacher.lock:
                     teacher.keys.add(self.headers.get("Authorization", ""))
                     down = (
@@ -71,12 +82,7 @@ class TeacherServer:
                 }
                 with teacher.lock:
                     teacher.tokens += len(text) + len(answer)
-                data = json.dumps(reply, ensure_ascii=False).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, reply)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -88,6 +94,7 @@ class TeacherServer:
             self.keys.clear()
             self.tokens = 0
             self.fail_after = None
+            self.delay = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +118,7 @@ def bot_extra_settings(tiny_model_dir: Path, teacher_server: TeacherServer) -> d
         "distill_api_key": TEACHER_KEY,
         "distill_concurrency": 1,  # the failure point is deterministic
         "distill_requests_per_second": 1000,
+        "distill_timeout_seconds": 0.3,
     }
 
 
@@ -288,3 +296,18 @@ def test_a_teacher_that_fails_part_way_loses_nothing_and_the_same_command_resume
     journal = read_journal(next((Path(slack.settings.artifact_dir) / "distill").glob("*.jsonl")))
     assert sorted(journal) == list(range(10))  # one row a sample: none duplicated
     assert event["asked_now"] == 6 and event["tokens_now"] < event["tokens"]
+
+
+def test_a_teacher_that_times_out_is_named_so_in_the_thread(slack, engine, tmp_path, teacher):
+    _raw(slack, engine, tmp_path)
+    teacher.delay = 1.0
+    slack.command(f"distill dataset=raw teacher={teacher.url} model=teach", user=APPROVER)
+    thread = slack.wait_for_thread(engine, 1)
+    [failed] = run_queued(slack, engine, JobKind.distill)
+    assert failed.status == JobStatus.failed
+    assert failed.error.startswith(
+        f"the teacher at {teacher.url} timed out (no answer within DISTILL_TIMEOUT_SECONDS, "
+        "0.3 s). 0 of 10 samples are done and kept; the same command resumes with the rest"
+    )
+    deliver_all(slack, engine)
+    assert _thread(slack, thread)[-1] == f":x: Failed: {failed.error}"
