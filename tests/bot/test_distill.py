@@ -49,6 +49,7 @@ class TeacherServer:
         self.tokens = 0  # the usage it reported, in all
         self.fail_after: int | None = None
         self.delay = 0.0  # seconds before each answer (past DISTILL_TIMEOUT_SECONDS: a timeout)
+        self.pause = 0.0  # seconds before each answer, which then comes (a slow teacher)
         self.lock = threading.Lock()
         teacher = self
 
@@ -61,6 +62,7 @@ class TeacherServer:
                 if teacher.delay:
                     time.sleep(teacher.delay)
                     return  # the client gave up long ago
+                time.sleep(teacher.pause)
                 with teacher.lock:
                     teacher.keys.add(self.headers.get("Authorization", ""))
                     down = (
@@ -95,6 +97,7 @@ class TeacherServer:
             self.tokens = 0
             self.fail_after = None
             self.delay = 0.0
+            self.pause = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +227,7 @@ def test_an_approver_distills_into_a_new_dataset_version_the_channel_sees(
     header = slack.standin.calls_to("chat.update")[-1]
     assert header["ts"] == thread
     assert "Distillation job 1: succeeded" in header["text"]
+    assert "10/10 samples done · 9 kept" in json.dumps(header["blocks"], ensure_ascii=False)
 
     datasets = slack.ask("datasets")["text"]
     assert "*raw-distilled* v1 · 9 train / 2 eval · 2 labels" in datasets
@@ -311,3 +315,33 @@ def test_a_teacher_that_times_out_is_named_so_in_the_thread(slack, engine, tmp_p
     )
     deliver_all(slack, engine)
     assert _thread(slack, thread)[-1] == f":x: Failed: {failed.error}"
+
+
+def test_cancel_stops_a_running_distillation_and_keeps_what_it_finished(
+    slack, engine, tmp_path, teacher
+) -> None:
+    _raw(slack, engine, tmp_path)
+    teacher.pause = 0.25  # cancel is polled once a second: it lands part way
+    slack.command(f"distill dataset=raw teacher={teacher.url} model=teach", user=APPROVER)
+    thread = slack.wait_for_thread(engine, 1)
+
+    def cancel_once_asked() -> None:
+        while len(teacher.asked) < 2:
+            time.sleep(0.02)
+        assert (
+            "asked to stop; it asks the teacher nothing more"
+            in slack.ask("cancel 1", user=APPROVER)["text"]
+        )
+
+    canceller = threading.Thread(target=cancel_once_asked)
+    canceller.start()
+    [stopped] = run_queued(slack, engine, JobKind.distill)
+    canceller.join(10)
+    assert stopped.status == JobStatus.cancelled
+    assert len(teacher.asked) < 10  # it stopped asking
+    deliver_all(slack, engine)
+    [reply] = [t for t in _thread(slack, thread) if t.startswith(":no_entry_sign: Cancelled")]
+    journal = read_journal(next((Path(slack.settings.artifact_dir) / "distill").glob("*.jsonl")))
+    assert 0 < len(journal) < 10
+    assert f"{len(journal)} of 10 samples are done and kept" in reply
+    assert "`/finetune distill dataset=raw" in reply and reply.endswith("resumes")
