@@ -209,6 +209,12 @@ def test_an_approver_distills_into_a_new_dataset_version_the_channel_sees(
     [job] = _distill_jobs(engine)
     assert job.config == {"teacher": teacher.url, "model": "teach", "tries": 2}
     assert job.dataset_id == raw.id and job.requested_by == GROUP_MEMBER
+    again = slack.ask(f"distill dataset=raw teacher={teacher.url}/ model=teach", user=APPROVER)
+    assert again["response_type"] == "ephemeral"
+    assert (
+        "is being distilled by this teacher already: distillation job 1 is queued"
+        in (again["text"])
+    )  # one at a time: they would share a journal
 
     done = _run_in_a_runner(slack, engine, job.id)
     assert done.status == JobStatus.succeeded, done.error
