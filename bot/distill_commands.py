@@ -135,6 +135,13 @@ def distill(ctx: BotContext, command: dict, args: list[str], respond: Any, clien
                 "free text); distill takes a labelled dataset (CSV text + label, or records whose "
                 "answer is a label)"
             )
+        train = ((dataset.report or {}).get("splits") or {}).get("train") or {}
+        if train.get("samples") and train.get("with_think") == train["samples"]:
+            raise ConfigError(
+                f"`dataset={dataset.name}`: every train answer of v{dataset.version} already "
+                "has its reasoning (`<think>`): there is nothing to distill; name a label-only "
+                "dataset"
+            )
         _refuse_a_second_run(session, dataset, teacher, request["model"])
     config = {"teacher": teacher, "model": request["model"], "tries": request["tries"]}
     if request.get("name"):

@@ -149,6 +149,7 @@ def test_refusals_are_private_name_the_parameter_and_queue_nothing(
 ) -> None:
     _raw(slack, engine, tmp_path)
     ingest(slack, engine, channel="C0OTHER", name="theirs", source=label_only_csv(tmp_path / "o"))
+    ingest(slack, engine, name="reasoned")  # the demo: every answer reasons already
     ok = f"dataset=raw teacher={teacher.url} model=m"
     refusals = {
         (ok, "U0USER"): "only approvers can start a distillation (it sends this channel's data",
@@ -177,6 +178,9 @@ def test_refusals_are_private_name_the_parameter_and_queue_nothing(
             f"dataset=nope teacher={teacher.url} model=m",
             APPROVER,
         ): "no dataset named nope in this channel",
+        (f"dataset=reasoned teacher={teacher.url} model=m", APPROVER): (
+            "`dataset=reasoned`: every train answer of v1 already has its reasoning"
+        ),
         (
             f"dataset=theirs teacher={teacher.url} model=m",
             APPROVER,
