@@ -6,6 +6,7 @@ import math
 import re
 from typing import Any
 
+from bot.distill_blocks import DISTILL_EVENTS, distill_milestone, progress_line
 from storage.models import Checkpoint, Dataset, Job
 
 TINY_MODEL = "tiny"  # runner.models.TINY_MODEL_NAME (the bot does not import the runner's models)
@@ -54,6 +55,7 @@ JOB_NOUNS = {
     "export": "Export job",
     "evaluate": "Evaluation job",
     "ingest": "Dataset check",
+    "distill": "Distillation job",
 }
 
 
@@ -102,6 +104,14 @@ def job_header_blocks(job: Job, dataset: Dataset | None = None) -> list[dict[str
         config = dict(config.get("then_train") or {})
         if config:
             lines.append(f"then a fine-tuning job on {model}")
+    elif job.kind == "distill":  # a teacher, not our base model, does the work
+        source = f"*{dataset.name}* v{dataset.version}" if dataset is not None else "its dataset"
+        lines.append(
+            f"{source} by teacher `{config.pop('model', '')}` at {config.pop('teacher', '')}"
+        )
+        done = progress_line(progress)
+        if done:
+            lines.append(f"`{progress_bar(progress.get('done', 0), progress['samples'])}` {done}")
     elif dataset is not None:
         lines.append(
             f"Dataset *{dataset.name}* v{dataset.version} ({dataset.train_samples} "
@@ -147,6 +157,8 @@ def job_header_text(job: Job) -> str:
             text += f", loss {progress['loss']:.4f}"
         if progress.get("eta_s") is not None and job.status == "running":
             text += f", about {_duration(progress['eta_s'])} left"
+    if job.kind == "distill" and job.status == "running" and progress_line(progress):
+        text += f", {progress_line(progress)}"
     if job.error:
         text += f": {cut(job.error, 300)}"
     return text
@@ -236,6 +248,8 @@ def _delta(value: float | None, *, percent: bool) -> str:
 
 def milestone_text(kind: str, payload: dict[str, Any]) -> str | None:
     """The thread reply for a job event, or None for events that only refresh the header."""
+    if kind in DISTILL_EVENTS:
+        return distill_milestone(kind, payload)
     if kind == "started":
         resumed = payload.get("resumed_from_step")
         start = f"resuming from step {resumed}" if resumed else "from the start"

@@ -4,7 +4,8 @@ errors become user text here, in ``handle_finetune``, and only here.
 
 The subcommands live by what they deal with: bot/dataset_commands.py (upload, datasets, share,
 unshare), bot/job_commands.py (start, status, list, cancel, evaluate, export; queueing a job and
-its root message), bot/checkpoint_commands.py (checkpoints, compare, promote, rollback). Channels
+its root message), bot/checkpoint_commands.py (checkpoints, compare, promote, rollback),
+bot/distill_commands.py (distill). Channels
 are tenants (bot/scope.py): each command sees this channel's jobs and datasets; approvers end a
 command with ``all`` to see every channel's.
 """
@@ -19,7 +20,14 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from bot import checkpoint_commands, dataset_commands, feedback, job_commands, sweeps
+from bot import (
+    checkpoint_commands,
+    dataset_commands,
+    distill_commands,
+    feedback,
+    job_commands,
+    sweeps,
+)
 from bot.answer_blocks import classify_blocks, classify_text
 from bot.auth import Approvers
 from bot.home import HomeViewers
@@ -50,6 +58,10 @@ USAGE = {
     "sweep [dataset=<name>] lr=1e-5,5e-5 [epochs=2,3] [key=value …]": "queue every combination "
     "of the comma lists as one sweep (at most `SWEEP_MAX_RUNS` runs), compared in one thread; the best "
     "run by macro-F1 can be promoted from it. `sweep cancel <sweep>` cancels every run",
+    "distill dataset=<name> teacher=<url> model=<name> [tries=1-10] [name=<new>]": "have a "
+    "teacher (an OpenAI-compatible endpoint this deployment allows: our serving, or "
+    "`DISTILL_TEACHERS`) write the reasoning of a label-only dataset; only answers with the gold "
+    "label are kept, as a new dataset version (approvers; the same command resumes a failed one)",
     "status [job]": "a job's state and progress",
     "list": "the latest jobs in this channel",
     "checkpoints": "this channel's latest checkpoints (id, job, step, state, scores) and what "
@@ -143,6 +155,7 @@ SUBCOMMANDS: dict[str, Callable[..., None]] = {
     "unshare": dataset_commands.unshare,
     "start": job_commands.start,
     "sweep": sweeps.sweep,
+    "distill": distill_commands.distill,
     "status": job_commands.status,
     "list": job_commands.list_jobs,
     "cancel": job_commands.cancel,

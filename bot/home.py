@@ -76,6 +76,8 @@ HOME_EVENTS = {
     "succeeded",
     "failed",
     "cancelled",
+    "distill_started",  # a distillation's claimed → running, and its end
+    "distilled",
 }
 TOKEN_PAUSE_S = 60.0
 

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LIMITED_KINDS = (JobKind.train.value, JobKind.evaluate.value, JobKind.export.value)
+LIMITED_KINDS = tuple(
+    kind.value for kind in (JobKind.train, JobKind.evaluate, JobKind.export, JobKind.distill)
+)
 ACTIVE = (JobStatus.running.value, JobStatus.evaluating.value)
 # Slack's answers that mean the bot cannot write in the channel at all.
 NOT_A_MEMBER = {"not_in_channel", "channel_not_found"}
@@ -98,7 +100,7 @@ def queue_job(
     if config.mix_spec is not None:  # refused now, not when the job starts
         with new_session(ctx.db) as session:
             mix_dataset(session, name=config.mix_spec[0], channel_id=channel)
-    return _queue(
+    return queue_slack_job(
         ctx,
         client,
         kind=JobKind.train,
@@ -110,7 +112,7 @@ def queue_job(
     )
 
 
-def _queue(
+def queue_slack_job(
     ctx: BotContext,
     client: Any,
     *,
@@ -315,6 +317,8 @@ def cancelled_text(job: Job) -> str:
         "without a report",
         JobKind.export.value: "asked to stop; the export ends before its next phase and "
         "publishes nothing",
+        JobKind.distill.value: "asked to stop; it asks the teacher nothing more, keeps every "
+        "finished sample, and the same `/finetune distill` resumes",
     }
     state = (
         "cancelled"
@@ -356,7 +360,7 @@ def evaluate(ctx: BotContext, command: dict, args: list[str], respond: Any, clie
                 "no eval split: nothing to score it on"
             )
         _refuse_second_evaluation(session, checkpoint)
-    _queue(
+    queue_slack_job(
         ctx,
         client,
         kind=JobKind.evaluate,
@@ -422,7 +426,7 @@ def export(ctx: BotContext, command: dict, args: list[str], respond: Any, client
         dataset = (
             session.get(Dataset, trained.dataset_id) if trained and trained.dataset_id else None
         )
-    _queue(
+    queue_slack_job(
         ctx,
         client,
         kind=JobKind.export,

@@ -102,7 +102,15 @@ from storage.outbox import (
 
 log = logging.getLogger(__name__)
 
-HEADER_ONLY = {"queued", "claimed", "progress", "checkpoint", "evaluating", "succeeded"}
+HEADER_ONLY = {
+    "queued",
+    "claimed",
+    "progress",
+    "distill_progress",
+    "checkpoint",
+    "evaluating",
+    "succeeded",
+}
 DB_OUTAGE = (OperationalError, InterfaceError, PoolTimeout)
 MAX_BUG_ROUNDS = 3
 MAX_FRESH_ROOTS = 3  # root messages posted anew for one job before its thread is given up

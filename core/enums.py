@@ -21,6 +21,7 @@ class JobKind(StrEnum):
     evaluate = "evaluate"
     export = "export"
     ingest = "ingest"  # a dataset shared in Slack, validated and stored by a runner
+    distill = "distill"  # a teacher writes the reasoning of a label-only dataset (no GPU)
 
 
 class CheckpointStatus(StrEnum):

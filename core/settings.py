@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         description="Dataset checks (uploads shared in Slack) this runner validates and stores at "
         "once, in processes of their own beside the GPU slots (0: the GPU slots take them too).",
     )
+    runner_distill_slots: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Distillations (`/finetune distill`: a teacher over HTTP, no GPU) this runner "
+        "runs at once, in processes of their own (0: the GPU slots take them too).",
+    )
     max_concurrent_uploads: int = Field(
         2,
         ge=1,
@@ -178,6 +185,17 @@ class Settings(BaseSettings):
     )
     distill_timeout_seconds: float = Field(
         60.0, gt=0, le=3600, description="How long one teacher request may take."
+    )
+    distill_teachers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Teacher API base URLs `/finetune distill` may send a channel's data to, "
+        "comma-separated (a URL under one of them is allowed); empty: our own serving only "
+        "(SERVING_URL).",
+    )
+    distill_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer token sent to a teacher of DISTILL_TEACHERS (our own serving gets "
+        "SERVING_API_KEY instead); never typed in Slack.",
     )
     eval_merge_adapter: bool | Literal["auto"] = Field(
         "auto",
@@ -274,7 +292,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("approvers", mode="before")
+    @field_validator("approvers", "distill_teachers", mode="before")
     @classmethod
     def _split_approvers(cls, value: object) -> object:
         if isinstance(value, str):
@@ -282,7 +300,11 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "slack_bot_token", "slack_signing_secret", "slack_app_token", "serving_api_key"
+        "slack_bot_token",
+        "slack_signing_secret",
+        "slack_app_token",
+        "serving_api_key",
+        "distill_api_key",
     )
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:

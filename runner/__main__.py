@@ -228,6 +228,7 @@ def _distill(session: Session, settings: Settings, args: argparse.Namespace) -> 
         limits=limits,
         name=args.name,
         limit=args.limit,
+        channel_id=dataset.channel_id,  # the operator's distill stays in the source's scope
     )
     print(
         f"Stored dataset {stored.name} v{stored.version} (id {stored.id}): {summary['kept']} of "

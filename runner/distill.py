@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,9 +42,37 @@ PROMPT = (
 
 
 class TeacherFailed(FinetuneError):
-    """The teacher stopped answering; what was finished is kept in the journal."""
+    """The teacher stopped answering; what was finished is kept in the journal. ``cause`` says
+    how in a few words (``unreachable``, ``timed out``, ``HTTP 503``); ``done`` of ``total``
+    samples are finished (set once the run has stopped)."""
 
     code = "teacher_failed"
+
+    def __init__(self, message: str, *, cause: str = "", done: int = 0, total: int = 0) -> None:
+        super().__init__(message)
+        self.cause, self.done, self.total = cause, done, total
+
+
+class DistillStopped(FinetuneError):
+    """``stopping`` said stop (a cancel, the runner shutting down): finished samples are kept."""
+
+    code = "distill_stopped"
+
+    def __init__(self, message: str, *, done: int, total: int) -> None:
+        super().__init__(message)
+        self.done, self.total = done, total
+
+
+def _cause(exc: Exception, status: int | None) -> str:
+    import httpx
+
+    if status is not None:
+        return f"HTTP {status}"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "unreachable"
+    return type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -138,10 +166,14 @@ def distill_split(
     journal: Path,
     *,
     limit: int | None = None,
+    on_sample: Callable[[int, int, int], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Ask the teacher for every sample not yet in ``journal`` (the first ``limit`` only, when
     given), appending each finished one. Raises ``TeacherFailed`` (what was finished stays) when
-    the teacher errors on a sample three times in a row or is unreachable."""
+    the teacher errors on a sample three times in a row or is unreachable. ``on_sample(done,
+    kept, total)`` is called after each finished sample (under the journal's lock: keep it
+    short); ``stopping()`` true makes the run ask no new sample and raise ``DistillStopped``."""
     import httpx
 
     if limits.tries < 1 or limits.concurrency < 1 or limits.requests_per_second <= 0:
@@ -157,7 +189,7 @@ def distill_split(
     client = httpx.Client(
         base_url=teacher.url.rstrip("/"), headers=headers, timeout=teacher.timeout_s
     )
-    failure: list[str] = []
+    failure: list[TeacherFailed] = []
 
     def ask(history: Sequence[Message], attempt: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -182,11 +214,20 @@ def distill_split(
                 status = getattr(getattr(exc, "response", None), "status_code", None)
                 if errors >= 3 or (status is not None and 400 <= status < 500 and status != 429):
                     detail = f"HTTP {status}" if status else type(exc).__name__
-                    raise TeacherFailed(f"the teacher at {teacher.url} failed: {detail}") from exc
+                    raise TeacherFailed(
+                        f"the teacher at {teacher.url} failed: {detail}",
+                        cause=_cause(exc, status),
+                    ) from exc
                 time.sleep(0.5 * 2**errors)
 
+    counts = {"done": len(done), "kept": sum(bool(r["kept"]) for r in done.values())}
+    stopped: list[bool] = []
+
     def one(index: int) -> None:
-        if failure:
+        if failure or stopped:
+            return
+        if stopping is not None and stopping():
+            stopped.append(True)
             return
         conversation = conversations[index]
         history = list(conversation[:-1])
@@ -215,7 +256,7 @@ def distill_split(
                     )
                     break
         except TeacherFailed as exc:
-            failure.append(exc.message)
+            failure.append(exc)
             return
         row["tokens"] = tokens
         with lock:
@@ -225,6 +266,10 @@ def distill_split(
                 os.fsync(out.fileno())
             stats["asked"] += 1
             stats["tokens"] += tokens
+            counts["done"] += 1
+            counts["kept"] += bool(row["kept"])
+            if on_sample is not None:
+                on_sample(counts["done"], counts["kept"], count)
 
     try:
         with ThreadPoolExecutor(max_workers=limits.concurrency) as pool:
@@ -234,8 +279,18 @@ def distill_split(
     finished = read_journal(journal)
     if failure:
         raise TeacherFailed(
-            f"{failure[0]}; {len(finished)} of {len(conversations)} samples are done and kept "
-            "(run the same command again to resume)"
+            f"{failure[0].message}; {len(finished)} of {len(conversations)} samples are done "
+            "and kept (run the same command again to resume)",
+            cause=failure[0].cause,
+            done=len(finished),
+            total=len(conversations),
+        )
+    if stopped:
+        raise DistillStopped(
+            f"stopped; {len(finished)} of {len(conversations)} samples are done and kept (run "
+            "the same command again to resume)",
+            done=len(finished),
+            total=len(conversations),
         )
     return {"asked_now": stats["asked"], "tokens_now": stats["tokens"], "finished": finished}
 
@@ -270,10 +325,15 @@ def distill_dataset(
     limits: DistillLimits,
     name: str | None = None,
     limit: int | None = None,
+    on_sample: Callable[[int, int, int], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
+    channel_id: str | None = None,
+    uploaded_by: str = "distill",
 ) -> tuple[Any, dict[str, Any]]:
     """Distill ``dataset``'s train split and store the kept samples (and the eval split as it
     was) as a new version of ``name`` (default ``<dataset>-distilled``) with the provenance in its
-    report. Returns (the new dataset, the summary)."""
+    report, in ``channel_id``'s scope (None: the deployment's). Returns (the new dataset, the
+    summary). ``on_sample`` and ``stopping``: see ``distill_split``."""
     from runner.datasets.ingest import IngestOptions, check_dataset_name, ingest_dataset, read_split
     from runner.models import tokenizer_for_report
 
@@ -295,7 +355,16 @@ def distill_dataset(
             f"distill: every answer of {dataset.name} v{dataset.version} already has reasoning"
         )
     journal = journal_path(Path(settings.artifact_dir), dataset.train_sha256, teacher, labels)
-    run = distill_split(conversations, labels, teacher, limits, journal, limit=limit)
+    run = distill_split(
+        conversations,
+        labels,
+        teacher,
+        limits,
+        journal,
+        limit=limit,
+        on_sample=on_sample,
+        stopping=stopping,
+    )
     finished = run["finished"]
     summary = summarise(finished, labels)
     summary.update(asked_now=run["asked_now"], tokens_now=run["tokens_now"], journal=str(journal))
@@ -333,8 +402,8 @@ def distill_dataset(
             name=target,
             tokenizer=tokenizer,
             tokenizer_note=note,
-            channel_id=dataset.channel_id,
-            uploaded_by="distill",
+            channel_id=channel_id,
+            uploaded_by=uploaded_by,
             commit=False,
         )
         stored.report = {**stored.report, "distill": provenance}

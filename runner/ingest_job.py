@@ -81,7 +81,7 @@ def run_ingest(db: JobDb, store: ArtifactStore, settings: Settings, job: Job) ->
                     status=JobStatus.succeeded,
                     event="ingested",
                     filename=filename,
-                    dataset=_describe(dataset),
+                    dataset=describe_dataset(dataset),
                     report_text=render_report(report),
                     then_job_id=queued,
                 )
@@ -112,7 +112,7 @@ def _end(db: JobDb, status: JobStatus, **fields: Any) -> None:
     db.wait(lambda s: set_job_state(s, job_id=db.job_id, token=db.token, status=status, **fields))
 
 
-def _describe(dataset: Dataset) -> dict[str, Any]:
+def describe_dataset(dataset: Dataset) -> dict[str, Any]:
     return {
         "id": dataset.id,
         "name": dataset.name,

@@ -117,6 +117,10 @@ def run_job(job_id: int, token: str, settings: Settings) -> JobStatus | None:
             from runner.ingest_job import run_ingest
 
             return run_ingest(db, store, settings, job)
+        if job.kind == JobKind.distill.value:
+            from runner.distill_job import run_distill
+
+            return run_distill(db, store, settings, job)
         return _run_training(db, store, settings, job)
     except ClaimLost:
         log.warning("job %d: another attempt holds the job now; this one stops", job_id)

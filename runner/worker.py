@@ -61,14 +61,16 @@ class Slot:
 
     @property
     def name(self) -> str:
-        if self.kinds == (JobKind.ingest,):
-            return "dataset checks"
+        if self.kinds is not None and len(self.kinds) == 1 and self.kinds[0] in SIDE_SLOTS:
+            return SIDE_SLOTS[self.kinds[0]]
         return f"cuda:{self.device}" if self.device is not None else "cpu"
 
 
 # With dataset-check slots, the device slots leave uploads to them: a check never waits behind an
-# hour of training, and checks never take a GPU.
+# hour of training, and checks never take a GPU. Distillations (a teacher over HTTP) likewise, in
+# slots of their own: an hour of teacher requests never holds up an upload's check.
 DEVICE_KINDS = (JobKind.train, JobKind.evaluate, JobKind.export)
+SIDE_SLOTS = {JobKind.ingest: "dataset checks", JobKind.distill: "distillations"}
 
 
 def detect_devices(settings: Settings) -> list[str | None]:
@@ -193,11 +195,15 @@ class Runner:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.engine = make_engine(settings.db_url)
-        checks = settings.runner_ingest_slots
+        side = {
+            JobKind.ingest: settings.runner_ingest_slots,
+            JobKind.distill: settings.runner_distill_slots,
+        }
+        device_kinds = DEVICE_KINDS + tuple(kind for kind, count in side.items() if not count)
         self.slots = [
-            Slot(d, DEVICE_KINDS if checks else None)
+            Slot(d, device_kinds)
             for d in (devices if devices is not None else detect_devices(settings))
-        ] + [Slot(None, (JobKind.ingest,)) for _ in range(checks)]
+        ] + [Slot(None, (kind,)) for kind, count in side.items() for _ in range(count)]
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("spawn")
         self._ended: list[Ended] = []
@@ -247,7 +253,7 @@ class Runner:
     def _warm(self, slot: Slot) -> bool:
         """Whether this slot runs its jobs in a warm worker."""
         mode = self.settings.runner_warm_worker
-        if slot.kinds == (JobKind.ingest,) or mode == "off":
+        if slot.name in SIDE_SLOTS.values() or mode == "off":
             return False
         return mode == "on" or slot.device is not None
 

@@ -90,9 +90,11 @@ def ingest(
     channel: str | None = "C0CHAN",
     name: str = "news",
     user: str | None = "U0USER",
+    source=None,
 ):
-    """The demo dataset stored as an upload of ``channel`` (None: the deployment's, as
-    ``python -m runner ingest`` stores it) through the ingestion code uploads use."""
+    """The demo dataset (or the folder ``source``) stored as an upload of ``channel`` (None: the
+    deployment's, as ``python -m runner ingest`` stores it) through the ingestion code uploads
+    use."""
     from runner.datasets.ingest import IngestOptions, ingest_dataset
     from storage.artifacts import ArtifactStore
     from storage.db import new_session
@@ -102,7 +104,7 @@ def ingest(
         dataset, _ = ingest_dataset(
             session,
             ArtifactStore(slack.settings.artifact_dir),
-            DEMO_DATASET,
+            source or DEMO_DATASET,
             IngestOptions.from_settings(slack.settings),
             name=name,
             tokenizer=None,
@@ -110,6 +112,35 @@ def ingest(
             uploaded_by=user,
         )
     return dataset
+
+
+def run_queued(slack: SlackWorld, engine, kind) -> list:
+    """What a runner's slot for ``kind`` does, with the runner's own code: claim each queued job
+    of that kind and run it; the jobs as they ended."""
+    from runner.job import run_job
+    from storage.db import new_session
+    from storage.jobs import claim_next_job
+    from storage.models import Job
+
+    ran = []
+    with new_session(engine) as session:
+        while job := claim_next_job(session, owner="r", lease_seconds=60, kinds=[kind]):
+            run_job(job.id, job.lease_token, slack.settings)
+            ran.append(job.id)
+    with new_session(engine) as session:
+        return [session.get(Job, job_id) for job_id in ran]
+
+
+def send_json(handler, payload: dict, status: int = 200) -> None:
+    """Answer a stand-in HTTP server's request (a ``BaseHTTPRequestHandler``) with JSON."""
+    import json
+
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def _free_port() -> int:

@@ -25,7 +25,7 @@ from storage.db import new_session
 from storage.jobs import claim_next_job
 from storage.models import Checkpoint, Dataset, Feedback, Job
 from storage.types import utcnow
-from tests.bot.conftest import ingest
+from tests.bot.conftest import ingest, send_json
 
 LABELS = ["体育", "财经", "娱乐"]
 
@@ -58,12 +58,7 @@ class _Serving(BaseHTTPRequestHandler):
                 "model": model,
                 "latency_ms": 12.0,
             }
-        body = json.dumps(answer, ensure_ascii=False).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, answer)
 
 
 @pytest.fixture

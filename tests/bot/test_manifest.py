@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from bot.commands import SUBCOMMANDS, parse_classify
+from bot.distill_commands import parse_distill_args
 from runner.config import parse_train_args
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifest.yml"
@@ -35,6 +36,9 @@ def test_the_finetune_hint_shows_the_main_subcommands_as_the_bot_takes_them() ->
     start = next(s for s in shapes if s.startswith("start "))
     settings = [w.strip("[]") for w in start.split()[1:] if "=" in w and "<" not in w]
     assert settings and parse_train_args(settings)  # the example settings parse as shown
+    distill = next(s for s in shapes if s.startswith("distill "))
+    filled = [w.replace("<url>", "http://h/v1").replace("<name>", "x") for w in distill.split()]
+    assert parse_distill_args(filled[1:])["teacher"] == "http://h/v1"  # the shape it parses
 
 
 def test_the_classify_hint_shows_options_the_command_parses() -> None:

@@ -14,11 +14,11 @@ from sqlmodel import select
 from bot.notifier import Notifier
 from bot.standin import event_body, view_submission_body
 from core.enums import JobKind, JobStatus
-from runner.job import run_job
 from storage.artifacts import ArtifactStore
 from storage.db import new_session
 from storage.jobs import claim_next_job
 from storage.models import Dataset, Job
+from tests.bot.conftest import run_queued
 from tests.runner import dataset_files as files
 
 
@@ -50,14 +50,7 @@ def _checks(engine) -> list[Job]:
 
 
 def _run_checks(slack, engine) -> list[Job]:
-    """What a runner's dataset-check slot does, with the runner's own code."""
-    ran = []
-    with new_session(engine) as session:
-        while job := claim_next_job(session, owner="r", lease_seconds=60, kinds=[JobKind.ingest]):
-            run_job(job.id, job.lease_token, slack.settings)
-            ran.append(job.id)
-    with new_session(engine) as session:
-        return [session.get(Job, job_id) for job_id in ran]
+    return run_queued(slack, engine, JobKind.ingest)
 
 
 def _deliver(slack, engine) -> None:

@@ -91,3 +91,23 @@ def zip_with(path: Path, members: dict[str, bytes], *, symlink: str | None = Non
             info.external_attr = (stat.S_IFLNK | 0o777) << 16
             archive.writestr(info, "/etc/passwd")
     return path
+
+
+LABEL_ONLY_SPORTS = ["球队夺冠", "联赛开幕", "冠军诞生", "主场大胜", "球员转会", "奥运夺金"]
+LABEL_ONLY_MARKETS = ["股市上涨", "央行降息", "财报发布", "基金净值"]
+
+
+def label_only_csv(folder: Path) -> Path:
+    """A label-only CSV for distillation: text and label (6 体育 then 4 财经), with an eval
+    split."""
+    folder.mkdir(exist_ok=True)
+    rows = [(f"标题：{t}", "体育") for t in LABEL_ONLY_SPORTS] + [
+        (f"标题：{t}", "财经") for t in LABEL_ONLY_MARKETS
+    ]
+    (folder / "train.csv").write_text(
+        "text,label\n" + "".join(f"{t},{label}\n" for t, label in rows), encoding="utf-8"
+    )
+    (folder / "eval.csv").write_text(
+        "text,label\n标题：球赛直播,体育\n标题：汇率走低,财经\n", encoding="utf-8"
+    )
+    return folder

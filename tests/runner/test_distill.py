@@ -25,12 +25,11 @@ from storage.db import make_engine, new_session
 from storage.migrate import upgrade
 from storage.models import Checkpoint, Dataset, Job, Promotion
 from tests.runner.conftest import train_job
+from tests.runner.dataset_files import label_only_csv
 from tests.serving.conftest import TOKEN, Deployment, _train_adapter, start, stop
 
 REPO = Path(__file__).resolve().parents[2]
 REASONED = "<think>\n这是体育新闻。\n</think>\n\n体育"
-SPORTS = ["球队夺冠", "联赛开幕", "冠军诞生", "主场大胜", "球员转会", "奥运夺金"]
-MARKETS = ["股市上涨", "央行降息", "财报发布", "基金净值"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ def _teacher_adapter(engine, store: ArtifactStore, model_dir: Path, meta: dict) 
     label), registered as the final checkpoint of a finished job."""
     # A teacher tuned on this task: trained on the CSV's own prompts, asked without instruction.
     loaded = load_dataset(
-        _raw_folder(store.root.parent / "raw"),
+        label_only_csv(store.root.parent / "raw"),
         IngestOptions.from_settings(Settings(_env_file=None)),
     )
     _train_adapter(
@@ -102,22 +101,9 @@ def _teacher_adapter(engine, store: ArtifactStore, model_dir: Path, meta: dict) 
         return int(checkpoint.id)
 
 
-def _raw_folder(folder: Path) -> Path:
-    """A label-only CSV: text and label, with an eval split."""
-    folder.mkdir(exist_ok=True)
-    rows = [(f"标题：{t}", "体育") for t in SPORTS] + [(f"标题：{t}", "财经") for t in MARKETS]
-    (folder / "train.csv").write_text(
-        "text,label\n" + "".join(f"{t},{label}\n" for t, label in rows), encoding="utf-8"
-    )
-    (folder / "eval.csv").write_text(
-        "text,label\n标题：球赛直播,体育\n标题：汇率走低,财经\n", encoding="utf-8"
-    )
-    return folder
-
-
 @pytest.fixture
 def raw(engine, eval_settings, tmp_path) -> Dataset:
-    folder = _raw_folder(tmp_path / "raw")
+    folder = label_only_csv(tmp_path / "raw")
     with new_session(engine) as session:
         dataset, _ = ingest_dataset(
             session,

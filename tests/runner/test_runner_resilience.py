@@ -347,11 +347,11 @@ def test_dataset_checks_run_in_their_own_slot_beside_training_one_at_a_time(
             )
     training = _job(engine, settings, dataset_id, **LONG_JOB)
     runner = Runner(settings, owner="host:3", devices=[None])
-    assert [s.name for s in runner.slots] == ["cpu", "dataset checks"]
+    assert [s.name for s in runner.slots] == ["cpu", "dataset checks", "distillations"]
     try:
         assert runner.poll() == 2  # the training job on the CPU slot, one check on its slot
         running = {s.name: s.job_id for s in runner.slots}
-        assert running == {"cpu": training, "dataset checks": checks[0]}
+        assert running == {"cpu": training, "dataset checks": checks[0], "distillations": None}
         assert _get(engine, checks[1]).status == JobStatus.queued
         _wait(
             lambda: runner.poll() >= 0 and _get(engine, checks[1]).status == JobStatus.succeeded,
