@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,20 @@ def load(path: Path | str, *, dtype: Any, attn_implementation: str | None, devic
         if _resident:
             log.info("warm worker: a different base model; dropping the resident one")
             forget()
+        started = time.perf_counter()
         resident = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         resident.eval()
         _resident[key] = resident
-        log.info("warm worker: %s resident in host memory", path)
+        log.info(
+            "warm worker: %s resident in host memory (read in %.2f s)",
+            path,
+            time.perf_counter() - started,
+        )
     else:
         log.info("warm worker: %s already resident: copied, not reloaded", path)
+    started = time.perf_counter()
     model = device_copy(resident, device)
+    log.info("warm worker: copied to %s in %.2f s", device, time.perf_counter() - started)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     if key not in _pin_tried:
@@ -102,9 +110,14 @@ def _start_pinning(model: Any) -> None:
         return
 
     def pin() -> None:
+        started = time.perf_counter()
         try:
             pin_tensors(model, lambda t: t.pin_memory())
-            log.info("warm worker: the resident base (%.1f GB) is in pinned memory", size / 1e9)
+            log.info(
+                "warm worker: the resident base (%.1f GB) is in pinned memory (%.1f s)",
+                size / 1e9,
+                time.perf_counter() - started,
+            )
         except RuntimeError as exc:  # page-locking refused: copies stay through pageable memory
             log.warning("warm worker: could not pin the resident base: %s", exc)
 

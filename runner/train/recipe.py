@@ -793,9 +793,16 @@ def train(spec: TrainSpec, hooks: TrainHooks | None = None) -> TrainResult:
         config.seed,
         config.max_steps,
     )
+    started = time.perf_counter()
     model = setup_model(spec, device, dtype)
+    ready = time.perf_counter()
     note = check_architecture(model, config)
     graphed = setup_graphs(spec, model, device)
+    log.info(
+        "start: the model and adapter ready in %.2f s, the decoder's fast path in %.2f s",
+        ready - started,
+        time.perf_counter() - ready,
+    )
     loss_chunk = memory.LOSS_CHUNK if spec.gradient_checkpointing else 0
     logits_of = graphed.logits if graphed is not None else None
     named = trainable_parameters(model)
