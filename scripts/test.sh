@@ -7,5 +7,7 @@ scripts/install.sh --dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# A skipped test fails the run: a skip must never pass for a pass.
-FTB_FAIL_ON_SKIP=1 .venv/bin/python -m pytest --durations=25 "$@"
+# A skipped test fails the run: a skip must never pass for a pass. Two workers (TEST_WORKERS):
+# much of the suite waits on processes, servers and databases, not on the cores; the pre-trained
+# tiny base is built once for both (tests/conftest.py, prepared_elsewhere).
+FTB_FAIL_ON_SKIP=1 .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --durations=25 "$@"

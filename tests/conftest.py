@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,28 +95,79 @@ class PreparedElsewhere:
         return self.done.stdout[-2000:] + self.done.stderr[-2000:]
 
 
+PREPARE = [sys.executable, "-m", "stack", "prepare"]
+NEEDS_PREPARE = "prepared_elsewhere"
+
+
+def _shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's temporary root, the same for every pytest-xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _start_prepare(shared: Path) -> None:
+    """`python -m stack prepare` in the background from a fresh directory outside the
+    repository, once per session (the first worker to get here starts it, under a lock); its
+    output and exit status land in ``shared``."""
+    from filelock import FileLock
+
+    with FileLock(str(shared / "prepare.lock")):
+        cwd = shared / "elsewhere"
+        if cwd.exists():
+            return
+        cwd.mkdir()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("DATABASE_URL", "ARTIFACT_DIR", "BASE_MODEL", "APPROVERS")
+        }
+        script = '"$@" > ../prepare.out 2> ../prepare.err; echo $? > ../prepare.rc'
+        subprocess.Popen(
+            ["sh", "-c", script, "prepare", *PREPARE],
+            cwd=cwd,
+            env={**env, "PYTHONPATH": str(REPO)},
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prepare_in_the_background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Start the first-run `prepare` (a minute or two of pre-training) with the session's first
+    test when any collected test needs it; those tests run last (``pytest_collection_modifyitems``)
+    and so rarely wait for it."""
+    if any(NEEDS_PREPARE in getattr(i, "fixturenames", ()) for i in request.session.items):
+        _start_prepare(_shared_dir(tmp_path_factory))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that need the first-run `prepare` last (stable otherwise)."""
+    items.sort(key=lambda item: NEEDS_PREPARE in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def prepared_elsewhere(tmp_path_factory: pytest.TempPathFactory) -> PreparedElsewhere:
     """`python -m stack prepare` run once per session, as a first run from a fresh directory
     outside the repository: it builds the pre-trained tiny model for real (a minute or two on two
     cores) into that directory's var/. tests/test_stack.py checks that run; the end-to-end test
     copies the model it built instead of building its own. Not asserted here, so that a failed
-    run is reported, with its output, by the tests that use it."""
-    cwd = tmp_path_factory.mktemp("elsewhere")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "ARTIFACT_DIR", "BASE_MODEL", "APPROVERS")
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "stack", "prepare"],
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run is reported, with its output, by the tests that use it. It starts in the background with
+    the session (``_prepare_in_the_background``); under pytest-xdist (scripts/test.sh runs two
+    workers) every worker waits for that one run: the tests only read its directory."""
+    shared = _shared_dir(tmp_path_factory)
+    _start_prepare(shared)  # started already, unless this test's session did not collect it first
+    rc, deadline = shared / "prepare.rc", time.monotonic() + 900
+    while not (rc.exists() and rc.read_text().strip()):
+        assert time.monotonic() < deadline, "`prepare` did not end within 15 minutes"
+        time.sleep(0.5)
+    done = subprocess.CompletedProcess(
+        PREPARE,
+        int(rc.read_text()),
+        (shared / "prepare.out").read_text(encoding="utf-8", errors="replace"),
+        (shared / "prepare.err").read_text(encoding="utf-8", errors="replace"),
     )
-    return PreparedElsewhere(cwd, done)
+    return PreparedElsewhere(shared / "elsewhere", done)
 
 
 @pytest.fixture(scope="session")
