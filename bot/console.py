@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -92,13 +93,21 @@ class Console:
         self.buttons: list[tuple[str, str, str, str]] = []
         self._printed = 0
         self._print_lock = threading.Lock()
+        # Ids of this session's files and events: the bot drops an event id it has seen before
+        # (Slack's retries) and the database keeps them, so a console started again on the same
+        # ./var must not count from 1 again.
+        self._session = uuid.uuid4().hex[:8].upper()
         self._files = itertools.count(1)
         self._homes = itertools.count(1)
+        self._closed = False
         # Whether the user looks at the Home tab (after `home`, until a command or an upload):
         # homes the notifier republishes meanwhile are shown only then, as in Slack.
         self._home_open = False
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.web.state.notifier_stop is not None:
             self.web.state.notifier_stop.set()
         self.server.should_exit = True
@@ -142,7 +151,7 @@ class Console:
             )
         elif line == "home":
             self._home_open = True
-            body = home_opened_body(self.user, event_id=f"EvHOME{next(self._homes)}")
+            body = home_opened_body(self.user, event_id=f"EvHOME{self._session}{next(self._homes)}")
             self.post(body, "application/json")
         elif line.startswith("/"):
             self._home_open = False
@@ -162,7 +171,7 @@ class Console:
             if not path.is_file():
                 self.say(f"No such file: {path}")
                 return True
-            file_id = f"F0CONSOLE{next(self._files)}"
+            file_id = f"F0C{self._session}{next(self._files)}"
             self.standin.add_file(file_id, path.name, path.read_bytes())
             event = {
                 "type": "file_shared",

@@ -109,3 +109,23 @@ def test_the_home_in_the_console(console, engine) -> None:
     assert "(home) :octagonal_sign: Job 1 cancelled." in said
     with new_session(engine) as session:
         assert session.get(Job, 1).status == JobStatus.cancelled
+
+
+def test_a_second_console_session_on_the_same_database_gets_its_uploads_checked(
+    console, settings: Settings, tmp_path
+) -> None:
+    """The bot drops an event id it has seen (Slack's retries), and the database keeps them:
+    a console started again on the same ./var must not reuse the last session's ids, or its
+    first upload (and its first Home) would be dropped as a retry."""
+    console, out = console
+    first = _said(console, out, f"upload {files.tutorial_zip(tmp_path / 'a.zip')}")
+    assert "Dataset check 1: checking `a.zip`" in first
+    assert "(home) *Serving now:*" in _said(console, out, "home")
+    console.close()
+    again = Console(settings, out=io.StringIO())  # the next `finetune-bot` on the same ./var
+    try:
+        said = _said(again, again.out, f"upload {files.tutorial_zip(tmp_path / 'b.zip')}")
+        assert "Dataset check 2: checking `b.zip`" in said
+        assert "(home) *Serving now:*" in _said(again, again.out, "home")
+    finally:
+        again.close()
